@@ -1,0 +1,57 @@
+# camserve: set-up, export, serve, explain, benchmark, tests.
+PYTHON_BIN ?= python3.11
+VENV       := .venv
+PY         := $(VENV)/bin/python
+MODEL      ?= resnet50_cam
+BACKBONE   ?= resnet50
+WEIGHTS    ?= imagenet
+METHODS    ?= gradcam,cam
+BASE_PATH  ?= models
+PORT       ?= 8500
+
+.PHONY: venv test export explain clean
+
+# The virtual environment is rebuilt whenever requirements.txt changes.
+$(VENV)/.installed: requirements.txt
+	@command -v $(PYTHON_BIN) >/dev/null || { echo "$(PYTHON_BIN) not found: install Python 3.11"; exit 1; }
+	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q tests
+
+export: venv
+	$(PY) -m export --backbone $(BACKBONE) --weights $(WEIGHTS) --methods $(METHODS) \
+		--model-name $(MODEL) --base-path $(BASE_PATH)
+
+# Needs a running server (make serve, or TF Serving) with $(MODEL) on port $(PORT).
+explain: venv
+	$(PY) -m client explain samples/*.png samples/*.jpg --server localhost:$(PORT) --model $(MODEL) --out out
+
+clean:
+	rm -rf $(BASE_PATH) out .pytest_cache
+
+# --- serving ---------------------------------------------------------------------------------
+HOST       ?= 127.0.0.1
+DRY_RUN    ?=
+
+.PHONY: serve serve-tfserving
+
+# TF Serving when tensorflow_model_server is on PATH, else the embedded server (same gRPC API) on
+# $(BASE_PATH)/$(MODEL), port $(PORT). DRY_RUN=1 prints the command instead of running it.
+serve: venv
+	@if command -v tensorflow_model_server >/dev/null; then \
+		$(MAKE) --no-print-directory serve-tfserving; \
+	else \
+		$(if $(DRY_RUN),echo) $(PY) -m serving --port $(PORT) --host $(HOST) \
+			--model_name $(MODEL) --model_base_path $(BASE_PATH)/$(MODEL); \
+	fi
+
+# The real TF Serving with serving/models.config, batching.config and monitoring.config: the
+# binary if on PATH, else the tensorflow/serving GPU image with Docker ($(BASE_PATH) at /models).
+serve-tfserving: venv
+	$(PY) -m serving.tfserving --base-path $(BASE_PATH) --port $(PORT) $(if $(DRY_RUN),--dry-run)

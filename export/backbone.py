@@ -1,0 +1,226 @@
+"""Load a Keras classifier and split it at the target layer.
+
+The explainer needs two pieces: `features` (preprocessed image -> target-layer activations A) and
+`head` (A -> pre-softmax logits). Gradients are then taken through `head` only, never through the
+backbone. Nested models (a `keras.applications` base inside a transfer-learning model) are first
+replayed into one flat graph, so that any inner layer can be the split point ("Graph disconnected"
+cannot happen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Callable
+
+import keras
+import tensorflow as tf
+
+POOLING_LAYERS = (
+    keras.layers.MaxPooling2D,
+    keras.layers.AveragePooling2D,
+)
+SOFTMAX_ACTIVATIONS = {"softmax", "sigmoid"}
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A classifier split at `target_layer`, with everything the explainer graph needs."""
+
+    name: str
+    features: keras.Model  # preprocessed image -> A [N, h, w, K]
+    head: keras.Model  # A -> logits [N, C]
+    target_layer: str
+    image_size: tuple[int, int]
+    preprocess: Callable[[tf.Tensor], tf.Tensor]
+    cam_kernel: tf.Variable | None  # [K, C] when the head is global average pooling + dense
+    notes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.head.output.shape[-1])
+
+
+def application_constructors() -> dict[str, Callable[..., keras.Model]]:
+    """`keras.applications` model constructors by lower-case name without underscores."""
+    return {
+        name.lower(): getattr(keras.applications, name)
+        for name in dir(keras.applications)
+        if name[0].isupper() and callable(getattr(keras.applications, name))
+    }
+
+
+def _normalise_name(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def _preprocess_of(constructor: Callable) -> Callable[[tf.Tensor], tf.Tensor]:
+    """The `preprocess_input` of the module that defines a `keras.applications` constructor."""
+    return sys.modules[constructor.__module__].preprocess_input
+
+
+def _identity(x: tf.Tensor) -> tf.Tensor:
+    return x
+
+
+def preprocess_by_name(name: str) -> Callable[[tf.Tensor], tf.Tensor]:
+    """`none` (pixels 0..255 as they are) or the preprocessing of a keras.applications model."""
+    if name == "none":
+        return _identity
+    constructors = application_constructors()
+    key = _normalise_name(name)
+    if key not in constructors:
+        raise ValueError(f"unknown preprocessing {name!r}: use 'none' or a keras.applications name")
+    return _preprocess_of(constructors[key])
+
+
+def load_model(
+    backbone: str, weights: str, image_size: int | None
+) -> tuple[keras.Model, Callable[[tf.Tensor], tf.Tensor] | None]:
+    """Build or load the classifier; returns it with the backbone's own preprocessing if known."""
+    if weights not in ("imagenet", "none") and not os.path.isfile(weights):
+        raise FileNotFoundError(f"--weights {weights!r}: no such file (or use 'imagenet' or 'none')")
+    if backbone.endswith(".keras") or os.path.isfile(backbone):
+        model = keras.models.load_model(backbone, compile=False)
+        preprocess = None
+    else:
+        constructors = application_constructors()
+        key = _normalise_name(backbone)
+        if key not in constructors:
+            raise ValueError(
+                f"unknown backbone {backbone!r}: give a .keras file or one of "
+                + ", ".join(sorted(constructors))
+            )
+        constructor = constructors[key]
+        kwargs = {"weights": "imagenet" if weights == "imagenet" else None}
+        if image_size:
+            kwargs["input_shape"] = (image_size, image_size, 3)
+        try:
+            model = constructor(classifier_activation=None, **kwargs)
+        except TypeError:  # an application without that argument
+            model = constructor(**kwargs)
+        preprocess = _preprocess_of(constructor)
+    if weights not in ("imagenet", "none"):
+        model.load_weights(weights)
+    return model, preprocess
+
+
+def _is_model(layer: keras.layers.Layer) -> bool:
+    return isinstance(layer, keras.Model)
+
+
+def flatten(model: keras.Model) -> tuple[keras.Model, dict[str, keras.KerasTensor]]:
+    """Replay `model` layer by layer (entering nested models) on a fresh input.
+
+    Returns the flat model and the output tensor of every layer by name, so that a layer deep
+    inside a nested base can be the split point.
+    """
+    produced: dict[str, keras.KerasTensor] = {}
+
+    def run(m: keras.Model, x):
+        if isinstance(m, keras.Sequential):
+            for layer in m.layers:
+                x = run(layer, x) if _is_model(layer) else record(layer)(x)
+            return x
+        return m._run_through_graph(x, operation_fn=lambda op: (lambda *a, **k: run(op, a[0])) if _is_model(op) else record(op))
+
+    def record(layer):
+        def call(*args, **kwargs):
+            out = layer(*args, **kwargs)
+            produced[layer.name] = out
+            return out
+
+        return call
+
+    inputs = keras.Input(shape=model.input_shape[1:], dtype=model.inputs[0].dtype, name="pixels")
+    outputs = run(model, inputs)
+    return keras.Model(inputs, outputs, name=model.name), produced
+
+
+def find_target_layer(model: keras.Model) -> str:
+    """The last layer with a 4-D output (not a pooling layer), searching nested models too."""
+    for layer in reversed(model.layers):
+        if _is_model(layer):
+            try:
+                return find_target_layer(layer)
+            except ValueError:
+                continue
+        if isinstance(layer, POOLING_LAYERS) or isinstance(layer, keras.layers.InputLayer):
+            continue
+        if len(layer.output.shape) == 4:
+            return layer.name
+    raise ValueError(f"model {model.name!r} has no layer with a 4-D output to explain")
+
+
+def _activation_name(layer: keras.layers.Layer) -> str | None:
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", None) if activation is not None else None
+
+
+def strip_output_activation(model: keras.Model) -> tuple[keras.Model, str | None]:
+    """Make the model output pre-activation logits (the Grad-CAM score); says what it did."""
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return keras.Model(model.inputs, last.input), f"removed the final {last.name!r} Softmax layer"
+    name = _activation_name(last)
+    if name in SOFTMAX_ACTIVATIONS:
+        last.activation = keras.activations.linear
+        return model, f"scores are the logits before the {name} of layer {last.name!r}"
+    return model, None
+
+
+def _gap_dense_kernel(head: keras.Model) -> tf.Variable | None:
+    """The dense kernel when the head is global average pooling, (dropout,) dense: CAM's w."""
+    layers = [l for l in head.layers if not isinstance(l, (keras.layers.InputLayer, keras.layers.Dropout))]
+    if (
+        len(layers) == 2
+        and isinstance(layers[0], keras.layers.GlobalAveragePooling2D)
+        and isinstance(layers[1], keras.layers.Dense)
+        and _activation_name(layers[1]) in (None, "linear")
+    ):
+        return layers[1].kernel
+    return None
+
+
+def load_backbone(
+    backbone: str,
+    weights: str = "imagenet",
+    target_layer: str | None = None,
+    image_size: int | None = None,
+    preprocess: str = "auto",
+) -> Backbone:
+    """Load `backbone`, strip its output activation and split it at the target layer."""
+    model, own_preprocess = load_model(backbone, weights, image_size)
+    notes = []
+    model, stripped = strip_output_activation(model)
+    if stripped:
+        notes.append(stripped)
+    target = target_layer or find_target_layer(model)
+    flat, produced = flatten(model)
+    if target not in produced:
+        raise ValueError(f"--target-layer {target!r}: no such layer in {model.name!r}")
+    activations = produced[target]
+    if len(activations.shape) != 4:
+        raise ValueError(f"target layer {target!r} has output shape {activations.shape}; it needs [N, h, w, channels]")
+    features = keras.Model(flat.input, activations, name="features")
+    head = keras.Model(activations, flat.output, name="head")
+    if preprocess == "auto":
+        preprocess_fn = own_preprocess or _identity
+        if own_preprocess is None:
+            notes.append("no preprocessing: the model gets pixels 0..255 (use --preprocess to change)")
+    else:
+        preprocess_fn = preprocess_by_name(preprocess)
+    height, width = flat.input_shape[1:3]
+    if height is None or width is None:
+        raise ValueError("the model has no fixed input size: give --image-size")
+    return Backbone(
+        name=model.name,
+        features=features,
+        head=head,
+        target_layer=target,
+        image_size=(int(height), int(width)),
+        preprocess=preprocess_fn,
+        cam_kernel=_gap_dense_kernel(head),
+        notes=notes,
+    )

@@ -1,0 +1,95 @@
+"""Decode encoded images inside the graph, refusing oversized ones before decoding.
+
+A valid 250 KB PNG can declare 16000x16000 pixels and make the decoder allocate 768 MB, so the
+size written in the header is checked first (JPEG via `extract_jpeg_shape`, PNG/GIF/BMP by reading
+their fixed header fields) and only then is the image decoded.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+HEADER_BYTES = 32
+DEFAULT_MAX_PIXELS = 25_000_000  # 5000x5000: a 75 MB decoded RGB image
+
+
+def _uint(b: tf.Tensor, offsets: list[int]) -> tf.Tensor:
+    """Unsigned integer from header bytes, most significant first."""
+    value = tf.constant(0, tf.int64)
+    for offset in offsets:
+        value = value * 256 + b[offset]
+    return value
+
+
+def declared_size(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(known_format, height, width) as written in the image header, without decoding pixels."""
+    head = tf.strings.substr(tf.strings.join([data, b"\0" * HEADER_BYTES]), 0, HEADER_BYTES)
+    b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+    is_png = tf.reduce_all(tf.equal(b[:8], [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A]))
+    is_jpeg = tf.reduce_all(tf.equal(b[:3], [0xFF, 0xD8, 0xFF]))
+    is_gif = tf.reduce_all(tf.equal(b[:3], [0x47, 0x49, 0x46]))
+    is_bmp = tf.reduce_all(tf.equal(b[:2], [0x42, 0x4D]))
+
+    def jpeg():
+        shape = tf.cast(tf.io.extract_jpeg_shape(data), tf.int64)
+        return shape[0], shape[1]
+
+    def png():
+        return _uint(b, [20, 21, 22, 23]), _uint(b, [16, 17, 18, 19])
+
+    def gif():
+        return _uint(b, [9, 8]), _uint(b, [7, 6])
+
+    def bmp():  # little-endian signed 32-bit; a negative height means top-down rows
+        height = _uint(b, [25, 24, 23, 22])
+        height = tf.where(height >= 2**31, 2**32 - height, height)
+        return height, _uint(b, [21, 20, 19, 18])
+
+    def unknown():
+        return tf.constant(0, tf.int64), tf.constant(0, tf.int64)
+
+    height, width = tf.case(
+        [(is_jpeg, jpeg), (is_png, png), (is_gif, gif), (is_bmp, bmp)], default=unknown, exclusive=False
+    )
+    known = is_jpeg | is_png | is_gif | is_bmp
+    return known, height, width
+
+
+def decode_image(data: tf.Tensor, size: tuple[int, int], max_pixels: int) -> tf.Tensor:
+    """One encoded image -> float32 [H, W, 3] RGB 0..255 at the model size."""
+    known, height, width = declared_size(data)
+    checks = [
+        tf.debugging.Assert(
+            tf.strings.length(data) > 0, ["image_bytes: an image is empty (0 bytes)"]
+        ),
+        tf.debugging.Assert(
+            known, ["image_bytes: not a JPEG, PNG, GIF or BMP image (unknown file signature)"]
+        ),
+        tf.debugging.Assert(
+            height * width <= max_pixels,
+            [
+                tf.strings.format(
+                    "image_bytes: the image declares {}x{} pixels, more than the limit of {} pixels",
+                    (width, height, max_pixels),
+                )
+            ],
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    image = tf.cast(tf.ensure_shape(image, [None, None, 3]), tf.float32)
+    same_size = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))
+    return tf.cond(
+        same_size,
+        lambda: image,
+        lambda: tf.image.resize(image, size, method="bilinear", antialias=True),
+    )
+
+
+def decode_images(image_bytes: tf.Tensor, size: tuple[int, int], max_pixels: int) -> tf.Tensor:
+    """A batch of encoded images [N] -> float32 [N, H, W, 3]."""
+    return tf.map_fn(
+        lambda data: decode_image(data, size, max_pixels),
+        image_bytes,
+        fn_output_signature=tf.TensorSpec([*size, 3], tf.float32),
+    )

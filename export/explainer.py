@@ -1,0 +1,185 @@
+"""The explainer graph: prediction and heatmap in one TensorFlow function per signature.
+
+Read top to bottom, one request goes:
+  pixels -> preprocess_input -> features A = backbone(x)        (forward, once)
+         -> logits = head(A), under a tape watching A            (head only)
+         -> target class c per image (-1 = the top-1 class)
+         -> dy_c/dA (backward through the head only, never the backbone)
+         -> method: raw map from A, dy_c/dA (and w_c for CAM)
+         -> ReLU -> divide by the per-image max -> bilinear resize to the input size.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from export.backbone import Backbone
+from export.decode import decode_images
+from export.methods import Evidence, Method
+
+
+def normalise(raw_map: tf.Tensor) -> tf.Tensor:
+    """ReLU, then divide each image's map by its maximum; an all-zero map stays zero (no NaN)."""
+    positive = tf.nn.relu(raw_map)
+    peak = tf.reduce_max(positive, axis=(1, 2), keepdims=True)
+    return tf.math.divide_no_nan(positive, peak)
+
+
+def resize_maps(maps: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+    """Bilinear (half-pixel centres, as cv2.resize) resize of [N,h,w] maps to [N,H,W]."""
+    return tf.image.resize(maps[..., tf.newaxis], size, method="bilinear")[..., 0]
+
+
+class Explainer(tf.Module):
+    """Holds the split backbone and builds every serving signature from one pipeline."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        methods: list[Method],
+        labels: list[str],
+        top_k: int = 5,
+        max_batch_size: int = 128,
+        max_image_pixels: int = 25_000_000,
+        jit_compile: bool = False,
+    ):
+        super().__init__(name="explainer")
+        if len(labels) != backbone.num_classes:
+            raise ValueError(f"{len(labels)} labels for a model with {backbone.num_classes} classes")
+        for method in methods:
+            if method.needs_gap_dense_head and backbone.cam_kernel is None:
+                raise ValueError(
+                    f"method {method.name!r} needs a head of global average pooling + one dense layer "
+                    f"after {backbone.target_layer!r}; this model has "
+                    f"{[layer.name for layer in backbone.head.layers[1:]]}: use gradcam instead"
+                )
+        self.features = backbone.features
+        self.head = backbone.head
+        self.cam_kernel = backbone.cam_kernel
+        self.labels = tf.constant(labels)
+        self.methods = {m.name: m for m in methods}
+        self.image_size = backbone.image_size
+        self.num_classes = backbone.num_classes
+        self.top_k = min(top_k, backbone.num_classes)
+        self.max_batch_size = max_batch_size
+        self.max_image_pixels = max_image_pixels
+        self._preprocess = backbone.preprocess
+        self._jit_compile = jit_compile
+
+    # --- the pipeline -------------------------------------------------------------------------
+
+    def _forward(self, pixels: tf.Tensor) -> tf.Tensor:
+        return self.features(self._preprocess(pixels), training=False)
+
+    def _prediction(self, logits: tf.Tensor, target: tf.Tensor) -> dict[str, tf.Tensor]:
+        probabilities = tf.nn.softmax(logits)
+        top_scores, top_indices = tf.math.top_k(probabilities, k=self.top_k)
+        return {
+            "probabilities": probabilities,
+            "logits": logits,
+            "class_index": target,
+            "class_label": tf.gather(self.labels, target),
+            "score": tf.gather(logits, target, batch_dims=1),
+            "top_k_indices": top_indices,
+            "top_k_scores": top_scores,
+            "top_k_labels": tf.gather(self.labels, top_indices),
+        }
+
+    def _predict(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        logits = self.head(self._forward(pixels), training=False)
+        return self._prediction(logits, tf.argmax(logits, axis=-1, output_type=tf.int32))
+
+    def _explain(self, method: Method, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
+        activations = self._forward(pixels)
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(activations)
+            logits = self.head(activations, training=False)
+            predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            target = tf.where(class_index < 0, predicted, class_index)
+            score = tf.gather(logits, target, batch_dims=1)
+        # Images are independent in inference mode, so d(sum of scores)/dA is each image's own.
+        gradients = tape.gradient(score, activations) if method.needs_gradient else None
+        class_weights = (
+            tf.transpose(tf.gather(self.cam_kernel, target, axis=1)) if method.needs_gap_dense_head else None
+        )
+        heatmap_lowres = normalise(method.saliency(Evidence(activations, gradients, class_weights)))
+        heatmap = resize_maps(heatmap_lowres, self.image_size)
+        return {
+            **self._prediction(logits, target),
+            "heatmap": heatmap,
+            "heatmap_uint8": tf.cast(tf.round(heatmap * 255.0), tf.uint8),
+            "heatmap_lowres": heatmap_lowres,
+        }
+
+    # --- input checks (outside any XLA cluster, so they always run) ---------------------------
+
+    def _checked(self, batch: tf.Tensor, class_index: tf.Tensor | None = None) -> list[tf.Operation]:
+        checks = [
+            tf.debugging.assert_positive(batch, message="empty batch: send at least one image"),
+            tf.debugging.assert_less_equal(
+                batch,
+                self.max_batch_size,
+                message=f"too many images in one request: the limit is {self.max_batch_size}",
+            ),
+        ]
+        if class_index is not None:
+            checks += [
+                tf.debugging.assert_equal(
+                    tf.size(class_index), batch, message="class_index needs one entry per image"
+                ),
+                tf.debugging.assert_greater_equal(
+                    class_index, -1, message="class_index must be -1 (the predicted class) or a class index"
+                ),
+                tf.debugging.assert_less(
+                    class_index,
+                    self.num_classes,
+                    message=f"class_index out of range: this model has {self.num_classes} classes "
+                    f"(0..{self.num_classes - 1}; -1 = the predicted class)",
+                ),
+            ]
+        return checks
+
+    # --- signatures ---------------------------------------------------------------------------
+
+    def signatures(self, default_method: str) -> dict[str, tf.types.experimental.ConcreteFunction]:
+        """predict, predict_bytes, <method>, <method>_bytes for each method, and serving_default."""
+        height, width = self.image_size
+        images_spec = tf.TensorSpec([None, height, width, 3], tf.uint8, name="images")
+        bytes_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
+        class_spec = tf.TensorSpec([None], tf.int32, name="class_index")
+
+        def from_images(images):
+            return tf.cast(images, tf.float32)
+
+        def from_bytes(image_bytes):
+            return decode_images(image_bytes, self.image_size, self.max_image_pixels)
+
+        def predict_signature(to_pixels, spec):
+            core = tf.function(self._predict, jit_compile=self._jit_compile)
+
+            @tf.function(input_signature=[spec])
+            def predict(x):
+                with tf.control_dependencies(self._checked(tf.shape(x)[0])):
+                    return core(to_pixels(x))
+
+            return predict.get_concrete_function()
+
+        def explain_signature(method, to_pixels, spec):
+            core = tf.function(lambda pixels, c: self._explain(method, pixels, c), jit_compile=self._jit_compile)
+
+            @tf.function(input_signature=[spec, class_spec])
+            def explain(x, class_index):
+                with tf.control_dependencies(self._checked(tf.shape(x)[0], class_index)):
+                    return core(to_pixels(x), class_index)
+
+            return explain.get_concrete_function()
+
+        sigs = {
+            "predict": predict_signature(from_images, images_spec),
+            "predict_bytes": predict_signature(from_bytes, bytes_spec),
+        }
+        for name, method in self.methods.items():
+            sigs[name] = explain_signature(method, from_images, images_spec)
+            sigs[f"{name}_bytes"] = explain_signature(method, from_bytes, bytes_spec)
+        sigs["serving_default"] = sigs[f"{default_method}_bytes"]
+        return sigs

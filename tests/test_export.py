@@ -1,0 +1,306 @@
+"""The exported explainer against independent references: eager Grad-CAM, CAM, known localisation."""
+
+from __future__ import annotations
+
+import pathlib
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import synthetic
+
+# Float32 differences between the eager Keras graph and the SavedModel's graph (different op
+# fusion and summation order over 2048 / 512 channels) stay below 1e-4 on maps in [0, 1]; measured
+# maximum 2e-6 (ResNet50) and 4e-6 (VGG16) with random weights.
+MAP_TOLERANCE = 1e-4
+
+EXPLAIN_OUTPUTS = {
+    "probabilities": (tf.float32, 2),
+    "logits": (tf.float32, 2),
+    "class_index": (tf.int32, 1),
+    "class_label": (tf.string, 1),
+    "score": (tf.float32, 1),
+    "top_k_indices": (tf.int32, 2),
+    "top_k_scores": (tf.float32, 2),
+    "top_k_labels": (tf.string, 2),
+    "heatmap": (tf.float32, 3),
+    "heatmap_uint8": (tf.uint8, 3),
+    "heatmap_lowres": (tf.float32, 3),
+}
+PREDICT_OUTPUTS = {k: v for k, v in EXPLAIN_OUTPUTS.items() if not k.startswith("heatmap")}
+
+
+def random_images(count: int, size: int = 224, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)
+
+
+def reference_gradcam(model, layer: str, preprocess, images: np.ndarray, class_index: list[int]) -> np.ndarray:
+    """Grad-CAM as the paper and the seed notebook write it: eager tape, numpy channel loop, cv2."""
+    import keras
+
+    grad_model = keras.Model(model.inputs, [model.get_layer(layer).output, model.output])
+    x = preprocess(images.astype(np.float32))
+    with tf.GradientTape() as tape:
+        activations, logits = grad_model(x, training=False)
+        targets = [int(np.argmax(logits[i])) if c < 0 else c for i, c in enumerate(class_index)]
+        score = tf.reduce_sum([logits[i, c] for i, c in enumerate(targets)])
+    grads = tape.gradient(score, activations).numpy()
+    activations = activations.numpy()
+    maps = []
+    for a, g in zip(activations, grads):
+        pooled = g.mean(axis=(0, 1))
+        weighted = a.copy()
+        for k in range(weighted.shape[-1]):
+            weighted[:, :, k] *= pooled[k]
+        heat = np.maximum(weighted.sum(axis=-1), 0)
+        heat = heat / heat.max() if heat.max() > 0 else heat
+        maps.append(cv2.resize(heat, images.shape[2:0:-1], interpolation=cv2.INTER_LINEAR))
+    return np.stack(maps)
+
+
+@pytest.mark.parametrize(
+    "fixture, layer, preprocess",
+    [
+        ("resnet50", "conv5_block3_out", "resnet50"),
+        ("vgg16", "block5_conv3", "vgg16"),
+    ],
+)
+def test_gradcam_matches_eager_reference(request, load, fixture, layer, preprocess):
+    import keras
+
+    model, path = request.getfixturevalue(fixture)
+    preprocess_fn = getattr(keras.applications, preprocess).preprocess_input
+    images = random_images(2, seed=3)
+    class_index = [-1, 17]
+    expected = reference_gradcam(model, layer, preprocess_fn, images, class_index)
+    assert expected.max() > 0.9 and expected.min() < 0.1, "the reference map is degenerate"
+    out = load(path).signatures["gradcam"](images=images, class_index=np.array(class_index, np.int32))
+    np.testing.assert_allclose(out["heatmap"].numpy(), expected, atol=MAP_TOLERANCE)
+    assert out["class_index"].numpy()[1] == 17
+
+
+def test_predictions_equal_keras_model_in_inference_mode(resnet50, load):
+    """preprocess_input runs in the graph, BatchNorm in inference mode: logits equal Keras'."""
+    import keras
+
+    model, path = resnet50
+    images = random_images(2, seed=4)
+    expected = model(keras.applications.resnet50.preprocess_input(images.astype(np.float32)), training=False)
+    out = load(path).signatures["predict"](images=images)
+    np.testing.assert_allclose(out["logits"].numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["probabilities"].numpy(), tf.nn.softmax(expected).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(out["class_index"].numpy(), np.argmax(expected, axis=1))
+
+
+def test_cam_equals_gradcam_for_gap_dense_head(resnet50, load):
+    _, path = resnet50
+    model = load(path)
+    images, class_index = random_images(3, seed=5), np.array([-1, 2, 999], np.int32)
+    cam = model.signatures["cam"](images=images, class_index=class_index)
+    gradcam = model.signatures["gradcam"](images=images, class_index=class_index)
+    assert cam["heatmap"].numpy().max() > 0.9
+    np.testing.assert_allclose(cam["heatmap"].numpy(), gradcam["heatmap"].numpy(), atol=1e-5)
+
+
+def test_cam_lowres_is_dense_kernel_dot_features(resnet50, load):
+    """CAM: Σ_k w_{k,c} A_k at 7x7, ReLU, max-normalised: the paper's formula in numpy."""
+    import keras
+
+    model, path = resnet50
+    images = random_images(1, seed=6)
+    features = keras.Model(model.inputs, model.get_layer("conv5_block3_out").output)
+    a = features(keras.applications.resnet50.preprocess_input(images.astype(np.float32))).numpy()
+    kernel = model.get_layer("predictions").kernel.numpy()
+    classes = [5, 700, 321]
+    out = load(path).signatures["cam"](images=np.repeat(images[:1], 3, 0), class_index=np.array(classes, np.int32))
+    nontrivial = 0
+    for i, c in enumerate(classes):
+        expected = np.maximum(a[0] @ kernel[:, c], 0)
+        if expected.max() > 0:
+            expected /= expected.max()
+            nontrivial += 1
+        np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], expected, atol=1e-5)
+    assert nontrivial >= 1
+
+
+def test_cam_dot_then_resize_equals_resize_then_dot(resnet50):
+    """Bilinear resize is linear: the dot product at 7x7 then resize equals the seed's order."""
+    import keras
+
+    from export.explainer import resize_maps
+
+    model, _ = resnet50
+    features = keras.Model(model.inputs, model.get_layer("conv5_block3_out").output)
+    a = features(keras.applications.resnet50.preprocess_input(random_images(1).astype(np.float32))).numpy()[0]
+    w = model.get_layer("predictions").kernel.numpy()[:, 42]
+    upsampled = np.stack([cv2.resize(a[:, :, k], (224, 224)) for k in range(a.shape[-1])], axis=-1)
+    seed_way = upsampled @ w  # upsample 2048 maps, then dot
+    ours = resize_maps(tf.constant((a @ w)[None]), (224, 224)).numpy()[0]
+    np.testing.assert_allclose(ours, seed_way, rtol=1e-4, atol=1e-4 * np.abs(seed_way).max())
+
+
+def test_normalise_keeps_zero_maps_zero_and_scales_to_one():
+    from export.explainer import normalise
+
+    raw = tf.constant([np.zeros((7, 7)), -np.ones((7, 7)), np.arange(49.0).reshape(7, 7) - 10], tf.float32)
+    out = normalise(raw).numpy()
+    assert not np.isnan(out).any()
+    assert (out[0] == 0).all() and (out[1] == 0).all()
+    assert out[2].max() == 1.0 and out[2].min() == 0.0
+    np.testing.assert_allclose(out[2], np.maximum(np.arange(49.0).reshape(7, 7) - 10, 0) / 38, atol=1e-6)
+
+
+def test_gradient_does_not_flow_through_the_backbone(resnet50, load):
+    """The explain graph of ResNet50 (head: GAP + dense) has no convolution gradient at all."""
+    graph = load(resnet50[1]).signatures["gradcam"].graph.as_graph_def()
+    ops = [n.op for n in graph.node] + [n.op for f in graph.library.function for n in f.node_def]
+    assert "Conv2D" in ops and "MatMul" in ops
+    assert not [op for op in ops if op.startswith("Conv2DBackprop")]
+
+
+def test_batch_equals_single_calls_and_class_index_per_image(shapes_export, load):
+    model = load(shapes_export)
+    images, _, _ = synthetic.dataset(4, seed=11)
+    class_index = np.array([-1, 0, 2, -1], np.int32)
+    for method in ("gradcam", "cam"):
+        batch = model.signatures[method](images=images, class_index=class_index)
+        predicted = np.argmax(batch["probabilities"].numpy(), axis=1)
+        expected_class = np.where(class_index < 0, predicted, class_index)
+        np.testing.assert_array_equal(batch["class_index"].numpy(), expected_class)
+        for i in range(4):
+            single = model.signatures[method](images=images[i : i + 1], class_index=class_index[i : i + 1])
+            for key in ("heatmap", "probabilities", "score"):
+                np.testing.assert_allclose(batch[key].numpy()[i], single[key].numpy()[0], atol=1e-5)
+        # A different class gives a different map: the class really selects the explanation.
+        other = model.signatures[method](images=images[:1], class_index=np.array([(expected_class[0] + 1) % 3], np.int32))
+        assert np.abs(other["heatmap"].numpy()[0] - batch["heatmap"].numpy()[0]).max() > 0.1
+
+
+@pytest.mark.parametrize("method", ["gradcam", "cam"])
+def test_pointing_game_on_synthetic_shapes(shapes_export, load, method):
+    """The heatmap peak falls inside the object's box (known ground truth) for >= 90% of images."""
+    images, labels, boxes = synthetic.dataset(100, seed=99)
+    out = load(shapes_export).signatures[method](images=images, class_index=labels.astype(np.int32))
+    hit_rate = synthetic.pointing_hits(out["heatmap"].numpy(), boxes).mean()
+    print(f"pointing game {method}: {hit_rate:.0%}")
+    assert hit_rate >= 0.9
+
+
+def test_signature_contract(resnet50, load):
+    model = load(resnet50[1])
+    names = {"predict", "predict_bytes", "gradcam", "gradcam_bytes", "cam", "cam_bytes", "serving_default"}
+    assert set(model.signatures) == names
+    for name in names:
+        inputs = model.signatures[name].structured_input_signature[1]
+        outputs = model.signatures[name].structured_outputs
+        image_key = "image_bytes" if name.endswith("_bytes") or name == "serving_default" else "images"
+        expected_inputs = {image_key} | (set() if name.startswith("predict") else {"class_index"})
+        assert set(inputs) == expected_inputs, name
+        if image_key == "images":
+            assert inputs["images"].dtype == tf.uint8 and inputs["images"].shape.as_list() == [None, 224, 224, 3]
+        else:
+            assert inputs["image_bytes"].dtype == tf.string and inputs["image_bytes"].shape.as_list() == [None]
+        if "class_index" in inputs:
+            assert inputs["class_index"].dtype == tf.int32 and inputs["class_index"].shape.as_list() == [None]
+        expected_outputs = PREDICT_OUTPUTS if name.startswith("predict") else EXPLAIN_OUTPUTS
+        assert set(outputs) == set(expected_outputs), name
+        for key, (dtype, rank) in expected_outputs.items():
+            assert outputs[key].dtype == dtype, (name, key)
+            assert outputs[key].shape.rank == rank and outputs[key].shape[0] is None, (name, key)
+    # serving_default is the first listed method's bytes signature
+    assert set(model.signatures["serving_default"].structured_input_signature[1]) == {"image_bytes", "class_index"}
+    out = model.signatures["gradcam"](images=random_images(1), class_index=np.array([-1], np.int32))
+    assert out["heatmap"].shape == (1, 224, 224) and out["heatmap_lowres"].shape == (1, 7, 7)
+    assert out["top_k_labels"].shape == (1, 5)
+    heat = out["heatmap"].numpy()
+    assert heat.min() >= 0 and heat.max() <= 1
+    np.testing.assert_array_equal(out["heatmap_uint8"].numpy(), np.round(heat * 255).astype(np.uint8))
+
+
+def test_labels_travel_inside_the_savedmodel(resnet50, load):
+    labels = (pathlib.Path(__file__).parent.parent / "export/data/imagenet_classes.txt").read_text().splitlines()
+    out = load(resnet50[1]).signatures["predict"](images=random_images(1))
+    indices = out["top_k_indices"].numpy()[0]
+    assert [s.decode() for s in out["top_k_labels"].numpy()[0]] == [labels[i] for i in indices]
+    assert labels[0] == "tench" and len(labels) == 1000
+
+
+def test_bytes_signatures_match_tensor_signatures(shapes_export, load):
+    model = load(shapes_export)
+    images, _, _ = synthetic.dataset(2, seed=12)
+    pngs = np.array([tf.io.encode_png(image).numpy() for image in images], dtype=object)
+    class_index = np.array([-1, 1], np.int32)
+    for method in ("gradcam", "cam"):
+        from_tensor = model.signatures[method](images=images, class_index=class_index)
+        from_png = model.signatures[f"{method}_bytes"](image_bytes=pngs, class_index=class_index)
+        np.testing.assert_allclose(from_png["heatmap"].numpy(), from_tensor["heatmap"].numpy(), atol=1e-6)
+    predicted = model.signatures["predict_bytes"](image_bytes=pngs)
+    np.testing.assert_allclose(
+        predicted["probabilities"].numpy(), model.signatures["predict"](images=images)["probabilities"].numpy(), atol=1e-6
+    )
+    # A larger JPEG is decoded and resized in the graph.
+    big = cv2.resize(images[0], (200, 150))
+    jpeg = tf.io.encode_jpeg(big).numpy()
+    out = model.signatures["gradcam_bytes"](image_bytes=np.array([jpeg], object), class_index=np.array([-1], np.int32))
+    assert out["heatmap"].shape == (1, 64, 64)
+
+
+def test_no_python_callback_ops_in_any_signature(resnet50):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel.FromString((resnet50[1] / "saved_model.pb").read_bytes())
+    graph = saved.meta_graphs[0].graph_def
+    ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+    assert "Conv2D" in ops and "DecodeImage" in ops  # the whole graph was scanned
+    assert not ops & {"PyFunc", "PyFuncStateless", "EagerPyFunc", "NumpyFunction"}
+
+
+def test_warmup_records_cover_every_signature_and_run(resnet50, load):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = resnet50[1] / "assets.extra" / "tf_serving_warmup_requests"
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
+    seen = set()
+    for log in logs:
+        request = log.predict_log.request
+        sizes = {tensor.tensor_shape.dim[0].size for tensor in request.inputs.values()}
+        assert len(sizes) == 1, request.model_spec.signature_name
+        seen.add((request.model_spec.signature_name, sizes.pop()))
+    signatures = {"predict", "predict_bytes", "gradcam", "gradcam_bytes", "cam", "cam_bytes"}
+    assert seen == {(s, b) for s in signatures for b in (1, 2)}
+    model = load(resnet50[1])
+    for log in logs:
+        request = log.predict_log.request
+        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        model.signatures[request.model_spec.signature_name](**inputs)
+
+
+def test_out_of_range_class_index_is_an_invalid_argument(shapes_export, load):
+    model = load(shapes_export)
+    images, _, _ = synthetic.dataset(1, seed=13)
+    for bad in (3, -2):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="class_index"):
+            model.signatures["gradcam"](images=images, class_index=np.array([bad], np.int32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one entry per image"):
+        model.signatures["gradcam"](images=images, class_index=np.array([0, 1], np.int32))
+
+
+def test_cam_on_vgg16_is_a_clear_error_and_writes_nothing(tmp_path):
+    from export.savedmodel import export_savedmodel
+
+    with pytest.raises(ValueError, match="global average pooling"):
+        export_savedmodel("vgg16", "none", ["cam"], "vgg", str(tmp_path), log=lambda m: None)
+    assert not (tmp_path / "vgg").exists() or not any((tmp_path / "vgg").iterdir())
+
+
+def test_versions_increase_and_no_staging_directory_remains(shapes_model, tmp_path):
+    from export.savedmodel import export_savedmodel
+
+    first = export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), warmup_batch_sizes=(1,), log=lambda m: None)
+    second = export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), warmup_batch_sizes=(1,), log=lambda m: None)
+    assert (first.name, second.name) == ("1", "2")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]
+    with pytest.raises(FileExistsError):
+        export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), version=2, log=lambda m: None)
