@@ -12,7 +12,7 @@ from export.methods import METHODS
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     p.add_argument("--backbone", required=True, help="keras.applications name (resnet50, vgg16, ...) or a .keras file")
-    p.add_argument("--weights", default="imagenet", help="imagenet, none (random) or a weights file")
+    p.add_argument("--weights", default="imagenet", help="imagenet, auto (imagenet, else random when offline), none (random) or a weights file")
     p.add_argument("--methods", default="gradcam", help=f"comma list from {', '.join(METHODS)}; the first is serving_default")
     p.add_argument("--model-name", required=True)
     p.add_argument("--base-path", default="models")
@@ -22,6 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preprocess", default="auto", help="auto, none, or a keras.applications name")
     p.add_argument("--labels", help="class names file, one per line")
     p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k-maps", type=int, default=0, help="also return heatmaps of the K top classes")
+    p.add_argument("--feature-maps", type=int, default=36, help="most activated channels in feature_maps (0: no such signature)")
     p.add_argument("--jit-compile", action="store_true", help="compile the signatures with XLA")
     p.add_argument("--warmup-batch-sizes", default="1,8", help="comma list of batch sizes for the warm-up records")
     p.add_argument("--max-batch-size", type=int, default=128, help="larger requests are refused")
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             warmup_batch_sizes=[int(b) for b in args.warmup_batch_sizes.split(",")],
             max_batch_size=args.max_batch_size,
             max_image_pixels=args.max_image_pixels,
+            top_k_maps=args.top_k_maps,
+            feature_maps=args.feature_maps,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"export: error: {error}", file=sys.stderr)

@@ -22,6 +22,7 @@ POOLING_LAYERS = (
     keras.layers.AveragePooling2D,
 )
 SOFTMAX_ACTIVATIONS = {"softmax", "sigmoid"}
+NAMED_WEIGHTS = ("imagenet", "auto", "none")
 
 
 @dataclasses.dataclass
@@ -75,12 +76,29 @@ def preprocess_by_name(name: str) -> Callable[[tf.Tensor], tf.Tensor]:
     return _preprocess_of(constructors[key])
 
 
+def _build_application(constructor: Callable, weights: str, image_size: int | None) -> keras.Model:
+    """The application with a linear classifier; `auto` falls back to random weights offline."""
+    kwargs = {"weights": "imagenet" if weights in ("imagenet", "auto") else None, "classifier_activation": None}
+    if image_size:
+        kwargs["input_shape"] = (image_size, image_size, 3)
+    try:
+        return constructor(**kwargs)
+    except Exception as error:  # Keras raises a bare Exception when the download fails
+        if weights != "auto" or "URL fetch failure" not in str(error):
+            raise
+        print(
+            "ImageNet weights could not be had (not cached, no internet; pass --weights FILE): "
+            "using random weights, so the labels are meaningless"
+        )
+        return constructor(**{**kwargs, "weights": None})
+
+
 def load_model(
     backbone: str, weights: str, image_size: int | None
 ) -> tuple[keras.Model, Callable[[tf.Tensor], tf.Tensor] | None]:
     """Build or load the classifier; returns it with the backbone's own preprocessing if known."""
-    if weights not in ("imagenet", "none") and not os.path.isfile(weights):
-        raise FileNotFoundError(f"--weights {weights!r}: no such file (or use 'imagenet' or 'none')")
+    if weights not in NAMED_WEIGHTS and not os.path.isfile(weights):
+        raise FileNotFoundError(f"--weights {weights!r}: no such file (or use imagenet, auto or none)")
     if backbone.endswith(".keras") or os.path.isfile(backbone):
         model = keras.models.load_model(backbone, compile=False)
         preprocess = None
@@ -93,15 +111,9 @@ def load_model(
                 + ", ".join(sorted(constructors))
             )
         constructor = constructors[key]
-        kwargs = {"weights": "imagenet" if weights == "imagenet" else None}
-        if image_size:
-            kwargs["input_shape"] = (image_size, image_size, 3)
-        try:
-            model = constructor(classifier_activation=None, **kwargs)
-        except TypeError:  # an application without that argument
-            model = constructor(**kwargs)
+        model = _build_application(constructor, weights, image_size)
         preprocess = _preprocess_of(constructor)
-    if weights not in ("imagenet", "none"):
+    if weights not in NAMED_WEIGHTS:
         model.load_weights(weights)
     return model, preprocess
 

@@ -18,10 +18,10 @@ from export.decode import decode_images
 from export.methods import Evidence, Method
 
 
-def normalise(raw_map: tf.Tensor) -> tf.Tensor:
-    """ReLU, then divide each image's map by its maximum; an all-zero map stays zero (no NaN)."""
-    positive = tf.nn.relu(raw_map)
-    peak = tf.reduce_max(positive, axis=(1, 2), keepdims=True)
+def normalise(raw_maps: tf.Tensor) -> tf.Tensor:
+    """ReLU, then divide each map [..., h, w] by its maximum; an all-zero map stays zero (no NaN)."""
+    positive = tf.nn.relu(raw_maps)
+    peak = tf.reduce_max(positive, axis=(-2, -1), keepdims=True)
     return tf.math.divide_no_nan(positive, peak)
 
 
@@ -42,6 +42,8 @@ class Explainer(tf.Module):
         max_batch_size: int = 128,
         max_image_pixels: int = 25_000_000,
         jit_compile: bool = False,
+        top_k_maps: int = 0,
+        feature_maps: int = 36,
     ):
         super().__init__(name="explainer")
         if len(labels) != backbone.num_classes:
@@ -63,6 +65,8 @@ class Explainer(tf.Module):
         self.top_k = min(top_k, backbone.num_classes)
         self.max_batch_size = max_batch_size
         self.max_image_pixels = max_image_pixels
+        self.top_k_maps = min(top_k_maps, backbone.num_classes)
+        self.feature_maps = min(feature_maps, int(backbone.features.output.shape[-1]))
         self._preprocess = backbone.preprocess
         self._jit_compile = jit_compile
 
@@ -96,20 +100,51 @@ class Explainer(tf.Module):
             logits = self.head(activations, training=False)
             predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
             target = tf.where(class_index < 0, predicted, class_index)
-            score = tf.gather(logits, target, batch_dims=1)
-        # Images are independent in inference mode, so d(sum of scores)/dA is each image's own.
-        gradients = tape.gradient(score, activations) if method.needs_gradient else None
-        class_weights = (
-            tf.transpose(tf.gather(self.cam_kernel, target, axis=1)) if method.needs_gap_dense_head else None
-        )
-        heatmap_lowres = normalise(method.saliency(Evidence(activations, gradients, class_weights)))
-        heatmap = resize_maps(heatmap_lowres, self.image_size)
-        return {
+            # Column 0: the class explained; then the top classes when --top-k-maps asks for them.
+            targets = target[:, tf.newaxis]
+            if self.top_k_maps:
+                top = tf.math.top_k(logits, k=self.top_k_maps).indices
+                targets = tf.concat([targets, top], axis=1)
+            scores = tf.gather(logits, targets, batch_dims=1)  # [N, T]
+        maps = normalise(self._saliency(method, activations, targets, tape, scores))
+        heatmap = resize_maps(maps[:, 0], self.image_size)
+        outputs = {
             **self._prediction(logits, target),
             "heatmap": heatmap,
             "heatmap_uint8": tf.cast(tf.round(heatmap * 255.0), tf.uint8),
-            "heatmap_lowres": heatmap_lowres,
+            "heatmap_lowres": maps[:, 0],
         }
+        if self.top_k_maps:
+            n, t, h, w = tf.unstack(tf.shape(maps))
+            extra = resize_maps(tf.reshape(maps[:, 1:], [n * (t - 1), h, w]), self.image_size)
+            outputs["heatmaps"] = tf.reshape(extra, [n, t - 1, *self.image_size])
+            outputs["heatmaps_class_index"] = targets[:, 1:]
+        return outputs
+
+    def _saliency(self, method: Method, activations, targets, tape, scores) -> tf.Tensor:
+        """Raw maps [N, T, h, w], one per target class: the method applied to each (image, class)."""
+        n, t = tf.shape(targets)[0], targets.shape[1]
+        gradients = class_weights = None
+        if method.needs_gradient:
+            if t == 1:  # images are independent in inference mode: d(sum of scores)/dA is per image
+                gradients = tape.gradient(scores, activations)
+            else:  # one backward pass through the head per target class
+                gradients = tape.batch_jacobian(scores, activations)
+                gradients = tf.reshape(gradients, tf.concat([[n * t], tf.shape(activations)[1:]], 0))
+        if method.needs_gap_dense_head:
+            class_weights = tf.reshape(tf.gather(tf.transpose(self.cam_kernel), targets), [n * t, -1])
+        if t > 1:
+            activations = tf.repeat(activations, t, axis=0)
+        raw = method.saliency(Evidence(activations, gradients, class_weights))
+        return tf.reshape(raw, tf.concat([[n, t], tf.shape(raw)[1:]], 0))
+
+    def _feature_maps(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The seed's debug view: the most activated channels of the target layer, each max-normalised."""
+        activations = self._forward(pixels)
+        strength = tf.reduce_mean(activations, axis=(1, 2))
+        channels = tf.math.top_k(strength, k=self.feature_maps).indices  # [N, F]
+        chosen = tf.transpose(tf.gather(activations, channels, axis=3, batch_dims=1), [0, 3, 1, 2])
+        return {"feature_maps": normalise(chosen), "feature_channels": channels}
 
     # --- input checks (outside any XLA cluster, so they always run) ---------------------------
 
@@ -142,7 +177,7 @@ class Explainer(tf.Module):
     # --- signatures ---------------------------------------------------------------------------
 
     def signatures(self, default_method: str) -> dict[str, tf.types.experimental.ConcreteFunction]:
-        """predict, predict_bytes, <method>, <method>_bytes for each method, and serving_default."""
+        """predict, <method> for each method, feature_maps, each also as _bytes; serving_default."""
         height, width = self.image_size
         images_spec = tf.TensorSpec([None, height, width, 3], tf.uint8, name="images")
         bytes_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
@@ -154,32 +189,32 @@ class Explainer(tf.Module):
         def from_bytes(image_bytes):
             return decode_images(image_bytes, self.image_size, self.max_image_pixels)
 
-        def predict_signature(to_pixels, spec):
-            core = tf.function(self._predict, jit_compile=self._jit_compile)
+        def images_only_signature(compute, to_pixels, spec):
+            core = tf.function(compute, jit_compile=self._jit_compile)
 
             @tf.function(input_signature=[spec])
-            def predict(x):
+            def signature(x):
                 with tf.control_dependencies(self._checked(tf.shape(x)[0])):
                     return core(to_pixels(x))
 
-            return predict.get_concrete_function()
+            return signature.get_concrete_function()
 
         def explain_signature(method, to_pixels, spec):
             core = tf.function(lambda pixels, c: self._explain(method, pixels, c), jit_compile=self._jit_compile)
 
             @tf.function(input_signature=[spec, class_spec])
-            def explain(x, class_index):
+            def signature(x, class_index):
                 with tf.control_dependencies(self._checked(tf.shape(x)[0], class_index)):
                     return core(to_pixels(x), class_index)
 
-            return explain.get_concrete_function()
+            return signature.get_concrete_function()
 
-        sigs = {
-            "predict": predict_signature(from_images, images_spec),
-            "predict_bytes": predict_signature(from_bytes, bytes_spec),
-        }
-        for name, method in self.methods.items():
-            sigs[name] = explain_signature(method, from_images, images_spec)
-            sigs[f"{name}_bytes"] = explain_signature(method, from_bytes, bytes_spec)
+        sigs = {}
+        for suffix, to_pixels, spec in (("", from_images, images_spec), ("_bytes", from_bytes, bytes_spec)):
+            sigs[f"predict{suffix}"] = images_only_signature(self._predict, to_pixels, spec)
+            for name, method in self.methods.items():
+                sigs[f"{name}{suffix}"] = explain_signature(method, to_pixels, spec)
+            if self.feature_maps:
+                sigs[f"feature_maps{suffix}"] = images_only_signature(self._feature_maps, to_pixels, spec)
         sigs["serving_default"] = sigs[f"{default_method}_bytes"]
         return sigs

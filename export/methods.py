@@ -52,11 +52,71 @@ def cam(e: Evidence) -> tf.Tensor:
     return weighted_channel_sum(e.activations, e.class_weights)
 
 
+def gradcam_plus_plus(e: Evidence) -> tf.Tensor:
+    """Grad-CAM++ (Chattopadhay et al. 2018, arXiv 1710.11063, eq. 19 with an exponential score).
+
+    α_k^ij = g² / (2g² + Σ_ab A_k(a,b) g³), w_k = Σ_ij α_k^ij ReLU(g_ij): pixel-wise weighting
+    that lets several instances of a class all show up.
+    """
+    g = e.gradients
+    g2 = tf.square(g)
+    denominator = 2.0 * g2 + tf.reduce_sum(e.activations, axis=(1, 2), keepdims=True) * g2 * g
+    alpha = tf.math.divide_no_nan(g2, denominator)
+    weights = tf.reduce_sum(alpha * tf.nn.relu(g), axis=(1, 2))
+    return weighted_channel_sum(e.activations, weights)
+
+
+def hirescam(e: Evidence) -> tf.Tensor:
+    """HiResCAM (Draelos & Carin 2020, arXiv 2011.08891): Σ_k ∂y_c/∂A_k ⊙ A_k.
+
+    Element-wise product instead of pooled gradients: provably shows where the model looked.
+    """
+    return tf.reduce_sum(e.gradients * e.activations, axis=-1)
+
+
+def layercam(e: Evidence) -> tf.Tensor:
+    """LayerCAM (Jiang et al. 2021, IEEE TIP 30:5875): Σ_k ReLU(∂y_c/∂A_k) ⊙ A_k."""
+    return tf.reduce_sum(tf.nn.relu(e.gradients) * e.activations, axis=-1)
+
+
+def xgradcam(e: Evidence) -> tf.Tensor:
+    """XGrad-CAM (Fu et al. 2020, arXiv 2008.02312, eq. 12): w_k = Σ_ij A_k(i,j) / Σ_ab A_k(a,b) · g_ij."""
+    share = tf.math.divide_no_nan(e.activations, tf.reduce_sum(e.activations, axis=(1, 2), keepdims=True))
+    weights = tf.reduce_sum(share * e.gradients, axis=(1, 2))
+    return weighted_channel_sum(e.activations, weights)
+
+
+def eigencam(e: Evidence) -> tf.Tensor:
+    """EigenCAM (Muhammad & Yeasin 2020, arXiv 2008.00299): A projected on its first principal component.
+
+    Class-agnostic and gradient-free. The sign of a principal component is arbitrary, so it is
+    chosen to make the map correlate positively with the channel-summed activations.
+    """
+    n, h, w, k = tf.unstack(tf.shape(e.activations))
+    flat = tf.reshape(e.activations, [n, h * w, k])
+    centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
+    _, _, v = tf.linalg.svd(centred, full_matrices=False)
+    projection = tf.einsum("npk,nk->np", flat, v[:, :, 0])
+    total = tf.reduce_sum(flat, axis=-1)
+    covariance = tf.reduce_sum(
+        (projection - tf.reduce_mean(projection, 1, keepdims=True)) * (total - tf.reduce_mean(total, 1, keepdims=True)),
+        axis=1,
+        keepdims=True,
+    )
+    sign = tf.where(covariance < 0, -1.0, 1.0)
+    return tf.reshape(projection * sign, [n, h, w])
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("gradcam", gradcam),
         Method("cam", cam, needs_gradient=False, needs_gap_dense_head=True),
+        Method("gradcampp", gradcam_plus_plus),
+        Method("hirescam", hirescam),
+        Method("layercam", layercam),
+        Method("xgradcam", xgradcam),
+        Method("eigencam", eigencam, needs_gradient=False),
     )
 }
 

@@ -90,6 +90,8 @@ def export_savedmodel(
     warmup_batch_sizes: Sequence[int] = (1, 8),
     max_batch_size: int = 128,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    top_k_maps: int = 0,
+    feature_maps: int = 36,
     log: Callable[[str], None] = print,
 ) -> pathlib.Path:
     """Export `backbone` with the given CAM methods; returns `<base_path>/<model_name>/<version>`."""
@@ -123,6 +125,8 @@ def export_savedmodel(
         max_batch_size=max_batch_size,
         max_image_pixels=max_image_pixels,
         jit_compile=jit_compile,
+        top_k_maps=top_k_maps,
+        feature_maps=feature_maps,
     )
     step("tracing signatures")
     signatures = explainer.signatures(default_method=method_objects[0].name)

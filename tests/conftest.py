@@ -68,11 +68,12 @@ def shapes_model(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def shapes_export(shapes_model, models_dir) -> pathlib.Path:
-    """The shapes model exported with gradcam and cam: small and fast, for serving tests too."""
+    """The shapes model exported with every method and top-2 maps: small and fast, for serving tests too."""
+    from export.methods import METHODS
     from export.savedmodel import export_savedmodel
 
     return export_savedmodel(
-        str(shapes_model), "none", ["gradcam", "cam"], "shapes", str(models_dir), log=_quiet
+        str(shapes_model), "none", list(METHODS), "shapes", str(models_dir), top_k_maps=2, log=_quiet
     )
 
 

@@ -191,7 +191,7 @@ def test_pointing_game_on_synthetic_shapes(shapes_export, load, method):
 def test_signature_contract(resnet50, load):
     model = load(resnet50[1])
     names = {"predict", "predict_bytes", "gradcam", "gradcam_bytes", "cam", "cam_bytes", "serving_default"}
-    assert set(model.signatures) == names
+    assert set(model.signatures) == names | {"feature_maps", "feature_maps_bytes"}
     for name in names:
         inputs = model.signatures[name].structured_input_signature[1]
         outputs = model.signatures[name].structured_outputs
@@ -268,7 +268,7 @@ def test_warmup_records_cover_every_signature_and_run(resnet50, load):
         sizes = {tensor.tensor_shape.dim[0].size for tensor in request.inputs.values()}
         assert len(sizes) == 1, request.model_spec.signature_name
         seen.add((request.model_spec.signature_name, sizes.pop()))
-    signatures = {"predict", "predict_bytes", "gradcam", "gradcam_bytes", "cam", "cam_bytes"}
+    signatures = {"predict", "predict_bytes", "gradcam", "gradcam_bytes", "cam", "cam_bytes", "feature_maps", "feature_maps_bytes"}
     assert seen == {(s, b) for s in signatures for b in (1, 2)}
     model = load(resnet50[1])
     for log in logs:

@@ -1,0 +1,78 @@
+"""In-process baselines: the SavedModel signatures called directly, and the seed notebook's way.
+
+Configurations are timed round-robin (one call of each in turn), so that the noise of a shared
+machine falls on all of them alike and their ratios stay meaningful.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import cv2
+import numpy as np
+
+
+def round_robin(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each configuration, interleaved."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def signature_calls(model_dir: str, signatures: list[str], batch: int, images: np.ndarray, jpegs: list[bytes]):
+    """Zero-argument callables running each signature of the SavedModel on one batch."""
+    import tensorflow as tf
+
+    model = tf.saved_model.load(model_dir)
+    tensors = {
+        "images": tf.constant(images[:batch]),
+        "image_bytes": tf.constant((jpegs * batch)[:batch]),
+        "class_index": tf.constant(np.full(batch, -1, np.int32)),
+    }
+    calls = {}
+    for name in signatures:
+        function = model.signatures[name]
+        inputs = {key: tensors[key] for key in function.structured_input_signature[1]}
+        calls[name] = lambda f=function, i=inputs: f(**i)
+    return calls
+
+
+def seed_gradcam(backbone: str, target_layer: str, weights: str):
+    """The seed notebook's Grad-CAM: eager tape over the whole Keras model, numpy loop, cv2."""
+    import keras
+    import tensorflow as tf
+
+    from export.backbone import load_model
+
+    model, preprocess = load_model(backbone, weights, None)
+    grad_model = keras.Model(model.inputs, [model.get_layer(target_layer).output, model.output])
+
+    def explain(images: np.ndarray) -> np.ndarray:
+        x = preprocess(images.astype(np.float32))
+        with tf.GradientTape() as tape:
+            conv_output, preds = grad_model(x)
+            top = tf.argmax(preds, axis=1)
+            class_channel = tf.gather(preds, top, batch_dims=1)
+        grads = tape.gradient(class_channel, conv_output)
+        maps = []
+        for conv, grad in zip(conv_output.numpy(), grads.numpy()):
+            pooled = grad.mean(axis=(0, 1))
+            for k in range(pooled.shape[-1]):
+                conv[:, :, k] *= pooled[k]
+            heatmap = np.maximum(conv.mean(axis=-1), 0)
+            heatmap = heatmap / heatmap.max() if heatmap.max() > 0 else heatmap
+            maps.append(cv2.resize(heatmap, images.shape[2:0:-1]))
+        return np.stack(maps)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return model(preprocess(images.astype(np.float32)), training=False).numpy()
+
+    return predict, explain
