@@ -151,17 +151,21 @@ def flatten(model: keras.Model) -> tuple[keras.Model, dict[str, keras.KerasTenso
 
 
 def find_target_layer(model: keras.Model) -> str:
-    """The last layer with a 4-D output (not a pooling layer), searching nested models too."""
-    for layer in reversed(model.layers):
-        if _is_model(layer):
+    """The last operation with a 4-D output (not a pooling layer), searching nested models too.
+
+    Operations, not only layers: a residual `x + y` at the end of a block (ConvNeXt) is an
+    operation in Keras 3, and the layer before it would leave the residual path outside the head.
+    """
+    for op in reversed(getattr(model, "operations", model.layers)):
+        if _is_model(op):
             try:
-                return find_target_layer(layer)
+                return find_target_layer(op)
             except ValueError:
                 continue
-        if isinstance(layer, POOLING_LAYERS) or isinstance(layer, keras.layers.InputLayer):
+        if isinstance(op, POOLING_LAYERS) or isinstance(op, keras.layers.InputLayer):
             continue
-        if len(layer.output.shape) == 4:
-            return layer.name
+        if len(op.output.shape) == 4:
+            return op.name
     raise ValueError(f"model {model.name!r} has no layer with a 4-D output to explain")
 
 
@@ -216,7 +220,13 @@ def load_backbone(
     if len(activations.shape) != 4:
         raise ValueError(f"target layer {target!r} has output shape {activations.shape}; it needs [N, h, w, channels]")
     features = keras.Model(flat.input, activations, name="features")
-    head = keras.Model(activations, flat.output, name="head")
+    try:
+        head = keras.Model(activations, flat.output, name="head")
+    except ValueError as error:
+        raise ValueError(
+            f"the output does not depend on {target!r} alone (a skip connection goes around it): "
+            "choose a later layer with --target-layer"
+        ) from error
     if preprocess == "auto":
         preprocess_fn = own_preprocess or _identity
         if own_preprocess is None:
