@@ -4,12 +4,12 @@ VENV       := .venv
 PY         := $(VENV)/bin/python
 MODEL      ?= resnet50_cam
 BACKBONE   ?= resnet50
-WEIGHTS    ?= imagenet
+WEIGHTS    ?= auto
 METHODS    ?= gradcam,cam
 BASE_PATH  ?= models
 PORT       ?= 8500
 
-.PHONY: venv test export explain clean
+.PHONY: venv test export explain demo clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -31,6 +31,19 @@ export: venv
 # Needs a running server (make serve, or TF Serving) with $(MODEL) on port $(PORT).
 explain: venv
 	$(PY) -m client explain samples/*.png samples/*.jpg --server localhost:$(PORT) --model $(MODEL) --out out
+
+# Everything from a fresh clone: venv, export ResNet50 (ImageNet weights when cached or downloadable,
+# WEIGHTS=path for a local file, else random with a one-line warning), serve it in the background,
+# explain the sample photos into out/, stop the server.
+demo: venv
+	@test -n "$$(ls $(BASE_PATH)/$(MODEL) 2>/dev/null)" || $(MAKE) --no-print-directory export
+	@$(PY) -m serving --port $(PORT) --model_name $(MODEL) --model_base_path $(BASE_PATH)/$(MODEL) & \
+	server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT; \
+	$(PY) -m client wait --server localhost:$(PORT) --model $(MODEL) --timeout 300 && \
+	$(PY) -m client explain samples/*.png samples/*.jpg --server localhost:$(PORT) --model $(MODEL) \
+		--method gradcam --out out && \
+	$(PY) -m client explain samples/*.png samples/*.jpg --server localhost:$(PORT) --model $(MODEL) \
+		--method cam --out out
 
 clean:
 	rm -rf $(BASE_PATH) out .pytest_cache

@@ -1,0 +1,1 @@
+"""Latency benchmark: in-process, seed-notebook and gRPC figures side by side."""

@@ -1,0 +1,217 @@
+"""python -m bench: latency and throughput, side by side in one run.
+
+1. in-process: the SavedModel's signatures called directly (predict vs each explain method,
+   batch 1 and 8), the floor that the server adds to;
+2. the seed notebook's way (eager tape over the Keras model, numpy channel loop, cv2.resize),
+   the reference users come from;
+3. over gRPC against a running server: signatures, encoded bytes vs uint8 tensor, full outputs vs
+   the compact heatmap only, batch 1 and 8, closed-loop concurrency 1, 4 and 16.
+Writes a table to stdout, `<out>/results.json` and `<out>/latency.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import numpy as np
+
+from bench.grpc_load import SUMMARY, closed_loop, predict_request
+from bench.inprocess import round_robin, seed_gradcam, signature_calls
+
+SAMPLE = pathlib.Path(__file__).resolve().parent.parent / "samples" / "rocket.jpg"
+
+
+def stats(latencies: list[float], batch: int, wall: float | None = None) -> dict:
+    ms = np.array(latencies) * 1000
+    return {
+        "n": len(latencies),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "images_per_s": batch * len(latencies) / wall if wall else batch / float(np.median(latencies)),
+    }
+
+
+def progress(done: int, total: int, label: str) -> None:
+    width = 30
+    filled = int(width * done / total)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<48.48s}")
+    sys.stderr.flush()
+
+
+def latest_version(model_dir: pathlib.Path) -> pathlib.Path:
+    versions = sorted((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    if not versions:
+        raise SystemExit(f"no exported version under {model_dir}: run make export")
+    return versions[-1]
+
+
+def grpc_configs(methods: list[str]) -> list[dict]:
+    """The gRPC configurations: each varies one thing from the headline (bytes, compact, b1, c1)."""
+    compact = ["heatmap_uint8"]
+    configs = [dict(signature="predict_bytes", batch=1, concurrency=1, outputs=SUMMARY)]
+    for method in methods:
+        configs.append(dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=compact))
+    method = methods[0]
+    configs += [
+        dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=[]),  # every output
+        dict(signature=method, batch=1, concurrency=1, outputs=compact),  # uint8 tensor input
+        dict(signature="predict_bytes", batch=8, concurrency=1, outputs=SUMMARY),
+        dict(signature=f"{method}_bytes", batch=8, concurrency=1, outputs=compact),
+    ]
+    for concurrency in (4, 16):
+        configs.append(dict(signature="predict_bytes", batch=1, concurrency=concurrency, outputs=SUMMARY))
+        configs.append(dict(signature=f"{method}_bytes", batch=1, concurrency=concurrency, outputs=compact))
+        configs.append(dict(signature=f"{method}_bytes", batch=8, concurrency=concurrency, outputs=compact))
+    return configs
+
+
+def config_name(c: dict) -> str:
+    outputs = "all" if not c["outputs"] else ("summary" if c["outputs"] == SUMMARY else "+".join(c["outputs"]))
+    return f"grpc {c['signature']} b{c['batch']} c{c['concurrency']} out={outputs}"
+
+
+def machine() -> dict:
+    import grpc
+    import tensorflow as tf
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "grpcio": grpc.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def chart(rows: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in rows]
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.5))
+    for offset, key in ((-0.25, "p50_ms"), (0.0, "p90_ms"), (0.25, "p99_ms")):
+        ax.barh(y + offset, [r[key] for r in rows], height=0.25, label=key.split("_")[0])
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per request (ms, log scale)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--server", default="localhost:8500", help="gRPC address; empty: in-process only")
+    p.add_argument("--model", default="resnet50_cam")
+    p.add_argument("--model-dir", default="models/resnet50_cam", help="the exported model, for in-process")
+    p.add_argument("--backbone", default="resnet50", help="for the seed notebook's way")
+    p.add_argument("--target-layer", default="conv5_block3_out")
+    p.add_argument("--weights", default="auto", help="for the seed's way (timing does not depend on values)")
+    p.add_argument("--methods", default="gradcam,cam")
+    p.add_argument("--repeats", type=int, default=12, help="in-process calls per configuration and batch")
+    p.add_argument("--seconds", type=float, default=4.0, help="duration of each gRPC configuration")
+    p.add_argument("--skip-seed", action="store_true")
+    p.add_argument("--out", default="bench")
+    args = p.parse_args(argv)
+
+    methods = [m for m in args.methods.split(",") if m]
+    version_dir = latest_version(pathlib.Path(args.model_dir))
+    jpeg = SAMPLE.read_bytes()
+    import cv2
+
+    image = cv2.cvtColor(cv2.resize(cv2.imread(str(SAMPLE)), (224, 224)), cv2.COLOR_BGR2RGB)
+    images = np.stack([image] * 8)
+    configs = grpc_configs(methods) if args.server else []
+    total = 2 + (0 if args.skip_seed else 2) + len(configs)
+    done = 0
+    rows: list[dict] = []
+
+    for batch in (1, 8):
+        progress(done, total, f"in-process batch {batch}")
+        signatures = ["predict", *methods] + (["predict_bytes", f"{methods[0]}_bytes"] if batch == 1 else [])
+        calls = signature_calls(str(version_dir), signatures, batch, images, [jpeg])
+        repeats = args.repeats if batch == 1 else max(3, args.repeats // 2)
+        for name, times in round_robin(calls, repeats).items():
+            rows.append({"name": f"in-process {name} b{batch}", "kind": "in-process", "signature": name,
+                         "batch": batch, "concurrency": 1, **stats(times, batch)})
+        done += 1
+    if not args.skip_seed:
+        predict, explain = seed_gradcam(args.backbone, args.target_layer, args.weights)
+        for batch in (1, 8):
+            progress(done, total, f"seed notebook's way batch {batch}")
+            times = round_robin({"predict": lambda: predict(images[:batch]), "gradcam": lambda: explain(images[:batch])},
+                                max(3, args.repeats // (2 if batch == 1 else 4)))
+            for name, t in times.items():
+                rows.append({"name": f"seed-eager {name} b{batch}", "kind": "seed", "signature": name,
+                             "batch": batch, "concurrency": 1, **stats(t, batch)})
+            done += 1
+    for config in configs:
+        name = config_name(config)
+        progress(done, total, name)
+        payload = predict_request(args.model, config["signature"], config["batch"],
+                                  None if config["signature"] in methods else jpeg,
+                                  image if config["signature"] in methods else None, config["outputs"])
+        result = closed_loop(args.server, payload, config["concurrency"], args.seconds)
+        row = {"name": name, "kind": "grpc", **config, "errors": result["errors"],
+               "request_bytes": result["request_bytes"], "response_bytes": result["response_bytes"]}
+        row.update(stats(result["latencies_s"], config["batch"], result["wall_s"]) if result["latencies_s"] else {})
+        rows.append(row)
+        done += 1
+    progress(done, total, "done")
+    sys.stderr.write("\n")
+
+    by_name = {r["name"]: r for r in rows}
+    ratios = {}
+    for batch in (1, 8):
+        base = by_name[f"in-process predict b{batch}"]["p50_ms"]
+        for method in methods:
+            ratios[f"in-process {method}/predict b{batch}"] = by_name[f"in-process {method} b{batch}"]["p50_ms"] / base
+        if f"seed-eager gradcam b{batch}" in by_name:
+            ratios[f"seed-eager gradcam / in-process predict b{batch}"] = by_name[f"seed-eager gradcam b{batch}"]["p50_ms"] / base
+    if configs:
+        grpc_base = by_name[config_name(configs[0])]["p50_ms"]
+        for method in methods:
+            explain = by_name[config_name(dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=["heatmap_uint8"]))]
+            ratios[f"grpc {method}_bytes/predict_bytes b1 c1"] = explain["p50_ms"] / grpc_base
+        ratios[f"grpc/in-process {methods[0]}_bytes b1 c1 p50"] = (
+            by_name[config_name(configs[1])]["p50_ms"] / by_name[f"in-process {methods[0]}_bytes b1"]["p50_ms"]
+        )
+        best_inprocess = max(r["images_per_s"] for r in rows if r["kind"] == "in-process" and r["signature"] == methods[0])
+        c16 = by_name[config_name(dict(signature=f"{methods[0]}_bytes", batch=1, concurrency=16, outputs=["heatmap_uint8"]))]
+        ratios[f"grpc c16 b1 throughput / best in-process {methods[0]} throughput"] = c16.get("images_per_s", 0) / best_inprocess
+
+    print(f"\n{'configuration':<62s} {'n':>5s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'img/s':>7s} {'req B':>8s} {'resp B':>8s} err")
+    for r in rows:
+        print(f"{r['name']:<62s} {r.get('n', 0):5d} {r.get('p50_ms', 0):8.1f} {r.get('p90_ms', 0):8.1f} {r.get('p99_ms', 0):8.1f} "
+              f"{r.get('images_per_s', 0):7.1f} {r.get('request_bytes', ''):>8} {r.get('response_bytes', ''):>8} {r.get('errors', '') or ''}")
+    print()
+    for key, value in ratios.items():
+        print(f"{key:<72s} {value:6.3f}")
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(["python -m bench", *(argv or sys.argv[1:])]),
+               "machine": machine(), "model": str(version_dir), "rows": rows, "ratios": ratios}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    chart(rows, out / "latency.png")
+    print(f"\nwrote {out / 'results.json'} and {out / 'latency.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

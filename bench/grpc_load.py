@@ -1,0 +1,80 @@
+"""Closed-loop gRPC load against a PredictionService (embedded server or real TF Serving).
+
+Requests are serialised once with the thin client's wire messages and sent as raw bytes, so the
+load generator costs almost nothing and request/response sizes are measured exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from client import protos
+from client.api import MAX_MESSAGE_BYTES
+
+SUMMARY = ["class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels"]
+
+
+def predict_request(
+    model: str, signature: str, batch: int, jpeg: bytes | None, image: np.ndarray | None, outputs: list[str]
+) -> bytes:
+    """A serialised PredictRequest: `jpeg` goes to a _bytes signature, `image` as a uint8 tensor."""
+    request = protos.PredictRequest(output_filter=outputs)
+    request.model_spec.name = model
+    request.model_spec.signature_name = signature
+    if jpeg is not None:
+        request.inputs["image_bytes"].CopyFrom(protos.make_tensor(np.array([jpeg] * batch, dtype=object)))
+    else:
+        request.inputs["images"].CopyFrom(protos.make_tensor(np.stack([image] * batch)))
+    if not signature.startswith("predict"):
+        request.inputs["class_index"].CopyFrom(protos.make_tensor(np.full(batch, -1, np.int32)))
+    return request.SerializeToString()
+
+
+def closed_loop(target: str, payload: bytes, concurrency: int, duration: float, timeout: float = 60.0) -> dict:
+    """`concurrency` callers each send the next request when the last one returns, for `duration` s."""
+    channel = grpc.insecure_channel(
+        target,
+        [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+    )
+    call = channel.unary_unary(protos.PREDICT_METHOD)  # raw bytes in and out
+    call(payload, timeout=timeout)  # warm the connection and the server's path
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    sizes: list[int] = []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + duration
+
+    def caller():
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            try:
+                response = call(payload, timeout=timeout)
+            except grpc.RpcError as error:
+                with lock:
+                    errors[error.code().name] = errors.get(error.code().name, 0) + 1
+                continue
+            elapsed = time.perf_counter() - started
+            with lock:
+                latencies.append(elapsed)
+                sizes.append(len(response))
+
+    threads = [threading.Thread(target=caller) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    channel.close()
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "wall_s": wall,
+        "latencies_s": latencies,
+        "request_bytes": len(payload),
+        "response_bytes": int(np.median(sizes)) if sizes else 0,
+    }

@@ -1,0 +1,137 @@
+"""Command line: `python -m client explain|predict IMAGE ... --server HOST:PORT --model NAME`.
+
+explain prints each image's top-k (rank, class, probability, as keras `decode_predictions`) and the
+explained class, and writes `<out>/<stem>_<method>_overlay.png` (heatmap over the photo, at the
+photo's size) and `<out>/<stem>_<method>_heatmap.png` (the heatmap alone, same size).
+Exit status: 0 ok, 1 the server refused or failed, 2 bad arguments or unreadable files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .api import CamClient, CamServingError, Prediction
+
+
+def _client(args) -> CamClient:
+    credentials = None
+    if args.ca_cert:
+        import grpc
+
+        credentials = grpc.ssl_channel_credentials(Path(args.ca_cert).read_bytes())
+    dims = [int(v) for v in args.image_size.split(",")] if args.image_size else None
+    return CamClient(args.server, model=args.model, timeout=args.timeout, version=args.version,
+                     credentials=credentials, image_size=(dims[0], dims[-1]) if dims else None)
+
+
+def _inputs(args) -> list:
+    """File bytes (sent as-is), or with --raw decoded RGB arrays the client resizes."""
+    if not args.raw:
+        return [Path(p).read_bytes() for p in args.images]
+    from .overlay import read_image
+
+    return [read_image(p)[:, :, ::-1].copy() for p in args.images]  # OpenCV BGR -> RGB
+
+
+def _print(path: str, result: Prediction, method: str) -> None:
+    print(f"{path}: {method} class {result.class_index} {result.class_label} (logit {result.score:.4f})")
+    for rank, (label, prob) in enumerate(result.top_k, 1):
+        print(f"  {rank:2d}. {label:<32s} {prob:.4f}")
+
+
+def cmd_predict(args) -> int:
+    with _client(args) as client:
+        results = client.predict(_inputs(args), top_k=args.top_k)
+    for path, result in zip(args.images, results):
+        _print(path, result, "predict")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from . import overlay
+
+    with _client(args) as client:
+        results = client.explain(_inputs(args), method=args.method, class_index=args.class_index,
+                                 top_k=args.top_k, heatmap="float" if args.float_heatmap else "uint8")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stems: set[str] = set()
+    for path, result in zip(args.images, results):
+        _print(path, result, args.method)
+        stem = Path(path).stem
+        while stem in stems:  # a.jpg and other/a.jpg must not overwrite each other
+            stem += "_"
+        stems.add(stem)
+        try:
+            image = overlay.read_image(path)
+        except ValueError:  # e.g. a GIF the server decodes and OpenCV does not: map at model size
+            print(f"  warning: OpenCV cannot decode {path}; heatmap written at model size", file=sys.stderr)
+            overlay.write_png(out / f"{stem}_{args.method}_heatmap.png", overlay.colorize(result.heatmap))
+            continue
+        size = (image.shape[1], image.shape[0])
+        blend_path, heat_path = out / f"{stem}_{args.method}_overlay.png", out / f"{stem}_{args.method}_heatmap.png"
+        overlay.write_png(blend_path, overlay.overlay(image, result.heatmap, args.alpha))
+        overlay.write_png(heat_path, overlay.colorize(result.heatmap, size))
+        print(f"  -> {blend_path}  {heat_path}")
+    return 0
+
+
+def cmd_wait(args) -> int:
+    with CamClient(args.server, model=args.model, timeout=5.0) as client:
+        client.wait_until_ready(args.timeout)
+    print(f"{args.server} serves {args.model}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/GIF/BMP files")
+    common.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"),
+                        help="gRPC address (default $CAMSERVE_SERVER or localhost:8500)")
+    common.add_argument("--model", default="resnet50_cam", help="model name on the server")
+    common.add_argument("--version", type=int, default=None, help="model version (default: latest)")
+    common.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
+    common.add_argument("--top-k", type=int, default=5, help="classes to print")
+    common.add_argument("--raw", action="store_true",
+                        help="decode here and send uint8 tensors instead of the encoded files")
+    common.add_argument("--image-size", default=None, metavar="H[,W]",
+                        help="model input size for --raw (default: asked from the server)")
+    common.add_argument("--ca-cert", default=None, help="PEM root certificate: use TLS")
+
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    explain = sub.add_parser("explain", parents=[common], help="top-k, heatmap and overlay pictures")
+    explain.add_argument("--method", default="gradcam", help="gradcam, cam, ... (a signature of the model)")
+    explain.add_argument("--class-index", type=int, default=None, help="class to explain (default: top-1)")
+    explain.add_argument("--out", default="out", help="directory for the PNGs")
+    explain.add_argument("--alpha", type=float, default=0.4, help="heatmap weight in the overlay")
+    explain.add_argument("--float-heatmap", action="store_true", help="fetch float32 heatmap, not uint8")
+    explain.set_defaults(func=cmd_explain)
+    sub.add_parser("predict", parents=[common], help="top-k only").set_defaults(func=cmd_predict)
+    wait = sub.add_parser("wait", help="wait until the server serves the model")
+    wait.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"))
+    wait.add_argument("--model", default="resnet50_cam")
+    wait.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    wait.set_defaults(func=cmd_wait, version=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= getattr(args, "alpha", 0.0) <= 1.0:
+        parser.error("--alpha must be in [0, 1]")
+    try:
+        return args.func(args)
+    except CamServingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Python API: send images to a TensorFlow Serving model exported by `export/`, get labels and heatmaps.
+
+Encoded files (JPEG/PNG bytes, or a path) go as-is to the `<method>_bytes` signature, which
+decodes and resizes them in the graph; uint8 RGB arrays go to the `<method>` signature as an
+`images` tensor of the model's input size.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import grpc
+import numpy as np
+
+from . import protos
+
+Image = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's 4 MiB default fails at ~80 float heatmaps
+_SUMMARY = ["class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels"]
+_HEATMAP_OUTPUT = {"uint8": "heatmap_uint8", "float": "heatmap", "none": None}
+
+
+class CamServingError(RuntimeError):
+    """A failed call, with the gRPC status `code` (grpc.StatusCode) and the server's `details`."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, context: str = ""):
+        self.code, self.details = code, details
+        super().__init__(f"{code.name}: {details}" + (f" ({context})" if context else ""))
+
+
+@dataclass
+class Prediction:
+    """One image's prediction. `top_k` is [(label, probability)], most probable first;
+    `score` is the logit of `class_index`. `outputs` holds this image's raw output arrays."""
+    top_k: list[tuple[str, float]]
+    class_index: int
+    class_label: str
+    score: float
+    outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Explanation(Prediction):
+    """A prediction plus the heatmap of `class_index`: float32 H×W in [0, 1] at the model input
+    size (None when not requested)."""
+    heatmap: np.ndarray | None = field(default=None, repr=False)
+
+
+def _decode(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class CamClient:
+    """gRPC client of `tensorflow.serving.PredictionService` for one model.
+
+    `target` is a gRPC address ("host:8500", "dns:///svc:8500" with
+    channel_options=[("grpc.lb_policy_name", "round_robin")] to balance over replicas);
+    `timeout` is the deadline of each call in seconds; `version` pins a model version.
+    """
+
+    def __init__(self, target: str = "localhost:8500", model: str = "resnet50_cam", timeout: float = 30.0,
+                 version: int | None = None, *, credentials: grpc.ChannelCredentials | None = None,
+                 image_size: tuple[int, int] | None = None, batch_size: int = 32,
+                 channel_options: Sequence[tuple[str, object]] = ()):
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *channel_options]
+        self.target, self.model, self.timeout, self.version = target, model, timeout, version
+        self.batch_size = batch_size
+        self._image_size = image_size  # (height, width) for arrays; asked from the server when None
+        self._channel = (grpc.secure_channel(target, credentials, options) if credentials
+                         else grpc.insecure_channel(target, options))
+        self._predict = self._channel.unary_unary(
+            protos.PREDICT_METHOD, request_serializer=protos.PredictRequest.SerializeToString,
+            response_deserializer=protos.PredictResponse.FromString)
+        self._metadata = self._channel.unary_unary(
+            protos.METADATA_METHOD, request_serializer=protos.GetModelMetadataRequest.SerializeToString,
+            response_deserializer=protos.GetModelMetadataResponse.FromString)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "CamClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def explain(self, images: Image | Sequence[Image], method: str = "gradcam",
+                class_index: int | Sequence[int] | None = None, top_k: int | None = None,
+                outputs: Sequence[str] = (), heatmap: str = "uint8") -> Explanation | list[Explanation]:
+        """Explain one image (returns an Explanation) or a list / N×H×W×3 batch (returns a list).
+
+        `class_index`: the class to explain, per image or for all; None explains the top-1 class.
+        `top_k` keeps the first k of the model's top-k. `heatmap`: "uint8" fetches the compact
+        `heatmap_uint8` (4× smaller than float), "float" the float32 `heatmap`, "none" neither.
+        `outputs` names extra outputs to fetch into `.outputs` (e.g. "heatmap_lowres", "logits").
+        """
+        if heatmap not in _HEATMAP_OUTPUT:
+            raise ValueError(f"heatmap must be one of {sorted(_HEATMAP_OUTPUT)}, not {heatmap!r}")
+        wanted = _SUMMARY + [o for o in (_HEATMAP_OUTPUT[heatmap], *outputs) if o and o not in _SUMMARY]
+        return self._run(images, method, wanted, class_index, top_k, Explanation)
+
+    def predict(self, images: Image | Sequence[Image], top_k: int | None = None,
+                outputs: Sequence[str] = ()) -> Prediction | list[Prediction]:
+        """Classify without explaining (the `predict` / `predict_bytes` signatures)."""
+        wanted = _SUMMARY + [o for o in outputs if o not in _SUMMARY]
+        return self._run(images, "predict", wanted, None, top_k, Prediction)
+
+    def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> None:
+        """Block until the server answers for this model: a server that is still starting or
+        loading (UNAVAILABLE, NOT_FOUND) is retried until `timeout` seconds have passed."""
+        deadline = time.monotonic() + timeout
+        request = protos.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.CopyFrom(self._spec(""))
+        while True:
+            try:
+                self._call(self._metadata, request, "GetModelMetadata")
+                return
+            except CamServingError as err:
+                retry = err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+                if not retry or time.monotonic() > deadline:
+                    raise
+            time.sleep(interval)
+
+    def model_image_size(self, signature: str = "predict") -> tuple[int, int]:
+        """(height, width) of the `images` input, from the server's signature metadata."""
+        if self._image_size is None:
+            request = protos.GetModelMetadataRequest(metadata_field=["signature_def"])
+            request.model_spec.CopyFrom(self._spec(""))
+            try:
+                any_msg = self._call(self._metadata, request, "GetModelMetadata").metadata["signature_def"]
+            except CamServingError as err:
+                raise CamServingError(err.code, f"{err.details}; cannot learn the input size of {self.model!r}: "
+                                      "pass image_size=(H, W) (CLI: --image-size)") from None
+            signatures = protos.SignatureDefMap.FromString(any_msg.value).signature_def
+            if signature not in signatures or "images" not in signatures[signature].inputs:
+                raise CamServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                      f"model {self.model!r} has no signature {signature!r} with an 'images' input")
+            dims = [d.size for d in signatures[signature].inputs["images"].tensor_shape.dim]
+            if len(dims) != 4 or min(dims[1:3]) <= 0:
+                raise CamServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                      f"'images' of {signature!r} has shape {dims}, not [N,H,W,3]")
+            self._image_size = (dims[1], dims[2])
+        return self._image_size
+
+    # -- internals -------------------------------------------------------------------------------
+    def _spec(self, signature: str):
+        spec = protos.ModelSpec(name=self.model, signature_name=signature)
+        if self.version is not None:
+            spec.version.value = int(self.version)
+        return spec
+
+    def _call(self, method, request, what: str):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
+            details = err.details() if callable(getattr(err, "details", None)) else str(err)
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                details = f"{details} (timeout {self.timeout} s)"
+            raise CamServingError(code, details or "", f"{what} {self.model!r} at {self.target}") from None
+
+    def _run(self, images, method, wanted, class_index, top_k, kind):
+        batch4d = isinstance(images, np.ndarray) and images.ndim == 4
+        single = not isinstance(images, (list, tuple)) and not batch4d
+        items = [images] if single else list(images)
+        if not items:
+            raise ValueError("no images given")
+        if class_index is None or isinstance(class_index, (int, np.integer)):
+            classes = [-1 if class_index is None else int(class_index)] * len(items)
+        else:
+            classes = [int(c) for c in class_index]
+        if len(classes) != len(items):
+            raise ValueError(f"{len(classes)} class indices for {len(items)} images")
+        encoded = [i for i, item in enumerate(items) if not isinstance(item, np.ndarray)]
+        arrays = [i for i, item in enumerate(items) if isinstance(item, np.ndarray)]
+        results: list = [None] * len(items)
+        for group, raw in ((encoded, False), (arrays, True)):  # one signature each: split mixed lists
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start:start + self.batch_size]
+                request = protos.PredictRequest(output_filter=wanted)
+                request.model_spec.CopyFrom(self._spec(method if raw else method + "_bytes"))
+                if raw:
+                    size = self.model_image_size(method)
+                    batch = np.stack([_sized(items[i], size) for i in chunk])
+                    request.inputs["images"].CopyFrom(protos.make_tensor(batch))
+                else:
+                    blobs = np.array([_read(items[i]) for i in chunk], dtype=object)
+                    request.inputs["image_bytes"].CopyFrom(protos.make_tensor(blobs))
+                if method != "predict":
+                    targets = np.array([classes[i] for i in chunk], np.int32)
+                    request.inputs["class_index"].CopyFrom(protos.make_tensor(targets))
+                response = self._call(self._predict, request, f"{request.model_spec.signature_name} of")
+                got = {name: protos.to_numpy(t) for name, t in response.outputs.items()}
+                missing = [name for name in wanted if name not in got]
+                if missing or any(v.shape[:1] != (len(chunk),) for v in got.values()):
+                    raise CamServingError(grpc.StatusCode.INTERNAL,
+                                          f"bad response: missing {missing}, batch {len(chunk)}")
+                for row, i in enumerate(chunk):
+                    results[i] = _parse({k: v[row] for k, v in got.items()}, top_k, kind)
+        return results[0] if single else results
+
+
+def _read(item) -> bytes:
+    """Encoded image bytes, sent unchanged: the server decodes them, the client never re-encodes."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if isinstance(item, (str, os.PathLike)):
+        with open(item, "rb") as f:
+            return f.read()
+    raise TypeError(f"an image must be a path, encoded bytes or a uint8 array, not {type(item).__name__}")
+
+
+def _sized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A uint8 H×W×3 RGB array at the model input size (resized with OpenCV when it differs)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"an image array must be uint8 H×W×3 RGB, got {image.dtype} {image.shape}")
+    if image.shape[:2] == tuple(size):
+        return image
+    import cv2  # only arrays need it; `import client` stays light
+
+    shrink = image.shape[0] > size[0] and image.shape[1] > size[1]
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def _parse(out: dict[str, np.ndarray], top_k: int | None, kind):
+    k = len(out["top_k_labels"]) if top_k is None else top_k
+    pairs = [(_decode(label), float(score))
+             for label, score in zip(out["top_k_labels"][:k], out["top_k_scores"][:k])]
+    result = kind(top_k=pairs, class_index=int(out["class_index"]), class_label=_decode(out["class_label"]),
+                  score=float(out["score"]), outputs=out)
+    if kind is Explanation:
+        if "heatmap" in out:
+            result.heatmap = out["heatmap"].astype(np.float32)
+        elif "heatmap_uint8" in out:
+            result.heatmap = out["heatmap_uint8"].astype(np.float32) / np.float32(255.0)
+    return result

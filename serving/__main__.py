@@ -1,0 +1,112 @@
+"""Command line of the embedded server, with tensorflow_model_server's flag names.
+
+    python -m serving --port 8500 --model_name NAME --model_base_path models/NAME
+    python -m serving --port 8500 --model_config_file serving/models.config \\
+        [--enable_batching --batching_parameters_file serving/batching.config]
+
+Flags take `--flag=value` or `--flag value`; booleans also `--flag` alone, like TF Serving's.
+Only a subset of TF Serving's flags exists; an unknown flag is an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow is imported
+
+from serving import configs
+from serving.server import MAX_MESSAGE_BYTES, ServerOptions, serve
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m serving",
+        description="Embedded TensorFlow Serving-compatible gRPC server (Predict, GetModelMetadata, GetModelStatus).",
+        allow_abbrev=False,
+    )
+    flag = p.add_argument
+    flag("--port", type=int, default=8500, help="gRPC port (0: any free port)")
+    flag("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    flag("--model_name", default="default", help="name of the single model (with --model_base_path)")
+    flag("--model_base_path", default="", help="directory holding the numeric version directories")
+    flag("--model_config_file", default="", help="text ModelServerConfig (instead of --model_name/--model_base_path)")
+    flag("--enable_batching", type=_bool, nargs="?", const=True, default=False, help="batch concurrent requests")
+    flag("--batching_parameters_file", default="", help="text BatchingParameters (default: TF Serving's defaults)")
+    flag("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
+         help="replay assets.extra/tf_serving_warmup_requests before serving a version")
+    flag("--file_system_poll_wait_seconds", type=float, default=1,
+         help="seconds between looks for new versions (<= 0: look once, at start)")
+    flag("--grpc_max_threads", type=int, default=4 * (os.cpu_count() or 1), help="gRPC worker threads")
+    flag("--max_message_bytes", type=int, default=MAX_MESSAGE_BYTES, help="largest gRPC message sent or received")
+    flag("--ssl_config_file", default="", help="text SSLConfig (server_key, server_cert PEM; custom_ca, client_verify)")
+    flag("--enable_serialization_as_tensor_content", type=_bool, nargs="?", const=True, default=False,
+         help="answer with tensor_content bytes instead of the typed value fields")
+    flag("--models_root", default="models",
+         help="where base paths under /models (the container path in serving/models.config) are read from "
+              "when this machine has no /models directory")
+    flag("--shutdown_grace_seconds", type=float, default=30,
+         help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
+    return p
+
+
+def options_from_args(args: argparse.Namespace,
+                      p: argparse.ArgumentParser) -> tuple[configs.ModelServerConfig, ServerOptions]:
+    """The ModelServerConfig and ServerOptions the flags describe (usage errors exit 2)."""
+    if bool(args.model_config_file) == bool(args.model_base_path):
+        p.error("give either --model_config_file or --model_base_path (with --model_name)")
+    try:
+        if args.model_config_file:
+            config = configs.read_model_server_config(args.model_config_file)
+            if not os.path.isdir(configs.CONTAINER_MODELS):
+                config = configs.map_container_models(config, args.models_root)
+        else:
+            config = configs.single_model_config(args.model_name, args.model_base_path)
+        batching = None
+        if args.enable_batching:
+            batching = (
+                configs.read_batching_parameters(args.batching_parameters_file)
+                if args.batching_parameters_file
+                else configs.BatchingOptions()
+            )
+        elif args.batching_parameters_file:
+            p.error("--batching_parameters_file needs --enable_batching")
+        ssl = configs.read_text_proto(args.ssl_config_file, configs.SSLConfig) if args.ssl_config_file else None
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    options = ServerOptions(
+        host=args.host,
+        port=args.port,
+        grpc_max_threads=args.grpc_max_threads,
+        max_message_bytes=args.max_message_bytes,
+        enable_model_warmup=args.enable_model_warmup,
+        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+        batching=batching,
+        tensor_content=args.enable_serialization_as_tensor_content,
+        ssl=ssl,
+        shutdown_grace_seconds=args.shutdown_grace_seconds,
+    )
+    return config, options
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    config, options = options_from_args(args, p)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return serve(config, options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

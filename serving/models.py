@@ -1,0 +1,509 @@
+"""The models a server holds: versions on disk, their signatures, and what a request may send them.
+
+A `ModelRegistry` mirrors TF Serving's model manager for the embedded server: every model of a
+`ModelServerConfig` is a base path whose numeric subdirectories are versions; the version policy
+(latest N by default, all, or specific) says which are loaded; a poll thread picks up new versions
+and drops old ones. Requests are checked against the signature (input names, dtypes, shapes,
+output names) before the graph runs, so that mistakes come back as readable INVALID_ARGUMENT
+errors naming the input, and errors raised by the graph itself keep their gRPC meaning.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import os
+import pathlib
+import re
+import threading
+import time
+from typing import Iterable, Mapping, Sequence
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, types_pb2
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, prediction_log_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+log = logging.getLogger("serving.models")
+
+DEFAULT_SIGNATURE = "serving_default"
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
+MAX_LOAD_ATTEMPTS = 5  # like TF Serving's --max_num_load_retries
+PRUNED_CACHE_SIZE = 32
+
+
+class ServingError(Exception):
+    """An error with the gRPC status code TF Serving would answer."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def clean_tf_message(message: str) -> str:
+    """Turn a TF runtime error message into one readable line.
+
+    Drops the "Graph execution error" preamble, node and function annotations and tensor names,
+    and joins the bracketed pieces of an assertion ("[class_index out of range] [x = ] [7]").
+    """
+    lines = [
+        line
+        for line in message.splitlines()
+        if line.strip()
+        and line.strip() not in ("Graph execution error:", "<stack traces unavailable>")
+        and not line.startswith("Detected at node")
+        and not line.lstrip().startswith("[[{{")
+    ]
+    text = " ".join(lines)
+    text = re.sub(r"\s*\[Op:[^\]]*\]", "", text)
+    text = re.sub(r"\s*\[\[\{\{[^\]]*\]\]", "", text)
+    text = re.sub(r" \([\w/.:-]+:\d+\)", "", text)  # tensor names: "x (class_index:0) ="
+    prefix = "assertion failed: "
+    if text.startswith(prefix):
+        pieces = _bracket_groups(text[len(prefix):])
+        if pieces:
+            out = pieces[0]
+            for previous, piece in zip(pieces, pieces[1:]):
+                if previous.endswith("="):  # a value: keep a vector recognisable
+                    out += " " + (f"[{piece}]" if " " in piece else piece)
+                else:
+                    out += (" " if previous.endswith(":") else "; ") + piece
+            text = prefix + out
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _bracket_groups(text: str) -> list[str]:
+    """Top-level "[...]" groups of an Assert message, their contents stripped."""
+    groups, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            if depth == 0:
+                start = i + 1
+            depth += 1
+        elif ch == "]" and depth:
+            depth -= 1
+            if depth == 0:
+                groups.append(text[start:i].strip())
+    return [g for g in groups if g]
+
+
+def _shape_text(shape: Iterable[int | None]) -> str:
+    return "[" + ",".join("-1" if d is None else str(d) for d in shape) + "]"
+
+
+def _dtype_name(enum: int) -> str:
+    try:
+        return tf.dtypes.as_dtype(enum).name
+    except TypeError:
+        return types_pb2.DataType.Name(enum) if enum in types_pb2.DataType.values() else f"invalid dtype {enum}"
+
+
+def decode_tensor(name: str, proto: tensor_pb2.TensorProto, max_bytes: int) -> np.ndarray:
+    """A request TensorProto as a numpy array, refusing malformed or oversized tensors."""
+    if proto.tensor_shape.unknown_rank:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"input '{name}': the tensor has no shape")
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in dims):
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"input '{name}': negative dimension in shape {dims}")
+    count = math.prod(dims)
+    dtype = tf.dtypes.as_dtype(proto.dtype)
+    if dtype != tf.string:
+        nbytes = count * dtype.size
+        if nbytes > max_bytes:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input '{name}': shape {_shape_text(dims)} is {nbytes} bytes, more than the {max_bytes} allowed",
+            )
+        if proto.tensor_content and len(proto.tensor_content) != nbytes:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input '{name}': tensor_content has {len(proto.tensor_content)} bytes; "
+                f"shape {_shape_text(dims)} of {dtype.name} needs {nbytes}",
+            )
+    elif len(proto.string_val) != count:
+        raise ServingError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"input '{name}': {len(proto.string_val)} strings for shape {_shape_text(dims)}",
+        )
+    try:
+        array = tf.make_ndarray(proto)
+    except Exception as e:  # malformed content: tell the client, do not crash
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"input '{name}': cannot decode the tensor: {e}") from None
+    return array
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+# Packed repeated fields of TensorProto whose wire bytes are the little-endian array itself.
+_RAW_FIELDS = {np.dtype(np.float32): (5, "<f4"), np.dtype(np.float64): (6, "<f8")}
+_LIST_FIELDS = {
+    np.dtype(np.int8): "int_val", np.dtype(np.int16): "int_val", np.dtype(np.int32): "int_val",
+    np.dtype(np.uint8): "int_val", np.dtype(np.uint16): "int_val", np.dtype(np.int64): "int64_val",
+    np.dtype(np.uint32): "uint32_val", np.dtype(np.uint64): "uint64_val", np.dtype(np.bool_): "bool_val",
+}
+
+
+def encode_tensor(array: np.ndarray, as_tensor_content: bool = False) -> tensor_pb2.TensorProto:
+    """A response TensorProto the way TF Serving writes it.
+
+    TF Serving's default (`--enable_serialization_as_tensor_content=false`) puts values in the typed
+    repeated fields (`float_val`, `int_val`, `string_val`...), not `tensor_content`; clients must
+    read both, and answering the same way here keeps a client that reads only one form honest.
+    """
+    array = np.asarray(array)
+    if as_tensor_content or array.dtype.kind in "OSU" or array.dtype not in (*_RAW_FIELDS, *_LIST_FIELDS):
+        return tf.make_tensor_proto(array)
+    proto = tensor_pb2.TensorProto(dtype=tf.dtypes.as_dtype(array.dtype).as_datatype_enum)
+    for size in array.shape:
+        proto.tensor_shape.dim.add(size=size)
+    if array.size == 0:
+        return proto
+    if array.dtype in _RAW_FIELDS:
+        number, little_endian = _RAW_FIELDS[array.dtype]
+        data = np.ascontiguousarray(array, dtype=little_endian).tobytes()
+        proto.MergeFromString(_varint(number << 3 | 2) + _varint(len(data)) + data)
+    else:
+        getattr(proto, _LIST_FIELDS[array.dtype]).extend(array.ravel().tolist())
+    return proto
+
+
+class Signature:
+    """One signature of a loaded version: checks requests against it and runs it."""
+
+    def __init__(self, name: str, function, method_name: str):
+        self.name = name
+        self.function = function
+        self.method_name = method_name
+        self.inputs: dict[str, tf.TensorSpec] = dict(function.structured_input_signature[1])
+        self.outputs: dict[str, tf.TensorSpec] = dict(function.structured_outputs)
+        self._pruned: collections.OrderedDict[frozenset, object] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def batchable(self) -> bool:
+        """Every input and output is batched on dimension 0, so requests can be concatenated."""
+        specs = list(self.inputs.values()) + list(self.outputs.values())
+        return all(s.shape.rank is not None and s.shape.rank >= 1 and s.shape[0] is None for s in specs)
+
+    def check_output_filter(self, output_filter: Sequence[str]) -> tuple[str, ...] | None:
+        """The outputs to compute (None: all), or INVALID_ARGUMENT naming the unknown one."""
+        seen = []
+        for alias in output_filter:
+            if alias not in self.outputs:
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"output tensor alias not found in signature: {alias} "
+                    f"Outputs expected to be in the set {{{','.join(sorted(self.outputs))}}}.",
+                )
+            if alias in seen:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"duplicate output tensor alias: {alias}")
+            seen.append(alias)
+        return tuple(sorted(seen)) if seen and set(seen) != set(self.outputs) else None
+
+    def decode_inputs(self, protos: Mapping[str, tensor_pb2.TensorProto], max_bytes: int) -> tuple[dict[str, np.ndarray], int]:
+        """Check names, dtypes and shapes (before decoding), decode; returns arrays and batch size."""
+        sent, expected = set(protos), set(self.inputs)
+        if sent != expected:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"inputs do not match signature '{self.name}': expected {{{','.join(sorted(expected))}}}, "
+                f"got {{{','.join(sorted(sent))}}}. "
+                f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+                f"Missing but required: {{{','.join(sorted(expected - sent))}}}.",
+            )
+        arrays, batch = {}, {}
+        for name in sorted(expected):
+            proto, spec = protos[name], self.inputs[name]
+            if proto.dtype != spec.dtype.as_datatype_enum:
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input '{name}' of signature '{self.name}': expected dtype {spec.dtype.name}, "
+                    f"got {_dtype_name(proto.dtype)}",
+                )
+            shape = [d.size for d in proto.tensor_shape.dim]
+            if proto.tensor_shape.unknown_rank or not spec.shape.is_compatible_with(shape):
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input '{name}' of signature '{self.name}': expected shape "
+                    f"{_shape_text(spec.shape.as_list() if spec.shape.rank is not None else [])} "
+                    f"(-1: any size), got {_shape_text(shape)}",
+                )
+            arrays[name] = decode_tensor(name, proto, max_bytes)
+            if spec.shape.rank and spec.shape[0] is None:
+                batch[name] = shape[0]
+        if len(set(batch.values())) > 1:
+            sizes = ", ".join(f"{k} has {v}" for k, v in sorted(batch.items()))
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"inputs of signature '{self.name}' must have the same size on dimension 0 (the batch): {sizes}",
+            )
+        return arrays, next(iter(batch.values()), 1)
+
+    def _function_for(self, outputs: tuple[str, ...] | None):
+        """The signature, or a traced wrapper that asks for `outputs` only.
+
+        Calling the signature inside a new tf.function lets TF's function inlining and pruning
+        drop the ops that only feed the other outputs (as TF Serving's Session.Run with just those
+        fetches does); stateful ops such as the graph's assertions are kept.
+        """
+        if outputs is None:
+            return None
+        key = frozenset(outputs)
+        with self._lock:
+            if key in self._pruned:
+                self._pruned.move_to_end(key)
+                return self._pruned[key]
+            names = sorted(self.inputs)
+            signature = self.function
+
+            def pruned(*args):
+                result = signature(**dict(zip(names, args)))
+                return {k: result[k] for k in outputs}
+
+            function = tf.function(pruned, input_signature=[self.inputs[n] for n in names], autograph=False)
+            concrete = function.get_concrete_function()
+            self._pruned[key] = (names, concrete)
+            if len(self._pruned) > PRUNED_CACHE_SIZE:
+                self._pruned.popitem(last=False)
+            return self._pruned[key]
+
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Run the signature on checked inputs; graph errors keep their gRPC meaning."""
+        pruned = self._function_for(outputs)
+        try:
+            if pruned is None:
+                result = self.function(**{k: tf.constant(v) for k, v in inputs.items()})
+            else:
+                names, concrete = pruned
+                result = concrete(*[tf.constant(inputs[n]) for n in names])
+            return {k: v.numpy() for k, v in result.items()}
+        except tf.errors.InvalidArgumentError as e:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, clean_tf_message(e.message)) from None
+        except tf.errors.ResourceExhaustedError as e:
+            raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, clean_tf_message(e.message)) from None
+
+
+def read_signature_defs(path: str | os.PathLike) -> get_model_metadata_pb2.SignatureDefMap:
+    """The signature_def map of the "serve" MetaGraph, as GetModelMetadata returns it."""
+    saved_model = saved_model_pb2.SavedModel.FromString(pathlib.Path(path, "saved_model.pb").read_bytes())
+    for meta_graph in saved_model.meta_graphs:
+        if "serve" in meta_graph.meta_info_def.tags:
+            return get_model_metadata_pb2.SignatureDefMap(signature_def=meta_graph.signature_def)
+    raise ValueError(f"{path}: no MetaGraph tagged 'serve'")
+
+
+@dataclasses.dataclass
+class ModelVersion:
+    """One loaded version of a model."""
+
+    model_name: str
+    version: int
+    path: str
+    signatures: dict[str, Signature]
+    signature_defs: get_model_metadata_pb2.SignatureDefMap
+    loaded: object  # keeps the restored variables alive
+
+    @classmethod
+    def load(cls, model_name: str, version: int, path: str) -> "ModelVersion":
+        loaded = tf.saved_model.load(path, tags=["serve"])
+        signature_defs = read_signature_defs(path)
+        signatures = {
+            name: Signature(name, function, signature_defs.signature_def[name].method_name)
+            for name, function in loaded.signatures.items()
+        }
+        return cls(model_name, version, path, signatures, signature_defs, loaded)
+
+    def signature(self, name: str) -> Signature:
+        """The named signature ("" = serving_default), or FAILED_PRECONDITION like TF Serving."""
+        name = name or DEFAULT_SIGNATURE
+        if name not in self.signatures:
+            raise ServingError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f'Serving signature key "{name}" not found. '
+                f"Signatures of model '{self.model_name}' version {self.version}: {', '.join(sorted(self.signatures))}",
+            )
+        return self.signatures[name]
+
+    def warm_up(self, max_bytes: int = 2**31 - 1) -> int:
+        """Replay `assets.extra/tf_serving_warmup_requests` (PredictionLog records); returns the count.
+
+        A failing record fails the load, as in TF Serving: a version that cannot answer its own
+        warm-up requests should not be served.
+        """
+        path = os.path.join(self.path, WARMUP_FILE)
+        if not os.path.isfile(path):
+            return 0
+        count = 0
+        for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
+            entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+            if entry.WhichOneof("log_type") != "predict_log":
+                raise ValueError(f"{path}: only predict_log warm-up records are supported, got {entry.WhichOneof('log_type')}")
+            request = entry.predict_log.request
+            signature = self.signature(request.model_spec.signature_name)
+            outputs = signature.check_output_filter(request.output_filter)
+            inputs, _ = signature.decode_inputs(request.inputs, max_bytes)
+            signature.run(inputs, outputs)
+            count += 1
+        return count
+
+
+def _numeric_versions(base_path: str) -> list[int]:
+    try:
+        entries = os.listdir(base_path)
+    except OSError:
+        return []
+    return sorted(int(e) for e in entries if e.isdigit() and os.path.isdir(os.path.join(base_path, e)))
+
+
+def aspired_versions(config: model_server_config_pb2.ModelConfig, on_disk: Sequence[int]) -> list[int]:
+    """The versions the model's version policy wants loaded (default: the latest one)."""
+    policy = config.model_version_policy
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return list(on_disk)
+    if kind == "specific":
+        return [v for v in on_disk if v in set(policy.specific.versions)]
+    count = policy.latest.num_versions if kind == "latest" and policy.latest.num_versions > 0 else 1
+    return list(on_disk)[-count:]
+
+
+class _Model:
+    def __init__(self, config: model_server_config_pb2.ModelConfig):
+        self.config = config
+        self.versions: dict[int, ModelVersion] = {}  # replaced, never mutated: readers need no lock
+        self.failures: collections.Counter[int] = collections.Counter()
+        self.warned_empty = False
+
+
+class ModelRegistry:
+    """The models of a ModelServerConfig and their loaded versions."""
+
+    def __init__(self, config: model_server_config_pb2.ModelServerConfig, warmup: bool = True, max_bytes: int = 2**31 - 1):
+        self._models = {m.name: _Model(m) for m in config.model_config_list.config}
+        self._warmup = warmup
+        self._max_bytes = max_bytes
+        self._sync_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self._models)
+
+    def sync(self) -> None:
+        """Load the versions the policies want and that are not loaded yet; unload the others."""
+        with self._sync_lock:
+            for name, model in self._models.items():
+                self._sync_model(name, model)
+
+    def _sync_model(self, name: str, model: _Model) -> None:
+        base_path = model.config.base_path
+        wanted = aspired_versions(model.config, _numeric_versions(base_path))
+        if not wanted and not model.versions and not model.warned_empty:
+            log.warning("no versions of model %s found under base path %s", name, base_path)
+            model.warned_empty = True
+        versions = dict(model.versions)
+        for version in wanted:
+            if version in versions or model.failures[version] >= MAX_LOAD_ATTEMPTS:
+                continue
+            path = os.path.join(base_path, str(version))
+            started = time.perf_counter()
+            try:
+                loaded = ModelVersion.load(name, version, path)
+                warmed = loaded.warm_up(self._max_bytes) if self._warmup else 0
+            except Exception as e:
+                model.failures[version] += 1
+                log.error("failed to load model %s version %d from %s (attempt %d of %d): %s",
+                          name, version, path, model.failures[version], MAX_LOAD_ATTEMPTS, e)
+                continue
+            versions[version] = loaded
+            model.warned_empty = False
+            log.info("loaded model %s version %d from %s in %.1f s (signatures: %s; %d warm-up requests)",
+                     name, version, path, time.perf_counter() - started, ", ".join(loaded.signatures), warmed)
+        # Unload what is no longer wanted, but keep serving the newest old version until a wanted
+        # one is loaded (TF Serving's availability-preserving policy).
+        stale = sorted(v for v in versions if v not in wanted)
+        if stale and not any(v in versions for v in wanted):
+            stale = stale[:-1]
+        for version in stale:
+            del versions[version]
+            log.info("unloaded model %s version %d", name, version)
+        model.versions = versions
+
+    def start_polling(self, interval_seconds: float) -> None:
+        """Look for new versions every `interval_seconds` (TF Serving's file system poll)."""
+        if interval_seconds <= 0:
+            return
+
+        def poll() -> None:
+            while not self._stop.wait(interval_seconds):
+                try:
+                    self.sync()
+                except Exception:  # keep polling whatever happens to one pass
+                    log.exception("polling the model base paths failed")
+
+        self._poller = threading.Thread(target=poll, name="version-poller", daemon=True)
+        self._poller.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._poller:
+            self._poller.join(timeout=5)
+
+    def _model(self, name: str, request: str) -> _Model:
+        if name not in self._models:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {request}")
+        return self._models[name]
+
+    def _version_of(self, model: _Model, spec: model_pb2.ModelSpec) -> int | None:
+        if spec.HasField("version"):
+            return spec.version.value
+        if spec.version_label:
+            labels = model.config.version_labels
+            if spec.version_label not in labels:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Unrecognized servable version label: {spec.version_label}")
+            return labels[spec.version_label]
+        return None
+
+    def resolve(self, spec: model_pb2.ModelSpec) -> ModelVersion:
+        """The version a request's ModelSpec names (latest when none), or NOT_FOUND."""
+        model = self._model(spec.name, f"Latest({spec.name})")
+        version = self._version_of(model, spec)
+        versions = model.versions
+        if version is None:
+            if not versions:
+                raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({spec.name})")
+            return versions[max(versions)]
+        if version not in versions:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Specific({spec.name}, {version})")
+        return versions[version]
+
+    def available(self, spec: model_pb2.ModelSpec) -> list[ModelVersion]:
+        """Loaded versions of a model (one if the spec names it), for GetModelStatus."""
+        model = self._model(spec.name, f"Latest({spec.name})")
+        version = self._version_of(model, spec)
+        versions = model.versions
+        if version is None:
+            if not versions:
+                raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {spec.name}")
+            return [versions[v] for v in sorted(versions)]
+        if version not in versions:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {spec.name}")
+        return [versions[version]]

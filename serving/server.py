@@ -1,0 +1,217 @@
+"""The embedded server: TF Serving's gRPC API (PredictionService, ModelService) without TF Serving.
+
+For machines without the tensorflow_model_server binary (development, CI, laptops). It serves the
+same SavedModel directories with the same `models.config`, answers with the same status codes and
+the same response encoding, so a client cannot tell it from TF Serving. Implemented: Predict,
+GetModelMetadata (signature_def), GetModelStatus; the other RPCs answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import signal
+import threading
+from typing import Callable, TypeVar
+
+import grpc
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving.batching import Batcher
+from serving.configs import BatchingOptions
+from serving.models import ModelRegistry, ServingError, encode_tensor
+
+log = logging.getLogger("serving.server")
+
+MAX_MESSAGE_BYTES = 2**31 - 1  # TF Serving: SetMaxMessageSize(kint32max)
+SIGNATURE_DEF = "signature_def"
+
+Response = TypeVar("Response")
+
+
+def _answer(context: grpc.ServicerContext, method: str, handler: Callable[[], Response]) -> Response:
+    """Run a handler; ServingError keeps its code, anything else is INTERNAL and logged."""
+    try:
+        return handler()
+    except ServingError as e:
+        log.debug("%s: %s: %s", method, e.code.name, e.message)
+        context.abort(e.code, e.message)
+    except Exception as e:
+        log.exception("%s failed", method)
+        context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {type(e).__name__}: {e}")
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """Predict and GetModelMetadata over a ModelRegistry, optionally through a Batcher."""
+
+    def __init__(self, registry: ModelRegistry, batcher: Batcher | None = None,
+                 max_tensor_bytes: int = MAX_MESSAGE_BYTES, tensor_content: bool = False):
+        self.registry = registry
+        self.batcher = batcher
+        self.max_tensor_bytes = max_tensor_bytes
+        self.tensor_content = tensor_content
+
+    def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
+        return _answer(context, "Predict", lambda: self._predict(request))
+
+    def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        version = self.registry.resolve(request.model_spec)
+        signature = version.signature(request.model_spec.signature_name)
+        outputs = signature.check_output_filter(request.output_filter)
+        inputs, size = signature.decode_inputs(request.inputs, self.max_tensor_bytes)
+        if self.batcher is not None and signature.batchable and size > 0:
+            key = (version.model_name, version.version, signature.name, outputs)
+            result = self.batcher.submit(key, lambda batch: signature.run(batch, outputs), inputs, size)
+        else:
+            result = signature.run(inputs, outputs)
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = request.model_spec.name
+        response.model_spec.version.value = version.version
+        response.model_spec.signature_name = signature.name
+        for name, value in result.items():
+            response.outputs[name].CopyFrom(encode_tensor(value, self.tensor_content))
+        return response
+
+    def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
+                         context: grpc.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        return _answer(context, "GetModelMetadata", lambda: self._metadata(request))
+
+    def _metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        if not request.metadata_field:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "GetModelMetadataRequest must specify at least one metadata_field")
+        for field in request.metadata_field:
+            if field != SIGNATURE_DEF:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported")
+        version = self.registry.resolve(request.model_spec)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = request.model_spec.name
+        response.model_spec.version.value = version.version
+        response.metadata[SIGNATURE_DEF].Pack(version.signature_defs)
+        return response
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """GetModelStatus: every loaded version is AVAILABLE (HandleReloadConfigRequest: UNIMPLEMENTED)."""
+
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+
+    def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
+                       context: grpc.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
+        def status() -> get_model_status_pb2.GetModelStatusResponse:
+            response = get_model_status_pb2.GetModelStatusResponse()
+            for version in self.registry.available(request.model_spec):
+                response.model_version_status.add(
+                    version=version.version, state=get_model_status_pb2.ModelVersionStatus.AVAILABLE
+                )
+            return response
+
+        return _answer(context, "GetModelStatus", status)
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    """What the command line sets (names as tensorflow_model_server's flags)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8500
+    grpc_max_threads: int = 4 * (os.cpu_count() or 1)
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    enable_model_warmup: bool = True
+    file_system_poll_wait_seconds: float = 1
+    batching: BatchingOptions | None = None
+    tensor_content: bool = False
+    ssl: object | None = None  # configs.SSLConfig
+    shutdown_grace_seconds: float = 30
+
+
+def _credentials(ssl) -> grpc.ServerCredentials:
+    """TLS from an SSLConfig (PEM text in the fields, as in TF Serving's --ssl_config_file)."""
+    if not ssl.server_key or not ssl.server_cert:
+        raise ValueError("ssl config: server_key and server_cert (PEM contents) are required")
+    return grpc.ssl_server_credentials(
+        [(ssl.server_key.encode(), ssl.server_cert.encode())],
+        root_certificates=ssl.custom_ca.encode() or None,
+        require_client_auth=ssl.client_verify,
+    )
+
+
+class EmbeddedServer:
+    """Registry + optional batcher + gRPC server, started and stopped together."""
+
+    def __init__(self, config: model_server_config_pb2.ModelServerConfig, options: ServerOptions):
+        self.options = options
+        self.registry = ModelRegistry(config, warmup=options.enable_model_warmup, max_bytes=options.max_message_bytes)
+        self.batcher: Batcher | None = None
+        self.server: grpc.Server | None = None
+        self.port: int | None = None
+
+    def start(self) -> int:
+        """Load the models, then listen; returns the bound port (useful with port 0)."""
+        options = self.options
+        self.registry.sync()
+        self.registry.start_polling(options.file_system_poll_wait_seconds)
+        if options.batching is not None:
+            self.batcher = Batcher(options.batching)
+            log.info("batching on: %s", options.batching)
+        message_options = [
+            ("grpc.max_send_message_length", options.max_message_bytes),
+            ("grpc.max_receive_message_length", options.max_message_bytes),
+        ]
+        self.server = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(max_workers=options.grpc_max_threads, thread_name_prefix="grpc"),
+            options=message_options,
+        )
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionServicer(self.registry, self.batcher, options.max_message_bytes, options.tensor_content), self.server
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), self.server)
+        address = f"{options.host}:{options.port}"
+        if options.ssl is not None:
+            self.port = self.server.add_secure_port(address, _credentials(options.ssl))
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        self.server.start()
+        log.info("Running gRPC ModelServer at %s:%d%s", options.host, self.port, " (TLS)" if options.ssl else "")
+        return self.port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish (up to `grace` seconds), then stop."""
+        grace = self.options.shutdown_grace_seconds if grace is None else grace
+        if self.server is not None:
+            self.server.stop(grace).wait()
+        if self.batcher is not None:
+            self.batcher.stop()
+        self.registry.stop()
+
+
+def serve(config: model_server_config_pb2.ModelServerConfig, options: ServerOptions) -> int:
+    """Run until SIGTERM or SIGINT, then shut down cleanly; returns the exit status."""
+    stop = threading.Event()
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    server = EmbeddedServer(config, options)
+    server.start()
+    while not stop.wait(1.0):
+        pass
+    log.info("%s received: finishing in-flight requests (up to %.0f s), then exiting", received[0], options.shutdown_grace_seconds)
+    server.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,783 @@
+"""The embedded server answers TF Serving's gRPC API like TF Serving, through the official stubs.
+
+A tiny GAP CNN is exported twice (version 1 with gradcam and cam, version 2 with gradcam only, so
+that a pinned version is visibly the one that answered) and served by an in-process
+`EmbeddedServer`; a `python -m serving` subprocess with batching covers the command line,
+concurrency and SIGTERM. With TFSERVING_ADDRESS=host:port the protocol tests target that server
+instead (model TFSERVING_MODEL, default resnet50_cam; set TFSERVING_MODEL_DIR to the served
+version's directory to compare heatmaps with an in-process call); tests that need the local
+process are skipped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow.core.framework import tensor_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_log_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from serving import configs
+from serving.__main__ import options_from_args, parser
+from serving.batching import Batcher
+from serving.models import ModelRegistry, ServingError, clean_tf_message, encode_tensor
+from serving.server import EmbeddedServer, ServerOptions
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+REMOTE = os.environ.get("TFSERVING_ADDRESS")
+local_only = pytest.mark.skipif(bool(REMOTE), reason="needs the embedded server of this test process")
+
+SIZE = 32
+NUM_CLASSES = 5
+PREDICT_OUTPUTS = {"probabilities", "logits", "class_index", "class_label", "score",
+                   "top_k_indices", "top_k_scores", "top_k_labels"}
+EXPLAIN_OUTPUTS = PREDICT_OUTPUTS | {"heatmap", "heatmap_uint8", "heatmap_lowres"}
+RECEIVE_LIMIT = 64 * 2**20
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+# --- models and servers ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> pathlib.Path:
+    """<base>/tiny/1 (gradcam, cam) and <base>/tiny/2 (gradcam only) of one tiny GAP CNN."""
+    import keras
+
+    from export.savedmodel import export_savedmodel
+
+    root = tmp_path_factory.mktemp("serving")
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="last_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax")(x)
+    keras_file = root / "tiny.keras"
+    keras.Model(inputs, outputs).save(keras_file)
+    base = root / "models"
+    export_savedmodel(str(keras_file), "none", ["gradcam", "cam"], "tiny", str(base), version=1, log=_quiet)
+    export_savedmodel(str(keras_file), "none", ["gradcam"], "tiny", str(base), version=2, log=_quiet)
+    return base / "tiny"
+
+
+def _write_model_config(path: pathlib.Path, models: dict[str, pathlib.Path]) -> pathlib.Path:
+    config = configs.ModelServerConfig()
+    for name, base_path in models.items():
+        model = config.model_config_list.config.add(name=name, base_path=str(base_path), model_platform="tensorflow")
+        model.model_version_policy.all.SetInParent()
+        model.version_labels["stable"] = 1
+    path.write_text(str(config))
+    return path
+
+
+class ServerProcess:
+    """`python -m serving` in a subprocess; its stderr is collected line by line."""
+
+    def __init__(self, args: list[str]):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "serving", *args], cwd=ROOT, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.address: str | None = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            found = re.search(r"Running gRPC ModelServer at (\S+):(\d+)", line)
+            if found:
+                self.address = f"{found[1]}:{found[2]}"
+                self.ready.set()
+        self.ready.set()
+
+    def wait_ready(self, timeout: float = 90) -> str:
+        self.ready.wait(timeout)
+        if self.address is None:
+            raise RuntimeError("the server did not start:\n" + "".join(self.lines[-30:]))
+        return self.address
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+
+@pytest.fixture(scope="session")
+def batching_process(tiny_models, tmp_path_factory):
+    """A subprocess server with batching; started early (see `local_server`) to overlap its start-up."""
+    if REMOTE:
+        pytest.skip("needs a local server process")
+    root = tmp_path_factory.mktemp("batching")
+    model_config = _write_model_config(root / "models.config", {"tiny": tiny_models})
+    # A long batch window makes grouping (and requests in flight at SIGTERM) deterministic.
+    (root / "batching.config").write_text(
+        "max_batch_size { value: 8 }\nallowed_batch_sizes: 1\nallowed_batch_sizes: 8\n"
+        "batch_timeout_micros { value: 300000 }\nnum_batch_threads { value: 1 }\nmax_enqueued_batches { value: 4 }\n"
+    )
+    server = ServerProcess(["--port", "0", "--model_config_file", str(model_config), "--enable_batching",
+                            f"--batching_parameters_file={root / 'batching.config'}",
+                            "--file_system_poll_wait_seconds=0"])
+    yield server
+    if server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def polled_base(tiny_models, tmp_path_factory) -> pathlib.Path:
+    """A base path holding one version (a copy of tiny/2); a test adds version 2 while serving."""
+    base = tmp_path_factory.mktemp("polled")
+    shutil.copytree(tiny_models / "2", base / "1")
+    return base
+
+
+@pytest.fixture(scope="session")
+def local_server(request):
+    if REMOTE:
+        yield None
+        return
+    tiny_models, polled_base = request.getfixturevalue("tiny_models"), request.getfixturevalue("polled_base")
+    request.getfixturevalue("batching_process")  # start the subprocess now: it loads while we test
+    config = configs.ModelServerConfig()
+    for name, base_path in {"tiny": tiny_models, "polled": polled_base}.items():
+        model = config.model_config_list.config.add(name=name, base_path=str(base_path), model_platform="tensorflow")
+        if name == "tiny":
+            model.model_version_policy.all.SetInParent()
+            model.version_labels["stable"] = 1
+    server = EmbeddedServer(config, ServerOptions(host="127.0.0.1", port=0, file_system_poll_wait_seconds=0.3))
+    server.start()
+    yield server
+    server.stop(grace=1)
+
+
+@dataclasses.dataclass
+class Target:
+    address: str
+    model: str
+    local: bool
+    version: int  # the latest served version
+    image_size: int
+    num_classes: int
+    reference_dir: pathlib.Path | None  # the served version's SavedModel, for in-process calls
+
+
+@pytest.fixture(scope="session")
+def target(local_server, request) -> Target:
+    if not REMOTE:
+        served = request.getfixturevalue("tiny_models") / "2"
+        return Target(f"127.0.0.1:{local_server.port}", "tiny", True, 2, SIZE, NUM_CLASSES, served)
+    model = os.environ.get("TFSERVING_MODEL", "resnet50_cam")
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(REMOTE))
+    metadata = _metadata(stub, model)
+    gradcam = metadata["gradcam"]
+    size = gradcam.inputs["images"].tensor_shape.dim[1].size
+    classes = gradcam.outputs["logits"].tensor_shape.dim[1].size
+    version = _status(model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(REMOTE)), model)[-1]
+    reference = os.environ.get("TFSERVING_MODEL_DIR")
+    return Target(REMOTE, model, False, version, size, classes, pathlib.Path(reference) if reference else None)
+
+
+@pytest.fixture(scope="session")
+def channel(target):
+    with grpc.insecure_channel(target.address, options=[("grpc.max_receive_message_length", RECEIVE_LIMIT)]) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel):
+    return prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def model_stub(channel):
+    return model_service_pb2_grpc.ModelServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """In-process signature calls on a SavedModel directory: what the server must reproduce."""
+    cache = {}
+
+    def call(path: pathlib.Path, signature: str, **inputs):
+        if path not in cache:
+            cache[path] = tf.saved_model.load(str(path))
+        outputs = cache[path].signatures[signature](**{k: tf.constant(v) for k, v in inputs.items()})
+        return {k: v.numpy() for k, v in outputs.items()}
+
+    return call
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def png(image: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", image[..., ::-1])
+    assert ok
+    return data.tobytes()
+
+
+def make_request(model: str, signature: str, inputs: dict, version: int | None = None, label: str = "",
+                 output_filter=()) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    if label:
+        request.model_spec.version_label = label
+    for name, value in inputs.items():
+        request.inputs[name].CopyFrom(value if isinstance(value, tensor_pb2.TensorProto) else tf.make_tensor_proto(value))
+    request.output_filter.extend(output_filter)
+    return request
+
+
+def explain_inputs(target: Target | None, n: int = 2, class_index=None, seed: int = 0) -> dict:
+    """`n` random images for `target` (None: the local tiny model) and their class_index."""
+    class_index = [-1] * n if class_index is None else class_index
+    size = target.image_size if target else SIZE
+    return {"images": images(n, size, seed), "class_index": np.array(class_index, np.int32)}
+
+
+def arrays(response) -> dict[str, np.ndarray]:
+    return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+
+
+def rpc_error(call, request, timeout: float = 60) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call(request, timeout=timeout)
+    return info.value
+
+
+def _metadata(stub, model: str, version: int | None = None) -> dict:
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = model
+    if version is not None:
+        request.model_spec.version.value = version
+    response = stub.GetModelMetadata(request, timeout=30)
+    signature_defs = get_model_metadata_pb2.SignatureDefMap()
+    assert response.metadata["signature_def"].Unpack(signature_defs)
+    return dict(signature_defs.signature_def)
+
+
+def _status(model_stub, model: str, version: int | None = None) -> list[int]:
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = model
+    if version is not None:
+        request.model_spec.version.value = version
+    response = model_stub.GetModelStatus(request, timeout=30)
+    assert all(s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE for s in response.model_version_status)
+    return sorted(s.version for s in response.model_version_status)
+
+
+# --- Predict ---------------------------------------------------------------------------------
+
+
+def test_predict_round_trip(stub, target):
+    response = stub.Predict(make_request(target.model, "predict", {"images": images(3, target.image_size)}), timeout=60)
+    out = arrays(response)
+    assert set(out) == PREDICT_OUTPUTS
+    assert response.model_spec.name == target.model
+    assert response.model_spec.signature_name == "predict"
+    assert response.model_spec.version.value == target.version
+    assert out["probabilities"].shape == (3, target.num_classes)
+    np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1, rtol=1e-5)
+    np.testing.assert_array_equal(out["class_index"], out["logits"].argmax(axis=1))
+    assert out["class_label"].dtype == object and all(isinstance(x, bytes) for x in out["class_label"])
+    np.testing.assert_array_equal(out["top_k_indices"][:, 0], out["class_index"])
+
+
+def test_gradcam_heatmap_equals_in_process_call(stub, target, reference):
+    if target.reference_dir is None:
+        pytest.skip("set TFSERVING_MODEL_DIR to the served version's directory")
+    inputs = explain_inputs(target, 3, [-1, 1, 0])
+    response = stub.Predict(make_request(target.model, "gradcam", inputs), timeout=60)
+    out = arrays(response)
+    assert set(out) == EXPLAIN_OUTPUTS
+    expected = reference(target.reference_dir, "gradcam", **inputs)
+    assert out["heatmap"].shape == (3, target.image_size, target.image_size)
+    np.testing.assert_allclose(out["heatmap"], expected["heatmap"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["heatmap_lowres"], expected["heatmap_lowres"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out["heatmap_uint8"], expected["heatmap_uint8"])
+    np.testing.assert_array_equal(out["class_index"], [expected["class_index"][0], 1, 0])
+    assert out["heatmap"].max() > 0  # a real map, not an all-zero placeholder
+
+
+def test_default_signature_takes_image_bytes(stub, target, reference):
+    encoded = np.array([png(image) for image in images(2, target.image_size, seed=5)], dtype=object)
+    inputs = {"image_bytes": encoded, "class_index": np.array([-1, 0], np.int32)}
+    response = stub.Predict(make_request(target.model, "", inputs), timeout=60)
+    assert response.model_spec.signature_name == "serving_default"
+    out = arrays(response)
+    assert out["heatmap"].shape == (2, target.image_size, target.image_size)
+    if target.reference_dir is not None:
+        expected = reference(target.reference_dir, "serving_default", **inputs)
+        np.testing.assert_allclose(out["heatmap"], expected["heatmap"], rtol=1e-5, atol=1e-6)
+
+
+def test_outputs_are_in_typed_fields_like_tf_serving(stub, target):
+    """TF Serving's default encoding: values in float_val / int_val / string_val, no tensor_content."""
+    response = stub.Predict(make_request(target.model, "gradcam", explain_inputs(target, 2)), timeout=60)
+    heatmap = response.outputs["heatmap"]
+    assert heatmap.tensor_content == b""
+    assert len(heatmap.float_val) == 2 * target.image_size**2
+    assert len(response.outputs["heatmap_uint8"].int_val) == 2 * target.image_size**2
+    assert len(response.outputs["class_label"].string_val) == 2
+
+
+def test_output_filter_returns_only_the_named_outputs(stub, target):
+    inputs = explain_inputs(target, 2, [1, -1])
+    full = arrays(stub.Predict(make_request(target.model, "gradcam", inputs), timeout=60))
+    wanted = ["heatmap_uint8", "top_k_labels"]
+    response = stub.Predict(make_request(target.model, "gradcam", inputs, output_filter=wanted), timeout=60)
+    out = arrays(response)
+    assert set(out) == set(wanted)
+    for name in wanted:
+        np.testing.assert_array_equal(out[name], full[name])
+
+
+def test_output_filter_keeps_the_graph_checks(stub, target):
+    """Pruning to cheap outputs must not drop the class_index range assertion."""
+    request = make_request(target.model, "gradcam", explain_inputs(target, 1, [target.num_classes]),
+                           output_filter=["top_k_labels"])
+    error = rpc_error(stub.Predict, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "class_index" in error.details()
+
+
+def _bad_requests(target: Target) -> dict:
+    """name: (request, status code, substrings the embedded server's message must contain)."""
+    good = explain_inputs(target, 2)
+    n, s = 2, target.image_size
+    wrong_length = tf.make_tensor_proto(good["images"])
+    wrong_length.tensor_content = wrong_length.tensor_content[:-5]
+    return {
+        "unknown model": (make_request("no_such_model", "gradcam", good), grpc.StatusCode.NOT_FOUND, ["no_such_model"]),
+        "unknown version": (make_request(target.model, "gradcam", good, version=999),
+                            grpc.StatusCode.NOT_FOUND, ["999"]),
+        "unknown signature": (make_request(target.model, "no_such_signature", good),
+                              grpc.StatusCode.FAILED_PRECONDITION, ["no_such_signature"]),
+        "missing input": (make_request(target.model, "gradcam", {"images": good["images"]}),
+                          grpc.StatusCode.INVALID_ARGUMENT, ["Missing but required: {class_index}"]),
+        "extra input": (make_request(target.model, "gradcam", {**good, "extra": np.zeros(n, np.int32)}),
+                        grpc.StatusCode.INVALID_ARGUMENT, ["Sent extra: {extra}"]),
+        "bad dtype": (make_request(target.model, "gradcam", {**good, "images": good["images"].astype(np.float32)}),
+                      grpc.StatusCode.INVALID_ARGUMENT, ["'images'", "expected dtype uint8, got float32"]),
+        "bad shape": (make_request(target.model, "gradcam", {**good, "images": images(n, s + 1)}),
+                      grpc.StatusCode.INVALID_ARGUMENT, ["'images'", f"[-1,{s},{s},3]", f"got [{n},{s + 1},{s + 1},3]"]),
+        "batch sizes differ": (make_request(target.model, "gradcam", {**good, "class_index": np.zeros(n + 1, np.int32)}),
+                               grpc.StatusCode.INVALID_ARGUMENT, ["images has 2", "class_index has 3"]),
+        "truncated tensor_content": (make_request(target.model, "gradcam", {**good, "images": wrong_length}),
+                                     grpc.StatusCode.INVALID_ARGUMENT, ["'images'", "tensor_content"]),
+        "unknown output_filter": (make_request(target.model, "gradcam", good, output_filter=["heatmap", "nope"]),
+                                  grpc.StatusCode.INVALID_ARGUMENT, ["nope"]),
+        "class_index out of range": (make_request(target.model, "gradcam", explain_inputs(target, 2, [0, target.num_classes])),
+                                     grpc.StatusCode.INVALID_ARGUMENT, ["class_index out of range"]),
+        "class_index below -1": (make_request(target.model, "gradcam", explain_inputs(target, 2, [-2, 0])),
+                                 grpc.StatusCode.INVALID_ARGUMENT, ["class_index"]),
+        "corrupt image bytes": (make_request(target.model, "predict_bytes", {"image_bytes": np.array([b"not an image"], object)}),
+                                grpc.StatusCode.INVALID_ARGUMENT, ["image_bytes"]),
+    }
+
+
+BAD_REQUESTS = ["unknown model", "unknown version", "unknown signature", "missing input", "extra input", "bad dtype",
+                "bad shape", "batch sizes differ", "truncated tensor_content", "unknown output_filter",
+                "class_index out of range", "class_index below -1", "corrupt image bytes"]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_request_gets_tf_serving_status(stub, target, case):
+    request, code, fragments = _bad_requests(target)[case]
+    error = rpc_error(stub.Predict, request)
+    assert error.code() == code, error.details()
+    if target.local:  # TF Serving's own wording differs; ours must be readable and name the culprit
+        for fragment in fragments:
+            assert fragment in error.details()
+        assert "[[{{" not in error.details() and "Graph execution error" not in error.details()
+        assert len(error.details()) < 600
+
+
+def test_server_keeps_serving_after_errors(stub, target):
+    for case in ("bad dtype", "class_index out of range", "corrupt image bytes"):
+        rpc_error(stub.Predict, _bad_requests(target)[case][0])
+    assert stub.Predict(make_request(target.model, "predict", {"images": images(1, target.image_size)}), timeout=60)
+
+
+def test_messages_over_4_mib_are_accepted(stub, target):
+    big = np.random.default_rng(1).integers(0, 256, size=(1300, 1300, 3), dtype=np.uint8)
+    encoded = png(big)
+    assert len(encoded) > 4 * 2**20
+    request = make_request(target.model, "predict_bytes", {"image_bytes": np.array([encoded], object)})
+    out = arrays(stub.Predict(request, timeout=120))
+    assert out["probabilities"].shape == (1, target.num_classes)
+
+
+@local_only
+@pytest.mark.parametrize("error, code", [
+    (tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[8,2048]"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RuntimeError("something unexpected"), grpc.StatusCode.INTERNAL),
+])
+def test_runtime_failures_map_to_status(stub, target, local_server, monkeypatch, caplog, error, code):
+    signature = local_server.registry.resolve(make_request("tiny", "predict", {}).model_spec).signature("predict")
+
+    def fail(**inputs):
+        raise error
+
+    monkeypatch.setattr(signature, "function", fail)
+    with caplog.at_level("ERROR", logger="serving.server"):
+        failure = rpc_error(stub.Predict, make_request(target.model, "predict", {"images": images(1, SIZE)}))
+    assert failure.code() == code
+    if code == grpc.StatusCode.INTERNAL:
+        assert "something unexpected" in failure.details()
+        assert any("Predict failed" in r.getMessage() for r in caplog.records)
+    else:
+        assert "OOM" in failure.details()
+    monkeypatch.undo()
+    assert stub.Predict(make_request(target.model, "predict", {"images": images(1, SIZE)}), timeout=60)
+
+
+# --- metadata and status ---------------------------------------------------------------------
+
+
+def test_metadata_lists_the_signatures(stub, target):
+    signatures = _metadata(stub, target.model)
+    assert {"predict", "predict_bytes", "gradcam", "gradcam_bytes", "serving_default"} <= set(signatures)
+    gradcam = signatures["gradcam"]
+    assert gradcam.method_name == "tensorflow/serving/predict"
+    assert gradcam.inputs["images"].dtype == tf.uint8.as_datatype_enum
+    assert [d.size for d in gradcam.inputs["images"].tensor_shape.dim] == [-1, target.image_size, target.image_size, 3]
+    assert gradcam.inputs["class_index"].dtype == tf.int32.as_datatype_enum
+    assert set(gradcam.outputs) == EXPLAIN_OUTPUTS
+    assert signatures["serving_default"].inputs["image_bytes"].dtype == tf.string.as_datatype_enum
+
+
+def test_metadata_errors(stub, target):
+    request = get_model_metadata_pb2.GetModelMetadataRequest()
+    request.model_spec.name = target.model
+    assert rpc_error(stub.GetModelMetadata, request).code() == grpc.StatusCode.INVALID_ARGUMENT
+    request.metadata_field.append("signature_def")
+    request.model_spec.name = "no_such_model"
+    assert rpc_error(stub.GetModelMetadata, request).code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_model_status(model_stub, target):
+    assert target.version in _status(model_stub, target.model)
+    assert _status(model_stub, target.model, target.version) == [target.version]
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "no_such_model"
+    assert rpc_error(model_stub.GetModelStatus, request).code() == grpc.StatusCode.NOT_FOUND
+    request.model_spec.name = target.model
+    request.model_spec.version.value = 999
+    assert rpc_error(model_stub.GetModelStatus, request).code() == grpc.StatusCode.NOT_FOUND
+
+
+# --- versions --------------------------------------------------------------------------------
+
+
+@local_only
+def test_version_pinning(stub, model_stub, target, tiny_models, reference):
+    assert _status(model_stub, "tiny") == [1, 2]
+    inputs = explain_inputs(target, 2, [2, -1], seed=7)
+    # Only version 1 has "cam": the pinned version really is the one that runs.
+    pinned = stub.Predict(make_request("tiny", "cam", inputs, version=1), timeout=60)
+    assert pinned.model_spec.version.value == 1
+    np.testing.assert_allclose(arrays(pinned)["heatmap"], reference(tiny_models / "1", "cam", **inputs)["heatmap"],
+                               rtol=1e-5, atol=1e-6)
+    for version in (None, 2):
+        error = rpc_error(stub.Predict, make_request("tiny", "cam", inputs, version=version))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert stub.Predict(make_request("tiny", "gradcam", inputs), timeout=60).model_spec.version.value == 2
+    labelled = stub.Predict(make_request("tiny", "cam", inputs, label="stable"), timeout=60)
+    assert labelled.model_spec.version.value == 1
+    error = rpc_error(stub.Predict, make_request("tiny", "cam", inputs, label="no_such_label"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(_metadata(stub, "tiny", 1)) > set(_metadata(stub, "tiny", 2))  # v2 lacks cam, cam_bytes
+
+
+@local_only
+def test_new_version_is_picked_up_and_the_old_one_unloaded(model_stub, stub, polled_base, tiny_models):
+    assert _status(model_stub, "polled") == [1]
+    staging = polled_base / ".2-staging"  # the exporter's way: complete first, then rename
+    shutil.copytree(tiny_models / "2", staging)
+    os.rename(staging, polled_base / "2")
+    deadline = time.monotonic() + 30
+    while _status(model_stub, "polled") != [2] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _status(model_stub, "polled") == [2]
+    response = stub.Predict(make_request("polled", "predict", {"images": images(1, SIZE)}), timeout=60)
+    assert response.model_spec.version.value == 2
+
+
+@local_only
+def test_a_version_whose_warmup_fails_is_not_served(tiny_models, tmp_path, caplog):
+    """As in TF Serving: a version that cannot answer its own warm-up requests is not loaded."""
+    shutil.copytree(tiny_models / "2", tmp_path / "1")
+    bad = make_request("", "predict", {"images": images(1, SIZE + 1)})  # wrong image size
+    with tf.io.TFRecordWriter(str(tmp_path / "1" / "assets.extra" / "tf_serving_warmup_requests")) as writer:
+        writer.write(prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=bad)).SerializeToString())
+    registry = ModelRegistry(configs.single_model_config("broken", str(tmp_path)))
+    with caplog.at_level("ERROR", logger="serving.models"):
+        registry.sync()
+    assert any("failed to load model broken version 1" in r.getMessage() and "'images'" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(ServingError) as missing:
+        registry.resolve(make_request("broken", "predict", {}).model_spec)
+    assert missing.value.code == grpc.StatusCode.NOT_FOUND
+
+
+# --- the command line, batching, SIGTERM (subprocess) ----------------------------------------
+
+
+def test_command_line_flag_forms():
+    p = parser()
+    config, options = options_from_args(p.parse_args(
+        ["--port=9000", "--model_name", "m", "--model_base_path=/x/m", "--enable_batching",
+         "--grpc_max_threads", "3", "--enable_model_warmup=false", "--host", "0.0.0.0"]), p)
+    assert options.port == 9000 and options.host == "0.0.0.0" and options.grpc_max_threads == 3
+    assert options.batching == configs.BatchingOptions() and options.enable_model_warmup is False
+    assert [(m.name, m.base_path) for m in config.model_config_list.config] == [("m", "/x/m")]
+    config, options = options_from_args(p.parse_args(
+        ["--model_config_file", str(ROOT / "serving" / "models.config"), "--enable_batching=true",
+         "--batching_parameters_file", str(ROOT / "serving" / "batching.config"), "--models_root=/srv/m"]), p)
+    assert options.batching.allowed_batch_sizes == (1, 8) and options.host == "127.0.0.1" and options.port == 8500
+    if not os.path.isdir("/models"):  # the container path of models.config, read from --models_root here
+        assert config.model_config_list.config[0].base_path == "/srv/m/resnet50_cam"
+    for bad in (["--model_base_path=/x", "--model_config_file=/y"], [], ["--model_base_path=/x", "--no_such_flag=1"],
+                ["--model_base_path=/x", "--batching_parameters_file=/b"]):
+        with pytest.raises(SystemExit) as exit_info:
+            options_from_args(p.parse_args(bad), p)
+        assert exit_info.value.code == 2
+
+
+@local_only
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_tls_with_an_ssl_config_file(tiny_models, tmp_path):
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"), "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    cert = (tmp_path / "cert.pem").read_bytes()
+    ssl = configs.SSLConfig(server_key=(tmp_path / "key.pem").read_text(), server_cert=cert.decode())
+    (tmp_path / "ssl.config").write_text(text_format.MessageToString(ssl))
+    p = parser()
+    config, options = options_from_args(p.parse_args(
+        ["--port=0", "--model_name=tiny", f"--model_base_path={tiny_models}", f"--ssl_config_file={tmp_path / 'ssl.config'}",
+         "--enable_model_warmup=false", "--file_system_poll_wait_seconds=0"]), p)
+    server = EmbeddedServer(config, options)
+    port = server.start()
+    try:
+        with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(root_certificates=cert)) as secure:
+            assert _status(model_service_pb2_grpc.ModelServiceStub(secure), "tiny") == [2]
+        with grpc.insecure_channel(f"localhost:{port}") as plain:
+            error = rpc_error(model_service_pb2_grpc.ModelServiceStub(plain).GetModelStatus,
+                              get_model_status_pb2.GetModelStatusRequest(), timeout=5)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(grace=1)
+
+
+@local_only
+def test_subprocess_server_batches_concurrent_requests(batching_process, tiny_models, reference):
+    address = batching_process.wait_ready()
+    for version in (1, 2):  # one log line per version, after replaying its warm-up records
+        assert re.search(rf"loaded model tiny version {version} .*; [1-9]\d* warm-up requests", batching_process.log)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(address))
+    batch = images(6, SIZE, seed=11)
+    classes = np.array([-1, 0, 1, 2, 3, 4], np.int32)
+    expected = reference(tiny_models / "2", "gradcam", images=batch, class_index=classes)
+
+    def one(i: int):
+        request = make_request("tiny", "gradcam", {"images": batch[i:i + 1], "class_index": classes[i:i + 1]})
+        return arrays(stub.Predict(request, timeout=60))
+
+    def bad():
+        return rpc_error(stub.Predict, make_request("tiny", "gradcam", explain_inputs(None, 1, [NUM_CLASSES])))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, i) for i in range(6)]
+        bad_future = pool.submit(bad)
+        results = [f.result() for f in futures]
+        assert bad_future.result().code() == grpc.StatusCode.INVALID_ARGUMENT
+    for i, out in enumerate(results):
+        np.testing.assert_allclose(out["heatmap"][0], expected["heatmap"][i], rtol=1e-5, atol=1e-6)
+        assert out["class_index"][0] == expected["class_index"][i]
+    too_many = rpc_error(stub.Predict, make_request("tiny", "gradcam", explain_inputs(None, 9)))
+    assert too_many.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "larger than maximum input batch size 8" in too_many.details()
+
+
+@local_only
+def test_sigterm_finishes_in_flight_requests_and_exits_0(batching_process):
+    address = batching_process.wait_ready()
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(address))
+    request = make_request("tiny", "predict", {"images": images(1, SIZE)})
+    stub.Predict(request, timeout=60)  # connected: the next requests reach the server at once
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(stub.Predict, request, timeout=60) for _ in range(3)]
+        time.sleep(0.15)  # in the 300 ms batch window: in flight, not answered yet
+        assert not any(f.done() for f in futures)
+        batching_process.proc.send_signal(signal.SIGTERM)
+        for future in futures:
+            assert future.result().outputs["probabilities"].tensor_shape.dim[0].size == 1
+    assert batching_process.proc.wait(timeout=60) == 0
+    assert "SIGTERM received" in batching_process.log
+
+
+# --- batching, unit level --------------------------------------------------------------------
+
+
+def _doubler(calls: list):
+    def run(inputs):
+        calls.append({k: v.copy() for k, v in inputs.items()})
+        if (inputs["x"] < 0).any():
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "negative input")
+        return {"y": inputs["x"] * 2, "n": inputs["x"][:, 0]}
+
+    return run
+
+
+def _submit_concurrently(batcher: Batcher, tasks: list[np.ndarray], key="k", run=None):
+    run = run or _doubler([])
+    with concurrent.futures.ThreadPoolExecutor(len(tasks)) as pool:
+        futures = [pool.submit(batcher.submit, key, run, {"x": t}, len(t)) for t in tasks]
+        return [f.exception() or f.result() for f in futures]
+
+
+def test_batcher_groups_pads_and_splits():
+    batcher = Batcher(configs.BatchingOptions(max_batch_size=8, allowed_batch_sizes=(2, 8), batch_timeout_micros=500_000,
+                                              num_batch_threads=1))
+    calls = []
+    tasks = [np.full((i + 1, 3), i + 1, np.int64) for i in range(3)]  # 1 + 2 + 3 = 6 rows
+    results = _submit_concurrently(batcher, tasks, run=_doubler(calls))
+    batcher.stop()
+    assert len(calls) == 1 and calls[0]["x"].shape == (8, 3)  # one call, padded 6 -> 8
+    assert batcher.batch_sizes == {8: 1}
+    for task, result in zip(tasks, results):
+        np.testing.assert_array_equal(result["y"], task * 2)
+        np.testing.assert_array_equal(result["n"], task[:, 0])
+
+
+def test_batcher_keeps_keys_apart_and_fails_a_bad_request_alone():
+    batcher = Batcher(configs.BatchingOptions(max_batch_size=8, batch_timeout_micros=500_000, num_batch_threads=2))
+    calls = []
+    run = _doubler(calls)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        good = [pool.submit(batcher.submit, "a", run, {"x": np.ones((1, 2))}, 1) for _ in range(2)]
+        bad = pool.submit(batcher.submit, "a", run, {"x": -np.ones((1, 2))}, 1)
+        other = pool.submit(batcher.submit, "b", run, {"x": np.ones((2, 2))}, 2)
+        assert all((f.result()["y"] == 2).all() for f in good)
+        assert isinstance(bad.exception(), ServingError) and bad.exception().code == grpc.StatusCode.INVALID_ARGUMENT
+        assert other.result()["y"].shape == (2, 2)
+    batcher.stop()
+    sizes = sorted(len(c["x"]) for c in calls)
+    assert sizes == [1, 1, 1, 2, 3]  # "a": the batch of 3 failed, then 1 + 1 + 1 alone; "b" apart
+
+
+def _wait_for(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_batcher_refuses_when_the_queue_is_full():
+    started, release = threading.Event(), threading.Event()
+
+    def slow(inputs):
+        started.set()
+        release.wait(10)
+        return {"y": inputs["x"]}
+
+    batcher = Batcher(configs.BatchingOptions(max_batch_size=2, max_enqueued_batches=1, num_batch_threads=1))
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        running = pool.submit(batcher.submit, "k", slow, {"x": np.zeros((2, 1))}, 2)  # full: runs, blocks
+        assert started.wait(10)
+        queued = pool.submit(batcher.submit, "k", slow, {"x": np.zeros((2, 1))}, 2)  # waits in the queue
+        _wait_for(lambda: len(batcher._queues.get("k", ())) == 1)
+        with pytest.raises(ServingError) as refused:
+            batcher.submit("k", slow, {"x": np.zeros((1, 1))}, 1)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        release.set()
+        assert running.result()["y"].shape == (2, 1) and queued.result()["y"].shape == (2, 1)
+    with pytest.raises(ServingError) as too_big:
+        batcher.submit("k", slow, {"x": np.zeros((3, 1))}, 3)
+    assert too_big.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    batcher.stop()
+    with pytest.raises(ServingError) as stopped:
+        batcher.submit("k", slow, {"x": np.zeros((1, 1))}, 1)
+    assert stopped.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_batcher_splits_large_tasks_when_enabled():
+    calls = []
+    batcher = Batcher(configs.BatchingOptions(max_batch_size=32, allowed_batch_sizes=(4, 32), num_batch_threads=1,
+                                              enable_large_batch_splitting=True, max_execution_batch_size=4))
+    x = np.arange(10 * 2).reshape(10, 2)
+    result = batcher.submit("k", _doubler(calls), {"x": x}, 10)
+    batcher.stop()
+    np.testing.assert_array_equal(result["y"], x * 2)
+    assert [len(c["x"]) for c in calls] == [4, 4, 4]  # 4 + 4 + 2 padded to 4
+
+
+def test_clean_tf_message_reads_like_a_sentence():
+    raw = ("Graph execution error:\n\nDetected at node assert_less/Assert/Assert defined at (most recent call last):\n"
+           "<stack traces unavailable>\nassertion failed: [class_index out of range: 5 classes] "
+           "[Condition x < y did not hold element-wise:] [x (class_index:0) = ] [5 0] [y (assert_less/y:0) = ] [5]\n"
+           "\t [[{{node assert_less/Assert/Assert}}]] [Op:__inference_signature_wrapper_631]")
+    assert clean_tf_message(raw) == ("assertion failed: class_index out of range: 5 classes; "
+                                     "Condition x < y did not hold element-wise: x = [5 0]; y = 5")
+
+
+@pytest.mark.parametrize("array", [
+    np.random.default_rng(0).random((2, 3, 4), dtype=np.float32),
+    np.random.default_rng(0).random(5),
+    np.random.default_rng(0).integers(0, 256, (3, 7, 5), dtype=np.uint8),
+    np.array([0, 127, 128, 255], np.uint8),
+    np.array([[-1, 3], [2**31 - 1, -2**31]], np.int32),
+    np.array([2**40, -5], np.int64),
+    np.array([True, False]),
+    np.array([[b"a", b""], [b"\xff" * 300, b"d"]], object),
+    np.zeros((0, 4), np.float32),
+])
+def test_encode_tensor_round_trips_in_typed_fields(array):
+    proto = encode_tensor(array)
+    assert proto.tensor_content == b""
+    decoded = tf.make_ndarray(proto)
+    assert decoded.dtype == array.dtype and decoded.shape == array.shape
+    np.testing.assert_array_equal(decoded, array)
+    if array.dtype in (np.float32, np.float64) and array.size:  # raw bytes == what protobuf writes itself
+        reference = tensor_pb2.TensorProto(dtype=proto.dtype, tensor_shape=proto.tensor_shape)
+        getattr(reference, "float_val" if array.dtype == np.float32 else "double_val").extend(array.ravel().tolist())
+        assert proto.SerializeToString() == reference.SerializeToString()
+    content = encode_tensor(array, as_tensor_content=True)
+    np.testing.assert_array_equal(tf.make_ndarray(content), array)

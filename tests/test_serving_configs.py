@@ -1,0 +1,184 @@
+"""The TF Serving config files parse as TF Serving parses them, and the launch command is valid.
+
+The pip package tensorflow-serving-api ships ModelServerConfig but not BatchingParameters or
+MonitoringConfig; `serving.configs` declares those two with TF Serving's field names and numbers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pathlib
+import shlex
+import shutil
+import subprocess
+
+import pytest
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving import configs, tfserving
+from serving.__main__ import parser as embedded_parser
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SERVING = ROOT / "serving"
+
+# Every flag tensorflow_model_server defines (tensorflow_serving/model_servers/main.cc, 2.21).
+TF_SERVING_FLAGS = {
+    "port", "grpc_socket_path", "rest_api_port", "rest_api_num_threads", "rest_api_timeout_in_ms",
+    "rest_api_enable_cors_support", "enable_batching", "allow_version_labels_for_unavailable_models",
+    "batching_parameters_file", "enable_per_model_batching_parameters", "model_config_file",
+    "model_config_file_poll_wait_seconds", "model_name", "model_base_path", "num_load_threads",
+    "num_unload_threads", "max_num_load_retries", "load_retry_interval_micros", "file_system_poll_wait_seconds",
+    "flush_filesystem_caches", "tensorflow_session_parallelism", "tensorflow_session_config_file",
+    "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism", "use_alts_credentials",
+    "ssl_config_file", "platform_config_file", "per_process_gpu_memory_fraction", "saved_model_tags",
+    "grpc_channel_arguments", "grpc_max_threads", "enable_model_warmup", "num_request_iterations_for_warmup",
+    "version", "monitoring_config_file", "remove_unused_fields_from_bundle_metagraph", "prefer_tflite_model",
+    "num_tflite_pools", "num_tflite_interpreters_per_pool", "enable_signature_method_name_check",
+    "xla_cpu_compilation_enabled", "xla_gpu_compilation_enabled", "enable_profiler",
+    "thread_pool_factory_config_file", "mixed_precision", "skip_initialize_tpu", "enable_grpc_healthcheck_service",
+    "enable_serialization_as_tensor_content",
+}
+# Flags only the embedded server has (TF Serving listens on all interfaces and has no equivalent).
+EMBEDDED_ONLY_FLAGS = {"host", "max_message_bytes", "models_root", "shutdown_grace_seconds"}
+
+
+def _parse(path: pathlib.Path, message):
+    return text_format.Parse(path.read_text(), message)
+
+
+def test_models_config_parses_as_model_server_config():
+    config = _parse(SERVING / "models.config", model_server_config_pb2.ModelServerConfig())
+    (model,) = config.model_config_list.config
+    assert (model.name, model.base_path, model.model_platform) == ("resnet50_cam", "/models/resnet50_cam", "tensorflow")
+    assert model.model_version_policy.latest.num_versions == 1
+    assert configs.read_model_server_config(SERVING / "models.config") == config
+
+
+def test_batching_config_matches_the_warmup_records():
+    from export.savedmodel import export_savedmodel
+
+    params = _parse(SERVING / "batching.config", configs.BatchingParameters())
+    warmup_sizes = inspect.signature(export_savedmodel).parameters["warmup_batch_sizes"].default
+    assert list(params.allowed_batch_sizes) == sorted(warmup_sizes)
+    assert params.allowed_batch_sizes[-1] == params.max_batch_size.value
+    for field in ("max_batch_size", "batch_timeout_micros", "num_batch_threads", "max_enqueued_batches"):
+        assert params.HasField(field), f"batching.config should set {field}"
+    options = configs.read_batching_parameters(SERVING / "batching.config")
+    assert options.allowed_batch_sizes == tuple(warmup_sizes) and options.max_batch_size == max(warmup_sizes)
+
+
+def test_monitoring_config_enables_prometheus():
+    config = _parse(SERVING / "monitoring.config", configs.MonitoringConfig())
+    assert config.prometheus_config.enable
+    assert config.prometheus_config.path.startswith("/")
+
+
+@pytest.mark.parametrize("text, error", [
+    ("max_batch_siz { value: 8 }", "no field named"),
+    ("max_batch_size: 8", "max_batch_size"),  # a wrapper message, not a scalar
+    ("max_batch_size { value: 8 } allowed_batch_sizes: 1 allowed_batch_sizes: 4", "must match max_batch_size"),
+    ("max_batch_size { value: 8 } allowed_batch_sizes: 8 allowed_batch_sizes: 1", "increasing"),
+    ("num_batch_threads { value: 0 }", "num_batch_threads"),
+])
+def test_bad_batching_configs_are_refused(tmp_path, text, error):
+    path = tmp_path / "batching.config"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=error):
+        configs.read_batching_parameters(path)
+
+
+def test_bad_model_configs_are_refused(tmp_path):
+    path = tmp_path / "models.config"
+    path.write_text('model_config_list { config { name: "a" base_pth: "/m" } }')
+    with pytest.raises(ValueError, match="base_pth"):
+        configs.read_model_server_config(path)
+    path.write_text('model_config_list { config { name: "a" base_path: "/m" } config { name: "a" base_path: "/n" } }')
+    with pytest.raises(ValueError, match="twice"):
+        configs.read_model_server_config(path)
+
+
+def _flags(argv: list[str]) -> dict[str, str]:
+    flags = {}
+    for arg in argv:
+        assert arg.startswith("--") and "=" in arg, f"TF Serving flags are --name=value: {arg!r}"
+        name, value = arg[2:].split("=", 1)
+        flags[name] = value
+    return flags
+
+
+def _dry_run(capsys, *args: str) -> list[str]:
+    assert tfserving.main(["--dry-run", *args]) == 0
+    return shlex.split(capsys.readouterr().out.strip())
+
+
+REQUIRED = {"port", "rest_api_port", "model_config_file", "enable_batching", "batching_parameters_file",
+            "monitoring_config_file", "enable_model_warmup"}
+
+
+def test_binary_command(capsys, tmp_path):
+    argv = _dry_run(capsys, "--runtime", "binary", "--base-path", str(tmp_path), "--port", "9100", "--xla",
+                    "--gpu-memory-fraction", "0.5")
+    assert argv[0] == "tensorflow_model_server"
+    flags = _flags(argv[1:])
+    assert set(flags) <= TF_SERVING_FLAGS
+    assert REQUIRED <= set(flags)
+    assert flags["port"] == "9100" and flags["rest_api_port"] == "8501" and flags["enable_batching"] == "true"
+    assert flags["xla_gpu_compilation_enabled"] == "true" and flags["per_process_gpu_memory_fraction"] == "0.5"
+    # the files it names exist and parse; /models in models.config became the local base path
+    local = configs.read_model_server_config(flags["model_config_file"])
+    assert local.model_config_list.config[0].base_path == str(tmp_path.resolve() / "resnet50_cam")
+    configs.read_batching_parameters(flags["batching_parameters_file"])
+    configs.read_text_proto(flags["monitoring_config_file"], configs.MonitoringConfig)
+
+
+def test_docker_command(capsys, tmp_path):
+    argv = _dry_run(capsys, "--runtime", "docker", "--base-path", str(tmp_path))
+    image = argv.index(tfserving.IMAGE)
+    docker, server = argv[:image], argv[image + 1:]
+    assert docker[:3] == ["docker", "run", "--rm"]
+    assert docker[docker.index("--gpus") + 1] == "all"
+    assert docker[docker.index("--entrypoint") + 1] == "tensorflow_model_server"
+    mounts = [docker[i + 1] for i, arg in enumerate(docker) if arg == "-v"]
+    assert f"{tmp_path.resolve()}:/models:ro" in mounts and f"{SERVING}:/config:ro" in mounts
+    ports = [docker[i + 1] for i, arg in enumerate(docker) if arg == "-p"]
+    assert ports == ["8500:8500", "8501:8501"]
+    flags = _flags(server)
+    assert set(flags) <= TF_SERVING_FLAGS and REQUIRED <= set(flags)
+    for name in ("model_config_file", "batching_parameters_file", "monitoring_config_file"):
+        inside = pathlib.PurePosixPath(flags[name])
+        assert inside.parent == pathlib.PurePosixPath("/config") and (SERVING / inside.name).is_file()
+    assert tfserving.IMAGE == "tensorflow/serving:2.21.0-gpu"
+
+
+def test_a_broken_config_stops_the_launch(capsys, tmp_path):
+    for name in ("models.config", "batching.config", "monitoring.config"):
+        shutil.copy(SERVING / name, tmp_path / name)
+    (tmp_path / "batching.config").write_text("max_batch_size { value: 8 }\nallowed_batch_sizes: 4\n")
+    assert tfserving.main(["--dry-run", "--runtime", "docker", "--config-dir", str(tmp_path)]) == 2
+    assert "must match max_batch_size" in capsys.readouterr().err
+
+
+def test_embedded_server_flags_are_tf_serving_flags():
+    names = {opt[2:] for action in embedded_parser()._actions for opt in action.option_strings if opt.startswith("--")}
+    names.discard("help")
+    assert names - EMBEDDED_ONLY_FLAGS <= TF_SERVING_FLAGS, names - EMBEDDED_ONLY_FLAGS - TF_SERVING_FLAGS
+    assert {"port", "model_name", "model_base_path", "model_config_file", "enable_batching",
+            "batching_parameters_file"} <= names
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_serve_targets_dry_run(tmp_path):
+    def make(*args: str) -> str:
+        result = subprocess.run(["make", "-s", "-o", "venv", *args, "DRY_RUN=1", f"BASE_PATH={tmp_path}"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().splitlines()[-1]
+
+    command = shlex.split(make("serve-tfserving", "PORT=8600"))
+    assert command[0] in ("tensorflow_model_server", "docker")
+    assert "--port=8600" in command
+    if shutil.which("tensorflow_model_server") is None:
+        command = shlex.split(make("serve", "MODEL=tiny", "PORT=8601"))
+        assert command[1:] == ["-m", "serving", "--port", "8601", "--host", "127.0.0.1", "--model_name", "tiny",
+                               "--model_base_path", f"{tmp_path}/tiny"]
