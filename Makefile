@@ -9,7 +9,7 @@ METHODS    ?= gradcam,cam
 BASE_PATH  ?= models
 PORT       ?= 8500
 
-.PHONY: venv test export explain demo clean
+.PHONY: venv test export explain demo bench clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -44,6 +44,20 @@ demo: venv
 		--method gradcam --out out && \
 	$(PY) -m client explain samples/*.png samples/*.jpg --server localhost:$(PORT) --model $(MODEL) \
 		--method cam --out out
+
+# Latency benchmark against SERVER (default: starts the embedded server on the exported model
+# itself); BENCH_ARGS passes more flags (python -m bench --help). Figures: bench/results.json.
+SERVER     ?=
+bench: venv
+	@test -n "$$(ls $(BASE_PATH)/$(MODEL) 2>/dev/null)" || $(MAKE) --no-print-directory export
+	@if [ -n "$(SERVER)" ]; then \
+		$(PY) -m bench --server $(SERVER) --model $(MODEL) --model-dir $(BASE_PATH)/$(MODEL) $(BENCH_ARGS); \
+	else \
+		$(PY) -m serving --port $(PORT) --model_name $(MODEL) --model_base_path $(BASE_PATH)/$(MODEL) & \
+		server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT; \
+		$(PY) -m client wait --server localhost:$(PORT) --model $(MODEL) --timeout 300 && \
+		$(PY) -m bench --server localhost:$(PORT) --model $(MODEL) --model-dir $(BASE_PATH)/$(MODEL) $(BENCH_ARGS); \
+	fi
 
 clean:
 	rm -rf $(BASE_PATH) out .pytest_cache

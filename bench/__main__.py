@@ -54,7 +54,7 @@ def latest_version(model_dir: pathlib.Path) -> pathlib.Path:
 
 def grpc_configs(methods: list[str]) -> list[dict]:
     """The gRPC configurations: each varies one thing from the headline (bytes, compact, b1, c1)."""
-    compact = ["heatmap_uint8"]
+    compact = ["heatmap_png"]
     configs = [dict(signature="predict_bytes", batch=1, concurrency=1, outputs=SUMMARY)]
     for method in methods:
         configs.append(dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=compact))
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="auto", help="for the seed's way (timing does not depend on values)")
     p.add_argument("--methods", default="gradcam,cam")
     p.add_argument("--repeats", type=int, default=12, help="in-process calls per configuration and batch")
-    p.add_argument("--seconds", type=float, default=4.0, help="duration of each gRPC configuration")
+    p.add_argument("--seconds", type=float, default=3.0, help="duration of each gRPC configuration")
     p.add_argument("--skip-seed", action="store_true")
     p.add_argument("--out", default="bench")
     args = p.parse_args(argv)
@@ -186,13 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     if configs:
         grpc_base = by_name[config_name(configs[0])]["p50_ms"]
         for method in methods:
-            explain = by_name[config_name(dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=["heatmap_uint8"]))]
+            explain = by_name[config_name(dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=["heatmap_png"]))]
             ratios[f"grpc {method}_bytes/predict_bytes b1 c1"] = explain["p50_ms"] / grpc_base
         ratios[f"grpc/in-process {methods[0]}_bytes b1 c1 p50"] = (
             by_name[config_name(configs[1])]["p50_ms"] / by_name[f"in-process {methods[0]}_bytes b1"]["p50_ms"]
         )
         best_inprocess = max(r["images_per_s"] for r in rows if r["kind"] == "in-process" and r["signature"] == methods[0])
-        c16 = by_name[config_name(dict(signature=f"{methods[0]}_bytes", batch=1, concurrency=16, outputs=["heatmap_uint8"]))]
+        c16 = by_name[config_name(dict(signature=f"{methods[0]}_bytes", batch=1, concurrency=16, outputs=["heatmap_png"]))]
         ratios[f"grpc c16 b1 throughput / best in-process {methods[0]} throughput"] = c16.get("images_per_s", 0) / best_inprocess
 
     print(f"\n{'configuration':<62s} {'n':>5s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'img/s':>7s} {'req B':>8s} {'resp B':>8s} err")

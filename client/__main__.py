@@ -54,7 +54,7 @@ def cmd_explain(args) -> int:
 
     with _client(args) as client:
         results = client.explain(_inputs(args), method=args.method, class_index=args.class_index,
-                                 top_k=args.top_k, heatmap="float" if args.float_heatmap else "uint8")
+                                 top_k=args.top_k, heatmap="float" if args.float_heatmap else "png")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stems: set[str] = set()
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--class-index", type=int, default=None, help="class to explain (default: top-1)")
     explain.add_argument("--out", default="out", help="directory for the PNGs")
     explain.add_argument("--alpha", type=float, default=0.4, help="heatmap weight in the overlay")
-    explain.add_argument("--float-heatmap", action="store_true", help="fetch float32 heatmap, not uint8")
+    explain.add_argument("--float-heatmap", action="store_true", help="fetch the float32 heatmap, not the 8-bit PNG")
     explain.set_defaults(func=cmd_explain)
     sub.add_parser("predict", parents=[common], help="top-k only").set_defaults(func=cmd_predict)
     wait = sub.add_parser("wait", help="wait until the server serves the model")

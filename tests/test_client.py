@@ -27,7 +27,7 @@ from client.__main__ import main as cli_main
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(p for p in (ROOT / "samples").iterdir() if p.suffix in (".png", ".jpg"))
 DEFAULT_FILTER = {"class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels",
-                  "heatmap_uint8"}
+                  "heatmap_png"}
 
 
 # -- wire compatibility ---------------------------------------------------------------------------
@@ -170,7 +170,8 @@ def test_read_image_matches_cv2_and_rejects_garbage():
 LABELS = [f"class_{i}" for i in range(10)]
 SIZE, K = (32, 40), 5
 EXPLAIN_OUTPUTS = {"probabilities", "logits", "class_index", "class_label", "score", "top_k_indices",
-                   "top_k_scores", "top_k_labels", "heatmap", "heatmap_uint8", "heatmap_lowres", "padding"}
+                   "top_k_scores", "top_k_labels", "heatmap", "heatmap_uint8", "heatmap_png", "heatmap_lowres",
+                   "padding"}
 
 
 class FakePredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -228,6 +229,8 @@ class FakePredictionService(prediction_service_pb2_grpc.PredictionServiceService
                "top_k_scores": np.take_along_axis(probs, top, 1),
                "top_k_labels": np.array([[LABELS[c].encode() for c in row] for row in top], dtype=object),
                "heatmap": heat, "heatmap_uint8": np.round(heat * 255).astype(np.uint8),
+               "heatmap_png": np.array([cv2.imencode(".png", m)[1].tobytes()
+                                        for m in np.round(heat * 255).astype(np.uint8)], dtype=object),
                "heatmap_lowres": heat[:, ::4, ::4], "padding": np.zeros((n, 6 * 1024 * 1024), np.uint8)}
         if base == "predict":
             out = {k: v for k, v in out.items() if not k.startswith("heatmap")}

@@ -53,7 +53,7 @@ SIZE = 32
 NUM_CLASSES = 5
 PREDICT_OUTPUTS = {"probabilities", "logits", "class_index", "class_label", "score",
                    "top_k_indices", "top_k_scores", "top_k_labels"}
-EXPLAIN_OUTPUTS = PREDICT_OUTPUTS | {"heatmap", "heatmap_uint8", "heatmap_lowres"}
+EXPLAIN_OUTPUTS = PREDICT_OUTPUTS | {"heatmap", "heatmap_uint8", "heatmap_png", "heatmap_lowres"}
 RECEIVE_LIMIT = 64 * 2**20
 
 
