@@ -82,3 +82,21 @@ serve: venv
 # binary if on PATH, else the tensorflow/serving GPU image with Docker ($(BASE_PATH) at /models).
 serve-tfserving: venv
 	$(PY) -m serving.tfserving --base-path $(BASE_PATH) --port $(PORT) $(if $(DRY_RUN),--dry-run)
+
+# --- deployment (see README "Deploying") -------------------------------------------------------
+IMAGE      ?= camserve:latest
+TF_SERVING_VERSION ?=
+
+.PHONY: image
+
+# The TF Serving GPU image with $(BASE_PATH)/$(MODEL) and serving/*.config baked in (serving/Dockerfile;
+# needs Docker). MODEL must be the model serving/models.config serves; BASE_PATH must lie inside the
+# repository (the build context). TF_SERVING_VERSION=2.20.0 picks another base image. DRY_RUN=1
+# prints the command.
+image:
+	@grep -q 'name: "$(MODEL)"' serving/models.config || \
+		{ echo "serving/models.config does not serve $(MODEL): add it there first" >&2; exit 1; }
+	@$(if $(DRY_RUN),true,test -n "$$(ls $(BASE_PATH)/$(MODEL) 2>/dev/null)" || $(MAKE) --no-print-directory export)
+	$(if $(DRY_RUN),@echo )docker build -f serving/Dockerfile -t $(IMAGE) --build-arg MODEL_NAME=$(MODEL) \
+		--build-arg MODEL_DIR=$(BASE_PATH)/$(MODEL) \
+		$(if $(TF_SERVING_VERSION),--build-arg TF_SERVING_VERSION=$(TF_SERVING_VERSION) ).

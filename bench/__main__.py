@@ -114,6 +114,32 @@ def chart(rows: list[dict], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def summary_ratios(by_name: dict, rows: list[dict], methods: list[str], configs: list[dict]) -> dict[str, float]:
+    """The headline ratios: explain vs predict, gRPC vs in-process, concurrent vs best throughput."""
+    ratios = {}
+    for batch in (1, 8):
+        base = by_name[f"in-process predict b{batch}"]["p50_ms"]
+        for method in methods:
+            ratios[f"in-process {method}/predict b{batch}"] = by_name[f"in-process {method} b{batch}"]["p50_ms"] / base
+        if f"seed-eager gradcam b{batch}" in by_name:
+            seed = by_name[f"seed-eager gradcam b{batch}"]["p50_ms"]
+            ratios[f"seed-eager gradcam / in-process predict b{batch}"] = seed / base
+    if not configs:
+        return ratios
+    compact = ["heatmap_png"]
+    grpc_base = by_name[config_name(configs[0])]["p50_ms"]
+    for method in methods:
+        explain = by_name[config_name(dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=compact))]
+        ratios[f"grpc {method}_bytes/predict_bytes b1 c1"] = explain["p50_ms"] / grpc_base
+    ratios[f"grpc/in-process {methods[0]}_bytes b1 c1 p50"] = (
+        by_name[config_name(configs[1])]["p50_ms"] / by_name[f"in-process {methods[0]}_bytes b1"]["p50_ms"]
+    )
+    best = max(r["images_per_s"] for r in rows if r["kind"] == "in-process" and r["signature"] == methods[0])
+    c16 = by_name[config_name(dict(signature=f"{methods[0]}_bytes", batch=1, concurrency=16, outputs=compact))]
+    ratios[f"grpc c16 b1 throughput / best in-process {methods[0]} throughput"] = c16.get("images_per_s", 0) / best
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--server", default="localhost:8500", help="gRPC address; empty: in-process only")
@@ -126,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=12, help="in-process calls per configuration and batch")
     p.add_argument("--seconds", type=float, default=3.0, help="duration of each gRPC configuration")
     p.add_argument("--skip-seed", action="store_true")
+    p.add_argument("--skip-inprocess", action="store_true", help="gRPC figures only (no ratios to in-process)")
+    p.add_argument("--only", default="", help="run only the gRPC configurations whose name contains this")
     p.add_argument("--out", default="bench")
     args = p.parse_args(argv)
 
@@ -136,12 +164,14 @@ def main(argv: list[str] | None = None) -> int:
 
     image = cv2.cvtColor(cv2.resize(cv2.imread(str(SAMPLE)), (224, 224)), cv2.COLOR_BGR2RGB)
     images = np.stack([image] * 8)
-    configs = grpc_configs(methods) if args.server else []
-    total = 2 + (0 if args.skip_seed else 2) + len(configs)
+    configs = [c for c in grpc_configs(methods) if args.only in config_name(c)] if args.server else []
+    if args.skip_inprocess:
+        args.skip_seed = True
+    total = (0 if args.skip_inprocess else 2) + (0 if args.skip_seed else 2) + len(configs)
     done = 0
     rows: list[dict] = []
 
-    for batch in (1, 8):
+    for batch in () if args.skip_inprocess else (1, 8):
         progress(done, total, f"in-process batch {batch}")
         signatures = ["predict", *methods] + (["predict_bytes", f"{methods[0]}_bytes"] if batch == 1 else [])
         calls = signature_calls(str(version_dir), signatures, batch, images, [jpeg])
@@ -176,24 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr.write("\n")
 
     by_name = {r["name"]: r for r in rows}
-    ratios = {}
-    for batch in (1, 8):
-        base = by_name[f"in-process predict b{batch}"]["p50_ms"]
-        for method in methods:
-            ratios[f"in-process {method}/predict b{batch}"] = by_name[f"in-process {method} b{batch}"]["p50_ms"] / base
-        if f"seed-eager gradcam b{batch}" in by_name:
-            ratios[f"seed-eager gradcam / in-process predict b{batch}"] = by_name[f"seed-eager gradcam b{batch}"]["p50_ms"] / base
-    if configs:
-        grpc_base = by_name[config_name(configs[0])]["p50_ms"]
-        for method in methods:
-            explain = by_name[config_name(dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=["heatmap_png"]))]
-            ratios[f"grpc {method}_bytes/predict_bytes b1 c1"] = explain["p50_ms"] / grpc_base
-        ratios[f"grpc/in-process {methods[0]}_bytes b1 c1 p50"] = (
-            by_name[config_name(configs[1])]["p50_ms"] / by_name[f"in-process {methods[0]}_bytes b1"]["p50_ms"]
-        )
-        best_inprocess = max(r["images_per_s"] for r in rows if r["kind"] == "in-process" and r["signature"] == methods[0])
-        c16 = by_name[config_name(dict(signature=f"{methods[0]}_bytes", batch=1, concurrency=16, outputs=["heatmap_png"]))]
-        ratios[f"grpc c16 b1 throughput / best in-process {methods[0]} throughput"] = c16.get("images_per_s", 0) / best_inprocess
+    ratios = {} if args.skip_inprocess or args.only else summary_ratios(by_name, rows, methods, configs)
 
     print(f"\n{'configuration':<62s} {'n':>5s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'img/s':>7s} {'req B':>8s} {'resp B':>8s} err")
     for r in rows:

@@ -75,6 +75,28 @@ def cmd_explain(args) -> int:
         overlay.write_png(blend_path, overlay.overlay(image, result.heatmap, args.alpha))
         overlay.write_png(heat_path, overlay.colorize(result.heatmap, size))
         print(f"  -> {blend_path}  {heat_path}")
+        if args.feature_grid:
+            with _client(args) as client:
+                maps, channels = client.feature_maps(Path(path).read_bytes())
+            grid_path = out / f"{stem}_feature_grid.png"
+            overlay.write_png(grid_path, overlay.feature_grid(image, maps, channels))
+            print(f"  -> {grid_path} (channels {', '.join(str(int(c)) for c in channels[:6])}, ...)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import evaluate
+
+    paths = []
+    for item in args.images:
+        if Path(item).is_dir():
+            paths += sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        else:
+            paths.append(item)
+    with _client(args) as client:
+        results = evaluate.evaluate(client, paths, [m for m in args.methods.split(",") if m], args.steps)
+    print(f"{len(paths)} images, {args.steps} steps")
+    print(evaluate.table(results))
     return 0
 
 
@@ -85,11 +107,16 @@ def cmd_wait(args) -> int:
     return 0
 
 
+SERVER_HELP = ("gRPC address: HOST:PORT, replicas as HOST:PORT,HOST:PORT,... or dns:///NAME:PORT (calls spread "
+               "round-robin, retried on another replica when one is unavailable); default $CAMSERVE_SERVER "
+               "or localhost:8500")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/GIF/BMP files")
     common.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"),
-                        help="gRPC address (default $CAMSERVE_SERVER or localhost:8500)")
+                        help=SERVER_HELP)
     common.add_argument("--model", default="resnet50_cam", help="model name on the server")
     common.add_argument("--version", type=int, default=None, help="model version (default: latest)")
     common.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
@@ -107,11 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--class-index", type=int, default=None, help="class to explain (default: top-1)")
     explain.add_argument("--out", default="out", help="directory for the PNGs")
     explain.add_argument("--alpha", type=float, default=0.4, help="heatmap weight in the overlay")
+    explain.add_argument("--feature-grid", action="store_true",
+                         help="also write the most activated feature maps as a grid (<stem>_feature_grid.png)")
     explain.add_argument("--float-heatmap", action="store_true", help="fetch the float32 heatmap, not the 8-bit PNG")
     explain.set_defaults(func=cmd_explain)
     sub.add_parser("predict", parents=[common], help="top-k only").set_defaults(func=cmd_predict)
+    evaluate = sub.add_parser("evaluate", parents=[common],
+                              help="deletion/insertion AUC and drop at 20%% per method vs a random map")
+    evaluate.add_argument("--methods", default="gradcam,cam", help="comma list of explain signatures")
+    evaluate.add_argument("--steps", type=int, default=10, help="deletion/insertion steps")
+    evaluate.set_defaults(func=cmd_evaluate)
     wait = sub.add_parser("wait", help="wait until the server serves the model")
-    wait.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"))
+    wait.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"), help=SERVER_HELP)
     wait.add_argument("--model", default="resnet50_cam")
     wait.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
     wait.set_defaults(func=cmd_wait, version=None)

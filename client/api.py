@@ -7,6 +7,7 @@ decodes and resizes them in the graph; uint8 RGB arrays go to the `<method>` sig
 from __future__ import annotations
 
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Sequence, Union
@@ -15,6 +16,7 @@ import grpc
 import numpy as np
 
 from . import protos
+from .channel import channel_options as _channel_options, grpc_target
 
 Image = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's 4 MiB default fails at ~80 float heatmaps
@@ -48,6 +50,27 @@ class Explanation(Prediction):
     heatmap: np.ndarray | None = field(default=None, repr=False)
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How `CamClient` retries a call that failed with one of `codes` (default UNAVAILABLE: the
+    server is starting, restarting or shedding load). Only idempotent calls are retried: Predict of
+    the exported signatures and GetModelMetadata are. Attempt n (from 1) waits
+    min(max_backoff, initial_backoff * multiplier**(n-1)) seconds, times a random 0.5..1 (jitter),
+    before the next; `max_attempts` counts the first try (1: never retry). This is on top of the
+    channel's own gRPC retries (client/channel.py), which also stop after a few attempts."""
+    max_attempts: int = 3
+    initial_backoff: float = 0.2
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
 def _decode(value) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -55,22 +78,29 @@ def _decode(value) -> str:
 class CamClient:
     """gRPC client of `tensorflow.serving.PredictionService` for one model.
 
-    `target` is a gRPC address ("host:8500", "dns:///svc:8500" with
-    channel_options=[("grpc.lb_policy_name", "round_robin")] to balance over replicas);
-    `timeout` is the deadline of each call in seconds; `version` pins a model version.
+    `target` is a gRPC address: "host:8500", several replicas as "host:8500,host2:8500" or
+    "ipv4:10.0.0.1:8500,10.0.0.2:8500", or a name whose addresses are the replicas,
+    "dns:///camserve.default.svc.cluster.local:8500" (see client/channel.py). Calls are spread
+    round-robin over the replicas and retried on another one when they fail with UNAVAILABLE;
+    `channel_options` replace the defaults of the same name (client.channel.DEFAULT_OPTIONS);
+    `timeout` is the deadline of each call in seconds; `version` pins a model version;
+    `retry` (a RetryPolicy; default 3 attempts with backoff) retries calls that fail with UNAVAILABLE.
+    `credentials`: e.g. `tls_credentials(ca_cert=..., client_cert=..., client_key=...)` for TLS.
     """
 
     def __init__(self, target: str = "localhost:8500", model: str = "resnet50_cam", timeout: float = 30.0,
                  version: int | None = None, *, credentials: grpc.ChannelCredentials | None = None,
                  image_size: tuple[int, int] | None = None, batch_size: int = 32,
-                 channel_options: Sequence[tuple[str, object]] = ()):
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *channel_options]
+                 channel_options: Sequence[tuple[str, object]] = (), retry: RetryPolicy | None = None):
+        options = _channel_options([("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *channel_options])
         self.target, self.model, self.timeout, self.version = target, model, timeout, version
         self.batch_size = batch_size
+        self.retry = RetryPolicy() if retry is None else retry
         self._image_size = image_size  # (height, width) for arrays; asked from the server when None
-        self._channel = (grpc.secure_channel(target, credentials, options) if credentials
-                         else grpc.insecure_channel(target, options))
+        address = grpc_target(target)
+        self._channel = (grpc.secure_channel(address, credentials, options) if credentials
+                         else grpc.insecure_channel(address, options))
         self._predict = self._channel.unary_unary(
             protos.PREDICT_METHOD, request_serializer=protos.PredictRequest.SerializeToString,
             response_deserializer=protos.PredictResponse.FromString)
@@ -110,6 +140,25 @@ class CamClient:
         wanted = _SUMMARY + [o for o in outputs if o not in _SUMMARY]
         return self._run(images, "predict", wanted, None, top_k, Prediction)
 
+    def call(self, signature: str, inputs: dict[str, np.ndarray], outputs: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """Any signature with numpy inputs (strings as object arrays of bytes); all outputs, or
+        only `outputs`. The building block for feature maps and the quality metrics."""
+        request = protos.PredictRequest(output_filter=list(outputs))
+        request.model_spec.CopyFrom(self._spec(signature))
+        for name, value in inputs.items():
+            request.inputs[name].CopyFrom(protos.make_tensor(value))
+        response = self._call(self._predict, request, f"{signature} of")
+        return {name: protos.to_numpy(t) for name, t in response.outputs.items()}
+
+    def feature_maps(self, image: Image) -> tuple[np.ndarray, np.ndarray]:
+        """The seed notebook's debug view for one image: the most activated channels of the
+        target layer, as (maps F×h×w in [0, 1], channel numbers F)."""
+        if isinstance(image, np.ndarray):
+            out = self.call("feature_maps", {"images": _sized(image, self.model_image_size())[None]})
+        else:
+            out = self.call("feature_maps_bytes", {"image_bytes": np.array([_read(image)], dtype=object)})
+        return out["feature_maps"][0], out["feature_channels"][0]
+
     def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> None:
         """Block until the server answers for this model: a server that is still starting or
         loading (UNAVAILABLE, NOT_FOUND) is retried until `timeout` seconds have passed."""
@@ -118,7 +167,7 @@ class CamClient:
         request.model_spec.CopyFrom(self._spec(""))
         while True:
             try:
-                self._call(self._metadata, request, "GetModelMetadata")
+                self._call(self._metadata, request, "GetModelMetadata", retry=NO_RETRY)  # retried below
                 return
             except CamServingError as err:
                 retry = err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
@@ -154,15 +203,25 @@ class CamClient:
             spec.version.value = int(self.version)
         return spec
 
-    def _call(self, method, request, what: str):
-        try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as err:
-            code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
-            details = err.details() if callable(getattr(err, "details", None)) else str(err)
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                details = f"{details} (timeout {self.timeout} s)"
-            raise CamServingError(code, details or "", f"{what} {self.model!r} at {self.target}") from None
+    def _call(self, method, request, what: str, idempotent: bool = True, retry: RetryPolicy | None = None):
+        """One call with the deadline `self.timeout`; an idempotent one is retried per `retry`
+        (default `self.retry`). Failures become CamServingError."""
+        policy = retry or self.retry
+        attempts = policy.max_attempts if idempotent else 1
+        for attempt in range(1, max(1, attempts) + 1):
+            try:
+                return method(request, timeout=self.timeout)
+            except grpc.RpcError as err:
+                code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
+                details = err.details() if callable(getattr(err, "details", None)) else str(err)
+                if code in policy.codes and attempt < attempts:
+                    time.sleep(policy.backoff(attempt) * random.uniform(0.5, 1.0))
+                    continue
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    details = f"{details} (timeout {self.timeout} s)"
+                if attempt > 1:
+                    details = f"{details} (after {attempt} attempts)"
+                raise CamServingError(code, details or "", f"{what} {self.model!r} at {self.target}") from None
 
     def _run(self, images, method, wanted, class_index, top_k, kind):
         batch4d = isinstance(images, np.ndarray) and images.ndim == 4
@@ -203,6 +262,25 @@ class CamClient:
                 for row, i in enumerate(chunk):
                     results[i] = _parse({k: v[row] for k, v in got.items()}, top_k, kind)
         return results[0] if single else results
+
+
+def tls_credentials(ca_cert: str | os.PathLike | None = None, client_cert: str | os.PathLike | None = None,
+                    client_key: str | os.PathLike | None = None) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: `ca_cert` verifies the server (None: the system's
+    roots); `client_cert` and `client_key` (both or neither) identify the client to a server that
+    requires client certificates (mutual TLS, TF Serving's `client_verify`)."""
+    if bool(client_cert) != bool(client_key):
+        raise ValueError("give both a client certificate and its key, or neither")
+
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca_cert) if ca_cert else None,
+        private_key=read(client_key) if client_key else None,
+        certificate_chain=read(client_cert) if client_cert else None,
+    )
 
 
 def _read(item) -> bytes:

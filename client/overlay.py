@@ -46,6 +46,21 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.nd
     return cv2.addWeighted(color, alpha, image, 1.0 - alpha, 0.0)
 
 
+def feature_grid(image: np.ndarray, maps: np.ndarray, channels: np.ndarray, tile: int = 160,
+                 alpha: float = 0.5) -> np.ndarray:
+    """The seed notebook's 6×6 view: each feature map over the image, labelled with its channel."""
+    columns = int(np.ceil(np.sqrt(len(maps))))
+    rows = int(np.ceil(len(maps) / columns))
+    small = cv2.resize(image, (tile, tile), interpolation=cv2.INTER_AREA)
+    grid = np.zeros((rows * tile, columns * tile, 3), np.uint8)
+    for i, (fmap, channel) in enumerate(zip(maps, channels)):
+        cell = overlay(small, fmap, alpha)
+        cv2.putText(cell, f"#{int(channel)}", (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+        row, column = divmod(i, columns)
+        grid[row * tile:(row + 1) * tile, column * tile:(column + 1) * tile] = cell
+    return grid
+
+
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write a PNG, raising instead of OpenCV's silent False."""
     ok, data = cv2.imencode(".png", image)
