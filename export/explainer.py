@@ -82,11 +82,9 @@ class Explainer(tf.Module):
             "probabilities": probabilities,
             "logits": logits,
             "class_index": target,
-            "class_label": tf.gather(self.labels, target),
             "score": tf.gather(logits, target, batch_dims=1),
             "top_k_indices": top_indices,
             "top_k_scores": top_scores,
-            "top_k_labels": tf.gather(self.labels, top_indices),
         }
 
     def _predict(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -113,11 +111,6 @@ class Explainer(tf.Module):
             **self._prediction(logits, target),
             "heatmap": heatmap,
             "heatmap_uint8": heatmap_uint8,
-            # Compact on any server: TF Serving sends uint8 tensors as one varint per value (~100 KB
-            # for 224x224), a PNG string travels as its bytes (~10-25 KB).
-            "heatmap_png": tf.map_fn(
-                lambda m: tf.io.encode_png(m[..., tf.newaxis]), heatmap_uint8, fn_output_signature=tf.string
-            ),
             "heatmap_lowres": maps[:, 0],
         }
         if self.top_k_maps:
@@ -151,6 +144,20 @@ class Explainer(tf.Module):
         channels = tf.math.top_k(strength, k=self.feature_maps).indices  # [N, F]
         chosen = tf.transpose(tf.gather(activations, channels, axis=3, batch_dims=1), [0, 3, 1, 2])
         return {"feature_maps": normalise(chosen), "feature_channels": channels}
+
+    def _presented(self, outputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Add the string outputs (names, PNG) outside the numeric core: XLA has no strings."""
+        outputs = dict(outputs)
+        if "class_index" in outputs:
+            outputs["class_label"] = tf.gather(self.labels, outputs["class_index"])
+            outputs["top_k_labels"] = tf.gather(self.labels, outputs["top_k_indices"])
+        if "heatmap_uint8" in outputs:
+            # Compact on any server: TF Serving sends uint8 tensors as one varint per value
+            # (~100 KB for 224x224); a PNG string travels as its bytes (~5-25 KB).
+            outputs["heatmap_png"] = tf.map_fn(
+                lambda m: tf.io.encode_png(m[..., tf.newaxis]), outputs["heatmap_uint8"], fn_output_signature=tf.string
+            )
+        return outputs
 
     # --- input checks (outside any XLA cluster, so they always run) ---------------------------
 
@@ -201,7 +208,7 @@ class Explainer(tf.Module):
             @tf.function(input_signature=[spec])
             def signature(x):
                 with tf.control_dependencies(self._checked(tf.shape(x)[0])):
-                    return core(to_pixels(x))
+                    return self._presented(core(to_pixels(x)))
 
             return signature.get_concrete_function()
 
@@ -211,7 +218,7 @@ class Explainer(tf.Module):
             @tf.function(input_signature=[spec, class_spec])
             def signature(x, class_index):
                 with tf.control_dependencies(self._checked(tf.shape(x)[0], class_index)):
-                    return core(to_pixels(x), class_index)
+                    return self._presented(core(to_pixels(x), class_index))
 
             return signature.get_concrete_function()
 

@@ -152,3 +152,23 @@ def test_feature_maps_are_the_most_activated_channels(shapes_export, shapes_evid
         first = out["feature_channels"].numpy()[i][0]
         fmap = a[i][:, :, first]
         np.testing.assert_allclose(out["feature_maps"].numpy()[i][0], fmap / fmap.max(), atol=1e-5)
+
+
+def test_xla_compiled_signatures_give_the_same_maps(shapes_model, shapes_export, load, tmp_path):
+    """--jit-compile: the numeric core runs under XLA, strings and PNG outside; same results."""
+    from export.savedmodel import export_savedmodel
+
+    jit = export_savedmodel(
+        str(shapes_model), "none", ["gradcam", "eigencam"], "jit", str(tmp_path), jit_compile=True,
+        top_k_maps=2, warmup_batch_sizes=(1,), feature_maps=0, log=lambda m: None,
+    )
+    images, _, _ = synthetic.dataset(3, seed=24)
+    class_index = np.array([-1, 0, 2], np.int32)
+    for method in ("gradcam", "eigencam"):
+        compiled = load(jit).signatures[method](images=images, class_index=class_index)
+        plain = load(shapes_export).signatures[method](images=images, class_index=class_index)
+        for key in ("heatmap", "heatmaps", "probabilities"):
+            np.testing.assert_allclose(compiled[key].numpy(), plain[key].numpy(), atol=1e-5)
+        np.testing.assert_array_equal(compiled["top_k_labels"].numpy(), plain["top_k_labels"].numpy())
+    with pytest.raises(tf.errors.InvalidArgumentError, match="class_index"):
+        load(jit).signatures["gradcam"](images=images[:1], class_index=np.array([3], np.int32))
