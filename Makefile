@@ -9,7 +9,7 @@ METHODS    ?= gradcam,cam
 BASE_PATH  ?= models
 PORT       ?= 8500
 
-.PHONY: venv test export explain demo bench clean
+.PHONY: venv test export explain demo bench gpu-check clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -58,6 +58,11 @@ bench: venv
 		$(PY) -m client wait --server localhost:$(PORT) --model $(MODEL) --timeout 300 && \
 		$(PY) -m bench --server localhost:$(PORT) --model $(MODEL) --model-dir $(BASE_PATH)/$(MODEL) $(BENCH_ARGS); \
 	fi
+
+# On a GPU machine: device placement of the explain path, predict vs gradcam at batch 1/8/64,
+# float32 and XLA (bench/gpu_check.json). Install tensorflow[and-cuda]==2.21.0 there first.
+gpu-check: venv
+	$(PY) -m bench.gpu_check --out bench
 
 clean:
 	rm -rf $(BASE_PATH) out .pytest_cache

@@ -12,18 +12,20 @@ import os
 import sys
 from pathlib import Path
 
-from .api import CamClient, CamServingError, Prediction
+from .api import CamClient, CamServingError, Prediction, tls_credentials
+
+
+def _credentials(args):
+    """TLS credentials when --ca-cert or --client-cert/--client-key are given, else None (plaintext)."""
+    if not (args.ca_cert or args.client_cert or args.client_key):
+        return None
+    return tls_credentials(args.ca_cert, args.client_cert, args.client_key)
 
 
 def _client(args) -> CamClient:
-    credentials = None
-    if args.ca_cert:
-        import grpc
-
-        credentials = grpc.ssl_channel_credentials(Path(args.ca_cert).read_bytes())
     dims = [int(v) for v in args.image_size.split(",")] if args.image_size else None
     return CamClient(args.server, model=args.model, timeout=args.timeout, version=args.version,
-                     credentials=credentials, image_size=(dims[0], dims[-1]) if dims else None)
+                     credentials=_credentials(args), image_size=(dims[0], dims[-1]) if dims else None)
 
 
 def _inputs(args) -> list:
@@ -101,7 +103,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_wait(args) -> int:
-    with CamClient(args.server, model=args.model, timeout=5.0) as client:
+    with CamClient(args.server, model=args.model, timeout=5.0, credentials=_credentials(args)) as client:
         client.wait_until_ready(args.timeout)
     print(f"{args.server} serves {args.model}")
     return 0
@@ -110,6 +112,13 @@ def cmd_wait(args) -> int:
 SERVER_HELP = ("gRPC address: HOST:PORT, replicas as HOST:PORT,HOST:PORT,... or dns:///NAME:PORT (calls spread "
                "round-robin, retried on another replica when one is unavailable); default $CAMSERVE_SERVER "
                "or localhost:8500")
+
+
+def _add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca-cert", default=None, help="PEM root certificate that signed the server's: use TLS")
+    parser.add_argument("--client-cert", default=None, help="PEM client certificate, for a server that requires one "
+                        "(mutual TLS); with --client-key")
+    parser.add_argument("--client-key", default=None, help="PEM private key of --client-cert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode here and send uint8 tensors instead of the encoded files")
     common.add_argument("--image-size", default=None, metavar="H[,W]",
                         help="model input size for --raw (default: asked from the server)")
-    common.add_argument("--ca-cert", default=None, help="PEM root certificate: use TLS")
+    _add_tls_flags(common)
 
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"), help=SERVER_HELP)
     wait.add_argument("--model", default="resnet50_cam")
     wait.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    _add_tls_flags(wait)
     wait.set_defaults(func=cmd_wait, version=None)
     return parser
 
