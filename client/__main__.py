@@ -123,7 +123,7 @@ def _add_tls_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/GIF/BMP files")
+    common.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/BMP files")
     common.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"),
                         help=SERVER_HELP)
     common.add_argument("--model", default="resnet50_cam", help="model name on the server")

@@ -90,7 +90,7 @@ class CamClient:
 
     def __init__(self, target: str = "localhost:8500", model: str = "resnet50_cam", timeout: float = 30.0,
                  version: int | None = None, *, credentials: grpc.ChannelCredentials | None = None,
-                 image_size: tuple[int, int] | None = None, batch_size: int = 32,
+                 image_size: tuple[int, int] | None = None, batch_size: int = 8,
                  channel_options: Sequence[tuple[str, object]] = (), retry: RetryPolicy | None = None):
         options = _channel_options([("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *channel_options])

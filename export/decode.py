@@ -1,8 +1,14 @@
 """Decode encoded images inside the graph, refusing oversized ones before decoding.
 
 A valid 250 KB PNG can declare 16000x16000 pixels and make the decoder allocate 768 MB, so the
-size written in the header is checked first (JPEG via `extract_jpeg_shape`, PNG/GIF/BMP by reading
+size written in the header is checked first (JPEG via `extract_jpeg_shape`, PNG/BMP by reading
 their fixed header fields) and only then is the image decoded.
+
+GIF is refused: TF's GIF decoder reads every frame and sizes its canvas by the largest frame, not
+by the size in the header, so a 190 KB GIF whose header says 64x64 can hold a 16000x16000 frame
+(27 s of CPU and 256 MB to decode it), and finding every frame's size means walking the file's
+block chain, which graph ops do far too slowly. Grayscale, 16-bit and alpha PNGs are decoded to
+8-bit RGB (alpha dropped), as are grayscale JPEGs and BMPs.
 """
 
 from __future__ import annotations
@@ -55,15 +61,25 @@ def declared_size(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     return known, height, width
 
 
+def is_gif_data(data: tf.Tensor) -> tf.Tensor:
+    return tf.equal(tf.strings.substr(data, 0, 3), b"GIF")
+
+
 def decode_image(data: tf.Tensor, size: tuple[int, int], max_pixels: int) -> tf.Tensor:
     """One encoded image -> float32 [H, W, 3] RGB 0..255 at the model size."""
     known, height, width = declared_size(data)
+    is_gif = is_gif_data(data)
     checks = [
         tf.debugging.Assert(
             tf.strings.length(data) > 0, ["image_bytes: an image is empty (0 bytes)"]
         ),
         tf.debugging.Assert(
-            known, ["image_bytes: not a JPEG, PNG, GIF or BMP image (unknown file signature)"]
+            known, ["image_bytes: not a JPEG, PNG or BMP image (unknown file signature)"]
+        ),
+        tf.debugging.Assert(
+            tf.logical_not(is_gif),
+            ["image_bytes: GIF images are not accepted (their frames may be far larger than the header says): "
+             "send PNG or JPEG"],
         ),
         tf.debugging.Assert(
             height * width <= max_pixels,

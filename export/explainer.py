@@ -131,7 +131,8 @@ class Explainer(tf.Module):
                 gradients = tape.batch_jacobian(scores, activations)
                 gradients = tf.reshape(gradients, tf.concat([[n * t], tf.shape(activations)[1:]], 0))
         if method.needs_gap_dense_head:
-            class_weights = tf.reshape(tf.gather(tf.transpose(self.cam_kernel), targets), [n * t, -1])
+            # Gather the few columns first: transposing the whole [K, C] kernel costs more than CAM.
+            class_weights = tf.transpose(tf.gather(self.cam_kernel, tf.reshape(targets, [-1]), axis=1))
         if t > 1:
             activations = tf.repeat(activations, t, axis=0)
         raw = method.saliency(Evidence(activations, gradients, class_weights))

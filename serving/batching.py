@@ -31,9 +31,10 @@ RunFunction = Callable[[Arrays], dict[str, np.ndarray]]
 
 
 class _Task:
-    def __init__(self, inputs: Arrays, size: int):
+    def __init__(self, inputs: Arrays, size: int, is_active: Callable[[], bool] | None = None):
         self.inputs = inputs
         self.size = size
+        self.is_active = is_active  # False once the caller is gone (deadline passed, cancelled)
         self.done = threading.Event()
         self.result: dict[str, np.ndarray] | None = None
         self.error: BaseException | None = None
@@ -64,6 +65,7 @@ class Batcher:
     def __init__(self, options: BatchingOptions):
         self.options = options
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # executed (padded) sizes
+        self.abandoned = 0  # tasks dropped from their batch because their caller was gone
         self._cond = threading.Condition()
         self._queues: dict[Hashable, collections.deque[_Batch]] = {}
         self._stopping = False
@@ -73,8 +75,13 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, key: Hashable, run: RunFunction, inputs: Arrays, size: int) -> dict[str, np.ndarray]:
-        """Run `run` on `inputs` (`size` rows on dimension 0) as part of a batch; blocks until done."""
+    def submit(self, key: Hashable, run: RunFunction, inputs: Arrays, size: int,
+               is_active: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
+        """Run `run` on `inputs` (`size` rows on dimension 0) as part of a batch; blocks until done.
+
+        `is_active` (the RPC's `context.is_active`) is asked again when the batch is formed: a
+        task whose caller is gone by then is dropped, not computed.
+        """
         if size > self.options.max_batch_size:
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -82,17 +89,19 @@ class Batcher:
             )
         limit = self.options.execution_batch_size
         if size <= limit:
-            return self._enqueue(key, run, inputs, size).wait()
+            return self._enqueue(key, run, inputs, size, is_active).wait()
         # enable_large_batch_splitting: pieces of at most max_execution_batch_size rows.
         tasks = [
-            self._enqueue(key, run, {k: v[start:start + limit] for k, v in inputs.items()}, min(limit, size - start))
+            self._enqueue(key, run, {k: v[start:start + limit] for k, v in inputs.items()}, min(limit, size - start),
+                          is_active)
             for start in range(0, size, limit)
         ]
         results = [task.wait() for task in tasks]
         return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
-    def _enqueue(self, key: Hashable, run: RunFunction, inputs: Arrays, size: int) -> _Task:
-        task = _Task(inputs, size)
+    def _enqueue(self, key: Hashable, run: RunFunction, inputs: Arrays, size: int,
+                 is_active: Callable[[], bool] | None = None) -> _Task:
+        task = _Task(inputs, size, is_active)
         limit = self.options.execution_batch_size
         with self._cond:
             if self._stopping:
@@ -154,6 +163,19 @@ class Batcher:
         return next((b for b in self.options.allowed_batch_sizes if b >= size), size)
 
     def _execute(self, run: RunFunction, tasks: list[_Task]) -> None:
+        live = [t for t in tasks if t.is_active is None or t.is_active()]
+        if len(live) < len(tasks):
+            with self._cond:
+                self.abandoned += len(tasks) - len(live)
+            log.info("%d of %d requests of a batch were dropped: their callers are gone (deadline exceeded or "
+                     "cancelled)", len(tasks) - len(live), len(tasks))
+            for task in tasks:
+                if task not in live:
+                    task.finish(error=ServingError(grpc.StatusCode.CANCELLED,
+                                                   "the call was cancelled or its deadline passed in the batch queue"))
+            if not live:
+                return
+            tasks = live
         try:
             total = sum(t.size for t in tasks)
             padded = self._padded_size(total)

@@ -36,6 +36,11 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
 MAX_LOAD_ATTEMPTS = 5  # like TF Serving's --max_num_load_retries
 PRUNED_CACHE_SIZE = 32
+# TF's TensorProto shorthand: fewer values than the shape holds repeats the last one (none: zeros).
+# A few bytes on the wire could then ask for gigabytes, so the expansion is capped.
+MAX_FILL_BYTES = 64 * 2**20
+_VALUE_FIELDS = ("half_val", "float_val", "double_val", "int_val", "string_val", "scomplex_val", "int64_val",
+                 "bool_val", "dcomplex_val", "resource_handle_val", "variant_val", "uint32_val", "uint64_val")
 
 
 class ServingError(Exception):
@@ -62,6 +67,8 @@ def clean_tf_message(message: str) -> str:
         and not line.lstrip().startswith("[[{{")
     ]
     text = " ".join(lines)
+    if re.search(r"^Detected at node \S*(Decode(Image|Jpeg|Png|Bmp|Gif)|ExtractJpegShape)\b", message, re.M):
+        text = "image_bytes: the image cannot be decoded (corrupt or truncated?): " + text
     text = re.sub(r"\s*\[Op:[^\]]*\]", "", text)
     text = re.sub(r"\s*\[\[\{\{[^\]]*\]\]", "", text)
     text = re.sub(r" \([\w/.:-]+:\d+\)", "", text)  # tensor names: "x (class_index:0) ="
@@ -118,8 +125,15 @@ def decode_tensor(name: str, proto: tensor_pb2.TensorProto, max_bytes: int) -> n
         nbytes = count * dtype.size
         if nbytes > max_bytes:
             raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"input '{name}': shape {_shape_text(dims)} is {nbytes} bytes, more than the {max_bytes} allowed",
+            )
+        sent = sum(len(getattr(proto, field)) for field in _VALUE_FIELDS if hasattr(proto, field))
+        if not proto.tensor_content and sent < count and nbytes > MAX_FILL_BYTES:
+            raise ServingError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"input '{name}': shape {_shape_text(dims)} holds {count} values ({nbytes} bytes) but the request "
+                f"carries {sent}; filling a tensor from fewer values is allowed up to {MAX_FILL_BYTES} bytes",
             )
         if proto.tensor_content and len(proto.tensor_content) != nbytes:
             raise ServingError(
@@ -372,6 +386,24 @@ def _numeric_versions(base_path: str) -> list[int]:
     return sorted(int(e) for e in entries if e.isdigit() and os.path.isdir(os.path.join(base_path, e)))
 
 
+def _has_saved_model(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt"))
+
+
+def _disk_state(path: str) -> tuple:
+    """What a version directory holds (names, sizes, modification times): a failed load is retried
+    only once this changes, e.g. when a half-written copy completes."""
+    state = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                info = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            state.append((os.path.relpath(os.path.join(root, name), path), info.st_size, info.st_mtime_ns))
+    return tuple(sorted(state))
+
+
 def aspired_versions(config: model_server_config_pb2.ModelConfig, on_disk: Sequence[int]) -> list[int]:
     """The versions the model's version policy wants loaded (default: the latest one)."""
     policy = config.model_version_policy
@@ -389,6 +421,8 @@ class _Model:
         self.config = config
         self.versions: dict[int, ModelVersion] = {}  # replaced, never mutated: readers need no lock
         self.failures: collections.Counter[int] = collections.Counter()
+        self.failed_state: dict[int, tuple] = {}  # what the directory held at the last failed load
+        self.incomplete: set[int] = set()  # directories without saved_model.pb (logged once)
         self.warned_empty = False
 
 
@@ -421,17 +455,32 @@ class ModelRegistry:
             model.warned_empty = True
         versions = dict(model.versions)
         for version in wanted:
-            if version in versions or model.failures[version] >= MAX_LOAD_ATTEMPTS:
+            if version in versions:
                 continue
             path = os.path.join(base_path, str(version))
+            if not _has_saved_model(path):  # being written, or not a SavedModel: look again next poll
+                if version not in model.incomplete:
+                    model.incomplete.add(version)
+                    log.warning("model %s version %d: %s has no saved_model.pb (still being written?): not loaded",
+                                name, version, path)
+                continue
+            if model.failures[version] >= MAX_LOAD_ATTEMPTS:
+                if model.failed_state.get(version) == _disk_state(path):
+                    continue
+                log.info("model %s version %d changed on disk since it failed to load: trying again", name, version)
+                model.failures[version] = 0
             started = time.perf_counter()
             try:
                 loaded = ModelVersion.load(name, version, path)
                 warmed = loaded.warm_up(self._max_bytes) if self._warmup else 0
             except Exception as e:
                 model.failures[version] += 1
-                log.error("failed to load model %s version %d from %s (attempt %d of %d): %s",
-                          name, version, path, model.failures[version], MAX_LOAD_ATTEMPTS, e)
+                model.failed_state[version] = _disk_state(path)
+                serving = sorted(versions)
+                log.error("failed to load model %s version %d from %s (attempt %d of %d; %s): %s",
+                          name, version, path, model.failures[version], MAX_LOAD_ATTEMPTS,
+                          f"still serving version {serving[-1]}" if serving else "no version is served",
+                          clean_tf_message(str(e))[:500])
                 continue
             versions[version] = loaded
             model.warned_empty = False

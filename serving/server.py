@@ -38,8 +38,54 @@ SIGNATURE_DEF = "signature_def"
 Response = TypeVar("Response")
 
 
-def _answer(context: grpc.ServicerContext, method: str, handler: Callable[[], Response]) -> Response:
+class _Unparsable:
+    """What a request that is not a valid protobuf of its type becomes (see `_LenientRequests`)."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _lenient(deserialize: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except Exception as e:  # grpc would answer INTERNAL "Exception deserializing request!"
+            return _Unparsable(f"{type(e).__name__}: {e}")
+
+    return parse
+
+
+class _LenientHandler(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler):
+        self.inner = inner
+
+    def service(self, handler_call_details):
+        handler = self.inner.service(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+
+
+class _LenientRequests:
+    """Stands in for the grpc.Server when the generated add_*_to_server functions register a
+    service: bytes that do not parse as the request message reach the servicer as `_Unparsable`,
+    which `_answer` turns into INVALID_ARGUMENT instead of grpc's INTERNAL."""
+
+    def __init__(self, server: grpc.Server):
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_LenientHandler(h) for h in handlers))
+
+    def __getattr__(self, name: str):  # anything else generated code may call (e.g. add_registered_method_handlers)
+        return getattr(self.server, name)
+
+
+def _answer(context: grpc.ServicerContext, method: str, handler: Callable[[], Response], request=None) -> Response:
     """Run a handler; ServingError keeps its code, anything else is INTERNAL and logged."""
+    if isinstance(request, _Unparsable):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the request is not a valid protobuf message "
+                      f"of its type ({request.error})")
     try:
         return handler()
     except ServingError as e:
@@ -59,18 +105,29 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.batcher = batcher
         self.max_tensor_bytes = max_tensor_bytes
         self.tensor_content = tensor_content
+        self.abandoned = 0  # requests whose caller was gone (deadline, cancel) before the model ran
 
     def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
-        return _answer(context, "Predict", lambda: self._predict(request))
+        return _answer(context, "Predict", lambda: self._predict(request, context), request)
 
-    def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+    def _abandon_if_gone(self, context: grpc.ServicerContext) -> None:
+        """Do no work for a caller that is gone: its deadline passed or it cancelled the call."""
+        if not context.is_active():
+            self.abandoned += 1
+            log.info("Predict: the caller is gone (deadline exceeded or cancelled); the model is not run")
+            raise ServingError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed before the model ran")
+
+    def _predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
+        self._abandon_if_gone(context)  # it may have waited for a worker thread
         version = self.registry.resolve(request.model_spec)
         signature = version.signature(request.model_spec.signature_name)
         outputs = signature.check_output_filter(request.output_filter)
         inputs, size = signature.decode_inputs(request.inputs, self.max_tensor_bytes)
+        self._abandon_if_gone(context)
         if self.batcher is not None and signature.batchable and size > 0:
             key = (version.model_name, version.version, signature.name, outputs)
-            result = self.batcher.submit(key, lambda batch: signature.run(batch, outputs), inputs, size)
+            result = self.batcher.submit(key, lambda batch: signature.run(batch, outputs), inputs, size,
+                                         is_active=context.is_active)
         else:
             result = signature.run(inputs, outputs)
         response = predict_pb2.PredictResponse()
@@ -83,7 +140,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
                          context: grpc.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
-        return _answer(context, "GetModelMetadata", lambda: self._metadata(request))
+        return _answer(context, "GetModelMetadata", lambda: self._metadata(request), request)
 
     def _metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest) -> get_model_metadata_pb2.GetModelMetadataResponse:
         if not request.metadata_field:
@@ -115,7 +172,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
                 )
             return response
 
-        return _answer(context, "GetModelStatus", status)
+        return _answer(context, "GetModelStatus", status, request)
 
 
 @dataclasses.dataclass
@@ -132,12 +189,15 @@ class ServerOptions:
     tensor_content: bool = False
     ssl: object | None = None  # configs.SSLConfig
     shutdown_grace_seconds: float = 30
+    max_concurrent_requests: int = 0  # more calls at once are refused with RESOURCE_EXHAUSTED; 0: no limit
 
 
 def _credentials(ssl) -> grpc.ServerCredentials:
     """TLS from an SSLConfig (PEM text in the fields, as in TF Serving's --ssl_config_file)."""
     if not ssl.server_key or not ssl.server_cert:
         raise ValueError("ssl config: server_key and server_cert (PEM contents) are required")
+    if ssl.client_verify and not ssl.custom_ca:
+        raise ValueError("ssl config: client_verify needs custom_ca, the PEM of the CA that signs the client certificates")
     return grpc.ssl_server_credentials(
         [(ssl.server_key.encode(), ssl.server_cert.encode())],
         root_certificates=ssl.custom_ca.encode() or None,
@@ -152,6 +212,7 @@ class EmbeddedServer:
         self.options = options
         self.registry = ModelRegistry(config, warmup=options.enable_model_warmup, max_bytes=options.max_message_bytes)
         self.batcher: Batcher | None = None
+        self.predictions: PredictionServicer | None = None
         self.server: grpc.Server | None = None
         self.port: int | None = None
 
@@ -170,11 +231,13 @@ class EmbeddedServer:
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=options.grpc_max_threads, thread_name_prefix="grpc"),
             options=message_options,
+            # Counted from arrival, queued calls included: beyond it, RESOURCE_EXHAUSTED
+            # "Concurrent RPC limit exceeded!" at once, before the request is read.
+            maximum_concurrent_rpcs=options.max_concurrent_requests or None,
         )
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.registry, self.batcher, options.max_message_bytes, options.tensor_content), self.server
-        )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), self.server)
+        self.predictions = PredictionServicer(self.registry, self.batcher, options.max_message_bytes, options.tensor_content)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(self.predictions, _LenientRequests(self.server))
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), _LenientRequests(self.server))
         address = f"{options.host}:{options.port}"
         if options.ssl is not None:
             self.port = self.server.add_secure_port(address, _credentials(options.ssl))

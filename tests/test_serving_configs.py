@@ -40,7 +40,8 @@ TF_SERVING_FLAGS = {
     "enable_serialization_as_tensor_content",
 }
 # Flags only the embedded server has (TF Serving listens on all interfaces and has no equivalent).
-EMBEDDED_ONLY_FLAGS = {"host", "max_message_bytes", "models_root", "shutdown_grace_seconds"}
+EMBEDDED_ONLY_FLAGS = {"host", "max_message_bytes", "models_root", "shutdown_grace_seconds",
+                       "max_concurrent_requests"}
 
 
 def _parse(path: pathlib.Path, message):
