@@ -33,6 +33,7 @@ import yaml
 from client import CamClient, protos
 from client.channel import DEFAULT_OPTIONS, SERVICE_CONFIG, channel_options, grpc_target
 from serving import configs, tfserving
+from servers import ServerProcess
 from test_serving_configs import TF_SERVING_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -424,40 +425,15 @@ SIZE = 32
 CLASSES = 3
 
 
-class Replica:
-    """`python -m serving` on a free loopback port; its labels start with `prefix`."""
+class Replica(ServerProcess):
+    """One embedded server serving `tiny` from `base_path`, whose labels start with `prefix`."""
 
     def __init__(self, prefix: str, base_path: pathlib.Path):
         self.prefix = prefix
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving", "--port", "0", "--model_name", "tiny", "--model_base_path",
-             str(base_path), "--shutdown_grace_seconds", "1"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.address: str | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            found = re.search(r"Running gRPC ModelServer at (\S+):(\d+)", line)
-            if found:
-                self.address = f"{found[1]}:{found[2]}"
-                self._ready.set()
-        self._ready.set()
-
-    def wait(self, timeout: float = 60) -> str:
-        self._ready.wait(timeout)
-        if self.address is None:
-            raise RuntimeError("the server did not start:\n" + "".join(self.lines[-30:]))
-        return self.address
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
+        super().__init__(
+            ["--port", "0", "--model_name", "tiny", "--model_base_path", str(base_path), "--shutdown_grace_seconds", "1"],
+            env={"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -482,11 +458,11 @@ def replicas(tmp_path_factory):
                               labels=str(root / f"{prefix}.txt"), warmup_batch_sizes=(1,), log=lambda message: None)
             servers.append(Replica(prefix, root / prefix / "tiny"))  # loads while the next one exports
         for server in servers:
-            server.wait()
+            server.wait_ready()
         yield servers
     finally:
         for server in servers:
-            server.kill()
+            server.stop()
 
 
 def _png(seed: int, size: int = SIZE) -> bytes:
@@ -559,7 +535,7 @@ def test_calls_survive_a_replica_that_dies_mid_run(replicas):
                 results.append(future.result())  # raises if a call failed
     finally:
         channel.close()
-        b.kill()
+        b.stop()
     assert len(results) == total
     served = [server for _, server in sorted(results)]  # in the order they finished
     assert "b" in served[:kill_after], "both replicas served before the kill"

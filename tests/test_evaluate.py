@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import synthetic
-from test_serving import ROOT, ServerProcess
+from servers import ROOT, ServerProcess
 
 
 @pytest.fixture(scope="module")

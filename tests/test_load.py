@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from servers import ServerProcess
 from test_reliability import (  # noqa: F401 - model_base and reference are fixtures
     MAX_BATCH,
     NUM_CLASSES,
-    Served,
     bytes_request,
     encode,
     explain_request,
@@ -46,7 +46,7 @@ def test_load_mixed_requests_all_correct_and_memory_flat(model_base, reference, 
         f"max_batch_size {{ value: {MAX_BATCH} }}\nallowed_batch_sizes: 1\nallowed_batch_sizes: 4\n"
         f"allowed_batch_sizes: {MAX_BATCH}\nbatch_timeout_micros {{ value: 2000 }}\n"
         "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 1000 }\n")
-    server = Served(["--port", "0", "--model_name", "rel", "--model_base_path", str(model_base), "--enable_batching",
+    server = ServerProcess(["--port", "0", "--model_name", "rel", "--model_base_path", str(model_base), "--enable_batching",
                      "--batching_parameters_file", str(tmp_path / "batching.config"),
                      "--max_concurrent_requests", str(2 * CALLERS), "--file_system_poll_wait_seconds", "0"],
                     env=SERVER_ENV)

@@ -44,6 +44,7 @@ from serving.__main__ import options_from_args, parser
 from serving.batching import Batcher
 from serving.models import ModelRegistry, ServingError, clean_tf_message, encode_tensor
 from serving.server import EmbeddedServer, ServerOptions
+from servers import ServerProcess
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REMOTE = os.environ.get("TFSERVING_ADDRESS")
@@ -94,38 +95,6 @@ def _write_model_config(path: pathlib.Path, models: dict[str, pathlib.Path]) -> 
         model.version_labels["stable"] = 1
     path.write_text(str(config))
     return path
-
-
-class ServerProcess:
-    """`python -m serving` in a subprocess; its stderr is collected line by line."""
-
-    def __init__(self, args: list[str]):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "serving", *args], cwd=ROOT, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.address: str | None = None
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            found = re.search(r"Running gRPC ModelServer at (\S+):(\d+)", line)
-            if found:
-                self.address = f"{found[1]}:{found[2]}"
-                self.ready.set()
-        self.ready.set()
-
-    def wait_ready(self, timeout: float = 90) -> str:
-        self.ready.wait(timeout)
-        if self.address is None:
-            raise RuntimeError("the server did not start:\n" + "".join(self.lines[-30:]))
-        return self.address
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
 
 
 @pytest.fixture(scope="session")
