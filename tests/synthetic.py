@@ -68,3 +68,16 @@ def pointing_hits(heatmaps: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     rows, cols = np.unravel_index(flat, heatmaps.shape[1:])
     top, left, bottom, right = boxes.T
     return (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+
+
+def tiny_gap_cnn(path, size: int, classes: int, seed: int, filters: int = 8, softmax: bool = True) -> None:
+    """An untrained one-conv GAP + dense CNN saved as `path` (.keras): the cheapest model to serve."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu", name="last_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(classes, activation="softmax" if softmax else None)(x)
+    keras.Model(inputs, outputs).save(path)

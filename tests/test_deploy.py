@@ -33,6 +33,7 @@ import yaml
 from client import CamClient, protos
 from client.channel import DEFAULT_OPTIONS, SERVICE_CONFIG, channel_options, grpc_target
 from serving import configs, tfserving
+import synthetic
 from servers import ServerProcess
 from test_serving_configs import TF_SERVING_FLAGS
 
@@ -439,17 +440,10 @@ class Replica(ServerProcess):
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     """Two servers of the same tiny model, exported with labels a0.. and b0.. to tell them apart."""
-    import keras
-
     from export.savedmodel import export_savedmodel
 
     root = tmp_path_factory.mktemp("replicas")
-    keras.utils.set_random_seed(5)
-    inputs = keras.Input((SIZE, SIZE, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="last_conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    keras.Model(inputs, keras.layers.Dense(CLASSES)(x)).save(root / "tiny.keras")
+    synthetic.tiny_gap_cnn(root / "tiny.keras", SIZE, CLASSES, seed=5, filters=4, softmax=False)
     servers = []
     try:
         for prefix in "ab":

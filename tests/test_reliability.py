@@ -42,6 +42,7 @@ from tensorflow_serving.apis import (
 from serving import configs
 from serving.__main__ import options_from_args, parser
 from serving.server import EmbeddedServer, ServerOptions
+import synthetic
 from servers import ServerProcess
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -64,19 +65,11 @@ def _quiet(message: str) -> None:
 @pytest.fixture(scope="module")
 def model_base(tmp_path_factory) -> pathlib.Path:
     """<base>/1: a tiny GAP CNN (random weights), gradcam only, at most MAX_BATCH images a request."""
-    import keras
-
     from export.savedmodel import export_savedmodel
 
     root = tmp_path_factory.mktemp("reliability")
-    keras.utils.set_random_seed(5)
-    inputs = keras.Input((SIZE, SIZE, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="last_conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax")(x)
     keras_file = root / "rel.keras"
-    keras.Model(inputs, outputs).save(keras_file)
+    synthetic.tiny_gap_cnn(keras_file, SIZE, NUM_CLASSES, seed=5)
     export_savedmodel(str(keras_file), "none", ["gradcam"], "rel", str(root / "models"), version=1,
                       max_batch_size=MAX_BATCH, feature_maps=0, warmup_batch_sizes=(1,), log=_quiet)
     return root / "models" / "rel"

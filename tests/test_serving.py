@@ -44,6 +44,7 @@ from serving.__main__ import options_from_args, parser
 from serving.batching import Batcher
 from serving.models import ModelRegistry, ServingError, clean_tf_message, encode_tensor
 from serving.server import EmbeddedServer, ServerOptions
+import synthetic
 from servers import ServerProcess
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -68,19 +69,11 @@ def _quiet(message: str) -> None:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> pathlib.Path:
     """<base>/tiny/1 (gradcam, cam) and <base>/tiny/2 (gradcam only) of one tiny GAP CNN."""
-    import keras
-
     from export.savedmodel import export_savedmodel
 
     root = tmp_path_factory.mktemp("serving")
-    keras.utils.set_random_seed(3)
-    inputs = keras.Input((SIZE, SIZE, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="last_conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax")(x)
     keras_file = root / "tiny.keras"
-    keras.Model(inputs, outputs).save(keras_file)
+    synthetic.tiny_gap_cnn(keras_file, SIZE, NUM_CLASSES, seed=3)
     base = root / "models"
     export_savedmodel(str(keras_file), "none", ["gradcam", "cam"], "tiny", str(base), version=1, log=_quiet)
     export_savedmodel(str(keras_file), "none", ["gradcam"], "tiny", str(base), version=2, log=_quiet)
