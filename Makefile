@@ -12,6 +12,12 @@ PORT       ?= 8500
 # embedded server's RSS ~100 MB lower and flat under load (README "Running it safely").
 MALLOC_ARENA_MAX ?= 2
 serve demo bench: export MALLOC_ARENA_MAX := $(MALLOC_ARENA_MAX)
+# Server-side batching for the embedded server of serve, demo and bench: serving/batching.config
+# when a GPU is found, else serving/batching_cpu.config; BATCHING= turns batching off.
+BATCHING   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),serving/batching.config,serving/batching_cpu.config)
+HOST       ?= 127.0.0.1
+EMBEDDED    = $(PY) -m serving --port $(PORT) --host $(HOST) --model_name $(MODEL) \
+	--model_base_path $(BASE_PATH)/$(MODEL) $(if $(BATCHING),--enable_batching --batching_parameters_file $(BATCHING))
 
 .PHONY: venv test export explain demo bench gpu-check clean
 
@@ -47,7 +53,7 @@ explain: venv
 # explain the sample photos into out/, stop the server.
 demo: venv
 	@test -n "$$(ls $(BASE_PATH)/$(MODEL) 2>/dev/null)" || $(MAKE) --no-print-directory export
-	@$(PY) -m serving --port $(PORT) --model_name $(MODEL) --model_base_path $(BASE_PATH)/$(MODEL) & \
+	@$(EMBEDDED) & \
 	server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT; \
 	$(PY) -m client wait --server localhost:$(PORT) --model $(MODEL) --timeout 300 && \
 	$(PY) -m client explain samples/*.png samples/*.jpg --server localhost:$(PORT) --model $(MODEL) \
@@ -63,9 +69,8 @@ bench: venv
 	@if [ -n "$(SERVER)" ]; then \
 		$(PY) -m bench --server $(SERVER) --model $(MODEL) --model-dir $(BASE_PATH)/$(MODEL) $(BENCH_ARGS); \
 	else \
-		$(PY) -m serving --port $(PORT) --model_name $(MODEL) --model_base_path $(BASE_PATH)/$(MODEL) & \
+		$(EMBEDDED) & \
 		server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT; \
-		$(PY) -m client wait --server localhost:$(PORT) --model $(MODEL) --timeout 300 && \
 		$(PY) -m bench --server localhost:$(PORT) --model $(MODEL) --model-dir $(BASE_PATH)/$(MODEL) $(BENCH_ARGS); \
 	fi
 
@@ -78,7 +83,6 @@ clean:
 	rm -rf $(BASE_PATH) out .pytest_cache
 
 # --- serving ---------------------------------------------------------------------------------
-HOST       ?= 127.0.0.1
 DRY_RUN    ?=
 
 .PHONY: serve serve-tfserving
@@ -89,8 +93,7 @@ serve: venv
 	@if command -v tensorflow_model_server >/dev/null; then \
 		$(MAKE) --no-print-directory serve-tfserving; \
 	else \
-		$(if $(DRY_RUN),echo) $(PY) -m serving --port $(PORT) --host $(HOST) \
-			--model_name $(MODEL) --model_base_path $(BASE_PATH)/$(MODEL); \
+		$(if $(DRY_RUN),echo) $(EMBEDDED); \
 	fi
 
 # The real TF Serving with serving/models.config, batching.config and monitoring.config: the

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from bench.grpc_load import SUMMARY, closed_loop, predict_request
+from bench.grpc_load import SUMMARY, closed_loop, predict_request, raw_predict
 from bench.inprocess import round_robin, seed_gradcam, signature_calls
 
 SAMPLE = pathlib.Path(__file__).resolve().parent.parent / "samples" / "rocket.jpg"
@@ -35,7 +35,17 @@ def stats(latencies: list[float], batch: int, wall: float | None = None) -> dict
         "p90_ms": float(np.percentile(ms, 90)),
         "p99_ms": float(np.percentile(ms, 99)),
         "images_per_s": batch * len(latencies) / wall if wall else batch / float(np.median(latencies)),
+        "latencies_ms": [round(float(v), 2) for v in ms],  # in call order (round-robin rounds for in-process)
     }
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+    """Median over rounds of a's latency / b's in the same round-robin round.
+
+    Calls measured in turn share the machine's slow and fast moments; the per-round ratio cancels
+    them, where the ratio of two medians on a shared 2-core machine moves by 10-20% from run to run.
+    """
+    return float(np.median(np.array(a["latencies_ms"]) / np.array(b["latencies_ms"])))
 
 
 def progress(done: int, total: int, label: str) -> None:
@@ -52,8 +62,12 @@ def latest_version(model_dir: pathlib.Path) -> pathlib.Path:
     return versions[-1]
 
 
-def grpc_configs(methods: list[str]) -> list[dict]:
-    """The gRPC configurations: each varies one thing from the headline (bytes, compact, b1, c1)."""
+def grpc_configs(methods: list[str], max_in_flight: int = 32) -> list[dict]:
+    """The gRPC configurations: each varies one thing from the headline (bytes, compact, b1, c1).
+
+    Configurations with more than `max_in_flight` images in flight (batch x concurrency) are left
+    out: batch 8 at concurrency 16 takes ~10 s per call on 2 cores, too long for a short run.
+    """
     compact = ["heatmap_png"]
     configs = [dict(signature="predict_bytes", batch=1, concurrency=1, outputs=SUMMARY)]
     for method in methods:
@@ -69,7 +83,7 @@ def grpc_configs(methods: list[str]) -> list[dict]:
         configs.append(dict(signature="predict_bytes", batch=1, concurrency=concurrency, outputs=SUMMARY))
         configs.append(dict(signature=f"{method}_bytes", batch=1, concurrency=concurrency, outputs=compact))
         configs.append(dict(signature=f"{method}_bytes", batch=8, concurrency=concurrency, outputs=compact))
-    return configs
+    return [c for c in configs if c["batch"] * c["concurrency"] <= max_in_flight]
 
 
 def config_name(c: dict) -> str:
@@ -118,12 +132,12 @@ def summary_ratios(by_name: dict, rows: list[dict], methods: list[str], configs:
     """The headline ratios: explain vs predict, gRPC vs in-process, concurrent vs best throughput."""
     ratios = {}
     for batch in (1, 8):
-        base = by_name[f"in-process predict b{batch}"]["p50_ms"]
+        base = by_name[f"in-process predict b{batch}"]
         for method in methods:
-            ratios[f"in-process {method}/predict b{batch}"] = by_name[f"in-process {method} b{batch}"]["p50_ms"] / base
+            ratios[f"in-process {method}/predict b{batch}"] = paired_ratio(by_name[f"in-process {method} b{batch}"], base)
         if f"seed-eager gradcam b{batch}" in by_name:
             seed = by_name[f"seed-eager gradcam b{batch}"]["p50_ms"]
-            ratios[f"seed-eager gradcam / in-process predict b{batch}"] = seed / base
+            ratios[f"seed-eager gradcam / in-process predict b{batch}"] = seed / base["p50_ms"]
     if not configs:
         return ratios
     compact = ["heatmap_png"]
@@ -131,12 +145,18 @@ def summary_ratios(by_name: dict, rows: list[dict], methods: list[str], configs:
     for method in methods:
         explain = by_name[config_name(dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=compact))]
         ratios[f"grpc {method}_bytes/predict_bytes b1 c1"] = explain["p50_ms"] / grpc_base
-    ratios[f"grpc/in-process {methods[0]}_bytes b1 c1 p50"] = (
-        by_name[config_name(configs[1])]["p50_ms"] / by_name[f"in-process {methods[0]}_bytes b1"]["p50_ms"]
-    )
-    best = max(r["images_per_s"] for r in rows if r["kind"] == "in-process" and r["signature"] == methods[0])
-    c16 = by_name[config_name(dict(signature=f"{methods[0]}_bytes", batch=1, concurrency=16, outputs=compact))]
-    ratios[f"grpc c16 b1 throughput / best in-process {methods[0]} throughput"] = c16.get("images_per_s", 0) / best
+    for config in configs[:2]:
+        interleaved = by_name.get(config_name(config) + " interleaved")
+        if interleaved:
+            ratios[f"grpc/in-process {config['signature']} b1 c1, interleaved"] = paired_ratio(
+                interleaved, by_name[f"in-process {config['signature']} b1"])
+    for signature, outputs in (("predict_bytes", SUMMARY), (f"{methods[0]}_bytes", compact)):
+        best = max(r["images_per_s"] for r in rows if r["kind"] == "in-process" and r["signature"] == signature)
+        c16 = by_name.get(config_name(dict(signature=signature, batch=1, concurrency=16, outputs=outputs)))
+        if c16 is None:
+            continue
+        ratios[f"grpc {signature} c16 b1 throughput / best in-process {signature} throughput"] = (
+            c16.get("images_per_s", 0) / best)
     return ratios
 
 
@@ -150,42 +170,75 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="auto", help="for the seed's way (timing does not depend on values)")
     p.add_argument("--methods", default="gradcam,cam")
     p.add_argument("--repeats", type=int, default=12, help="in-process calls per configuration and batch")
-    p.add_argument("--seconds", type=float, default=3.0, help="duration of each gRPC configuration")
+    p.add_argument("--seconds", type=float, default=3.0,
+                   help="duration of each gRPC configuration, times (images in flight / 8) when more")
+    p.add_argument("--max-in-flight", type=int, default=32,
+                   help="leave out gRPC configurations with more images in flight (batch x concurrency)")
+    p.add_argument("--wait", type=float, default=300, help="seconds to wait for the server to serve the model")
     p.add_argument("--skip-seed", action="store_true")
     p.add_argument("--skip-inprocess", action="store_true", help="gRPC figures only (no ratios to in-process)")
     p.add_argument("--only", default="", help="run only the gRPC configurations whose name contains this")
     p.add_argument("--out", default="bench")
     args = p.parse_args(argv)
 
+    if args.skip_inprocess and not args.server:
+        p.error("--skip-inprocess needs --server: there would be nothing to measure")
     methods = [m for m in args.methods.split(",") if m]
     version_dir = latest_version(pathlib.Path(args.model_dir))
     jpeg = SAMPLE.read_bytes()
-    import cv2
-
-    image = cv2.cvtColor(cv2.resize(cv2.imread(str(SAMPLE)), (224, 224)), cv2.COLOR_BGR2RGB)
-    images = np.stack([image] * 8)
-    configs = [c for c in grpc_configs(methods) if args.only in config_name(c)] if args.server else []
+    configs = [c for c in grpc_configs(methods, args.max_in_flight) if args.only in config_name(c)] if args.server else []
     if args.skip_inprocess:
         args.skip_seed = True
     total = (0 if args.skip_inprocess else 2) + (0 if args.skip_seed else 2) + len(configs)
     done = 0
     rows: list[dict] = []
 
+    def payload(config: dict) -> bytes:
+        uint8 = config["signature"] in methods
+        return predict_request(args.model, config["signature"], config["batch"], None if uint8 else jpeg,
+                               image if uint8 else None, config["outputs"])
+
+    if not args.skip_inprocess:
+        import tensorflow as tf
+
+        model = tf.saved_model.load(str(version_dir))  # once, while the server loads too
+    if args.server:
+        progress(done, total, f"waiting for {args.model} at {args.server}")
+        from client.api import CamClient
+
+        client = CamClient(args.server, args.model)
+        client.wait_until_ready(args.wait)
+        height, width = client.model_image_size()
+    else:
+        height, width = model.signatures["predict"].structured_input_signature[1]["images"].shape[1:3]
+    import cv2
+
+    image = cv2.cvtColor(cv2.resize(cv2.imread(str(SAMPLE)), (width, height)), cv2.COLOR_BGR2RGB)
+    images = np.stack([image] * 8)
     for batch in () if args.skip_inprocess else (1, 8):
         progress(done, total, f"in-process batch {batch}")
-        signatures = ["predict", *methods] + (["predict_bytes", f"{methods[0]}_bytes"] if batch == 1 else [])
-        calls = signature_calls(str(version_dir), signatures, batch, images, [jpeg])
+        signatures = ["predict", *methods, "predict_bytes", f"{methods[0]}_bytes"]
+        calls = {f"in-process {name} b{batch}": call
+                 for name, call in signature_calls(model, signatures, batch, images, [jpeg]).items()}
+        if args.server and batch == 1:
+            # The headline gRPC calls, interleaved with the in-process ones: their ratio then
+            # sees the same machine noise.
+            channel, call = raw_predict(args.server)
+            for config in grpc_configs(methods)[:2]:
+                calls[config_name(config) + " interleaved"] = lambda body=payload(config): call(body, timeout=60)
         repeats = args.repeats if batch == 1 else max(3, args.repeats // 2)
-        for name, times in round_robin(calls, repeats).items():
-            rows.append({"name": f"in-process {name} b{batch}", "kind": "in-process", "signature": name,
+        for name, times in round_robin(calls, repeats, warmup=1).items():
+            rows.append({"name": name, "kind": name.split()[0], "signature": name.split()[1],
                          "batch": batch, "concurrency": 1, **stats(times, batch)})
+        if args.server and batch == 1:
+            channel.close()
         done += 1
     if not args.skip_seed:
         predict, explain = seed_gradcam(args.backbone, args.target_layer, args.weights)
         for batch in (1, 8):
             progress(done, total, f"seed notebook's way batch {batch}")
             times = round_robin({"predict": lambda: predict(images[:batch]), "gradcam": lambda: explain(images[:batch])},
-                                max(3, args.repeats // (2 if batch == 1 else 4)))
+                                max(3, args.repeats // (3 if batch == 1 else 4)), warmup=1)
             for name, t in times.items():
                 rows.append({"name": f"seed-eager {name} b{batch}", "kind": "seed", "signature": name,
                              "batch": batch, "concurrency": 1, **stats(t, batch)})
@@ -193,10 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     for config in configs:
         name = config_name(config)
         progress(done, total, name)
-        payload = predict_request(args.model, config["signature"], config["batch"],
-                                  None if config["signature"] in methods else jpeg,
-                                  image if config["signature"] in methods else None, config["outputs"])
-        result = closed_loop(args.server, payload, config["concurrency"], args.seconds)
+        in_flight = config["batch"] * config["concurrency"]
+        result = closed_loop(args.server, payload(config), config["concurrency"],
+                             args.seconds * max(1.0, in_flight / 8))
         row = {"name": name, "kind": "grpc", **config, "errors": result["errors"],
                "request_bytes": result["request_bytes"], "response_bytes": result["response_bytes"]}
         row.update(stats(result["latencies_s"], config["batch"], result["wall_s"]) if result["latencies_s"] else {})

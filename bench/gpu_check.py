@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             print("explain-path ops and their devices:")
             for op, devices in results["placement"].items():
                 print(f"  {op:<16s} {EXPLAIN_OPS[op]:<36s} {', '.join(devices)}")
+        model = tf.saved_model.load(str(model_dir))
         for batch in batches:
-            calls = signature_calls(str(model_dir), ["predict", "gradcam", "cam"], batch, images, [b""])
+            calls = signature_calls(model, ["predict", "gradcam", "cam"], batch, images, [b""])
             times = round_robin(calls, args.repeats, warmup=3)
             medians = {k: float(np.median(v)) * 1000 for k, v in times.items()}
             results["timings"][f"{name} b{batch}"] = medians

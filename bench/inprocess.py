@@ -27,11 +27,10 @@ def round_robin(calls: dict[str, Callable[[], object]], repeats: int, warmup: in
     return times
 
 
-def signature_calls(model_dir: str, signatures: list[str], batch: int, images: np.ndarray, jpegs: list[bytes]):
-    """Zero-argument callables running each signature of the SavedModel on one batch."""
+def signature_calls(model, signatures: list[str], batch: int, images: np.ndarray, jpegs: list[bytes]):
+    """Zero-argument callables running each signature of a loaded SavedModel on one batch."""
     import tensorflow as tf
 
-    model = tf.saved_model.load(model_dir)
     tensors = {
         "images": tf.constant(images[:batch]),
         "image_bytes": tf.constant((jpegs * batch)[:batch]),

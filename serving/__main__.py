@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
          help="replay assets.extra/tf_serving_warmup_requests before serving a version")
     flag("--file_system_poll_wait_seconds", type=float, default=1,
          help="seconds between looks for new versions (<= 0: look once, at start)")
-    flag("--grpc_max_threads", type=int, default=4 * (os.cpu_count() or 1), help="gRPC worker threads")
+    flag("--grpc_max_threads", type=int, default=None,
+         help="gRPC worker threads (default: 4 per CPU, plus room to fill the batches when batching)")
     flag("--max_message_bytes", type=int, default=MAX_MESSAGE_BYTES, help="largest gRPC message sent or received")
     flag("--ssl_config_file", default="", help="text SSLConfig (server_key, server_cert PEM; custom_ca, client_verify)")
     flag("--enable_serialization_as_tensor_content", type=_bool, nargs="?", const=True, default=False,

@@ -181,7 +181,7 @@ class ServerOptions:
 
     host: str = "127.0.0.1"
     port: int = 8500
-    grpc_max_threads: int = 4 * (os.cpu_count() or 1)
+    grpc_max_threads: int | None = None  # None: default_grpc_threads()
     max_message_bytes: int = MAX_MESSAGE_BYTES
     enable_model_warmup: bool = True
     file_system_poll_wait_seconds: float = 1
@@ -205,6 +205,24 @@ def _credentials(ssl) -> grpc.ServerCredentials:
     )
 
 
+MAX_DEFAULT_GRPC_THREADS = 256
+
+
+def default_grpc_threads(batching: BatchingOptions | None, cpus: int | None = None) -> int:
+    """TF Serving's 4 per CPU, plus, with batching, enough to fill every batch twice over.
+
+    A request waiting in the batch queue holds its gRPC worker thread. With only 4 per CPU (8 on
+    two cores), at most 8 requests are ever in the server, so while one batch of 8 runs no request
+    can queue for the next and batches go out short (measured: 7.6 instead of 12.5 images/s at
+    concurrency 16 on two cores). A waiting thread costs no CPU, so each batch thread gets room for
+    its running batch and a full one queued behind it.
+    """
+    threads = 4 * (cpus or os.cpu_count() or 1)
+    if batching is not None:
+        threads += min(2 * batching.num_batch_threads * batching.execution_batch_size, MAX_DEFAULT_GRPC_THREADS)
+    return threads
+
+
 class EmbeddedServer:
     """Registry + optional batcher + gRPC server, started and stopped together."""
 
@@ -221,15 +239,16 @@ class EmbeddedServer:
         options = self.options
         self.registry.sync()
         self.registry.start_polling(options.file_system_poll_wait_seconds)
+        threads = options.grpc_max_threads or default_grpc_threads(options.batching)
         if options.batching is not None:
             self.batcher = Batcher(options.batching)
-            log.info("batching on: %s", options.batching)
+            log.info("batching on: %s; %d gRPC worker threads", options.batching, threads)
         message_options = [
             ("grpc.max_send_message_length", options.max_message_bytes),
             ("grpc.max_receive_message_length", options.max_message_bytes),
         ]
         self.server = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(max_workers=options.grpc_max_threads, thread_name_prefix="grpc"),
+            concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
             options=message_options,
             # Counted from arrival, queued calls included: beyond it, RESOURCE_EXHAUSTED
             # "Concurrent RPC limit exceeded!" at once, before the request is read.

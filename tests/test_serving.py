@@ -43,7 +43,7 @@ from serving import configs
 from serving.__main__ import options_from_args, parser
 from serving.batching import Batcher
 from serving.models import ModelRegistry, ServingError, clean_tf_message, encode_tensor
-from serving.server import EmbeddedServer, ServerOptions
+from serving.server import EmbeddedServer, ServerOptions, default_grpc_threads
 import synthetic
 from servers import ServerProcess
 
@@ -613,6 +613,29 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(batching_process):
             assert future.result().outputs["probabilities"].tensor_shape.dim[0].size == 1
     assert batching_process.proc.wait(timeout=60) == 0
     assert "SIGTERM received" in batching_process.log
+
+
+@local_only
+def test_default_grpc_threads_let_batches_fill(tiny_models):
+    # A request waiting in the batch queue holds a gRPC worker thread: with TF Serving's 4 per CPU
+    # alone (4 on one CPU), 8 concurrent requests would go out as two batches of 4 after the timeout.
+    batching = configs.BatchingOptions(max_batch_size=8, batch_timeout_micros=5_000_000, num_batch_threads=1)
+    assert default_grpc_threads(None, cpus=1) == 4
+    threads = default_grpc_threads(batching, cpus=1)
+    assert threads >= 2 * batching.max_batch_size
+    config = configs.single_model_config("tiny", str(tiny_models))
+    server = EmbeddedServer(config, ServerOptions(port=0, grpc_max_threads=threads, batching=batching,
+                                                  enable_model_warmup=False, file_system_poll_wait_seconds=0))
+    port = server.start()
+    try:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"localhost:{port}"))
+        request = make_request("tiny", "predict", {"images": images(1, SIZE)})
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(stub.Predict, request, timeout=60) for _ in range(8)]
+            assert all(f.result().outputs["class_index"].tensor_shape.dim[0].size == 1 for f in futures)
+        assert server.batcher.batch_sizes == {8: 1}  # one full batch, closed without waiting out the timeout
+    finally:
+        server.stop(grace=1)
 
 
 # --- batching, unit level --------------------------------------------------------------------

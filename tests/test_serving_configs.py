@@ -17,7 +17,7 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import configs, tfserving
-from serving.__main__ import parser as embedded_parser
+from serving.__main__ import options_from_args, parser as embedded_parser
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVING = ROOT / "serving"
@@ -180,6 +180,13 @@ def test_make_serve_targets_dry_run(tmp_path):
     assert command[0] in ("tensorflow_model_server", "docker")
     assert "--port=8600" in command
     if shutil.which("tensorflow_model_server") is None:
-        command = shlex.split(make("serve", "MODEL=tiny", "PORT=8601"))
-        assert command[1:] == ["-m", "serving", "--port", "8601", "--host", "127.0.0.1", "--model_name", "tiny",
-                               "--model_base_path", f"{tmp_path}/tiny"]
+        unbatched = shlex.split(make("serve", "MODEL=tiny", "PORT=8601", "BATCHING="))
+        assert unbatched[1:] == ["-m", "serving", "--port", "8601", "--host", "127.0.0.1", "--model_name", "tiny",
+                                 "--model_base_path", f"{tmp_path}/tiny"]
+        batched = shlex.split(make("serve", "MODEL=tiny", "PORT=8601"))
+        assert batched[:len(unbatched)] == unbatched
+        p = embedded_parser()
+        _, options = options_from_args(p.parse_args(batched[3:]), p)
+        gpu = shutil.which("nvidia-smi") is not None
+        expected = configs.read_batching_parameters(SERVING / ("batching.config" if gpu else "batching_cpu.config"))
+        assert options.batching == expected

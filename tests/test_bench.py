@@ -1,0 +1,42 @@
+"""`python -m bench` end to end on the small shapes model: every configuration runs, nothing fails.
+
+The figures themselves are not asserted (timings belong to `make bench`, not to tests); this checks
+that the benchmark measures what it says: each row has calls, the gRPC rows got no errors and the
+compact responses are smaller than the full ones, and the headline ratios are computed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from serving import configs
+from serving.server import EmbeddedServer, ServerOptions
+
+import bench.__main__ as bench
+
+
+def test_bench_runs_every_configuration(shapes_export, tmp_path):
+    config = configs.single_model_config("shapes", str(shapes_export.parent))
+    batching = configs.read_batching_parameters(bench.SAMPLE.parent.parent / "serving" / "batching_cpu.config")
+    server = EmbeddedServer(config, ServerOptions(port=0, batching=batching, file_system_poll_wait_seconds=0))
+    port = server.start()
+    try:
+        assert bench.main(["--server", f"localhost:{port}", "--model", "shapes", "--model-dir", str(shapes_export.parent),
+                           "--methods", "gradcam,cam", "--skip-seed", "--repeats", "3", "--seconds", "0.3",
+                           "--out", str(tmp_path)]) == 0
+    finally:
+        server.stop(grace=1)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "latency.png").stat().st_size > 0
+    rows = {r["name"]: r for r in results["rows"]}
+    expected = {f"in-process {s} b{b}" for s in ("predict", "gradcam", "cam", "predict_bytes", "gradcam_bytes")
+                for b in (1, 8)}
+    expected |= {bench.config_name(c) for c in bench.grpc_configs(["gradcam", "cam"])}
+    expected |= {bench.config_name(c) + " interleaved" for c in bench.grpc_configs(["gradcam", "cam"])[:2]}
+    assert set(rows) == expected
+    for name, row in rows.items():
+        assert row["n"] > 0 and row["p50_ms"] > 0 and not row.get("errors"), (name, row)
+    compact = rows["grpc gradcam_bytes b1 c1 out=heatmap_png"]["response_bytes"]
+    assert 0 < compact < rows["grpc gradcam_bytes b1 c1 out=all"]["response_bytes"]
+    assert len(results["ratios"]) == 10  # 12 with the seed notebook's way and all(math.isfinite(v) and v > 0 for v in results["ratios"].values())
