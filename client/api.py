@@ -52,12 +52,15 @@ class Explanation(Prediction):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How `CamClient` retries a call that failed with one of `codes` (default UNAVAILABLE: the
-    server is starting, restarting or shedding load). Only idempotent calls are retried: Predict of
-    the exported signatures and GetModelMetadata are. Attempt n (from 1) waits
+    """Retries of `CamClient` itself, for outages longer than the channel's gRPC retries cover.
+
+    The channel already retries UNAVAILABLE (up to 5 attempts within ~1.5 s, on another replica,
+    throttled when most calls fail: client/channel.py), so by default CamClient adds none: two
+    layers would multiply into 15 attempts per call against an overloaded server. Pass e.g.
+    `RetryPolicy(max_attempts=3)` to also ride out a restart. Only idempotent calls are retried
+    (Predict of the exported signatures, GetModelMetadata). Attempt n (from 1) waits
     min(max_backoff, initial_backoff * multiplier**(n-1)) seconds, times a random 0.5..1 (jitter),
-    before the next; `max_attempts` counts the first try (1: never retry). This is on top of the
-    channel's own gRPC retries (client/channel.py), which also stop after a few attempts."""
+    before the next; `max_attempts` counts the first try (1: never retry)."""
     max_attempts: int = 3
     initial_backoff: float = 0.2
     max_backoff: float = 2.0
@@ -84,7 +87,7 @@ class CamClient:
     round-robin over the replicas and retried on another one when they fail with UNAVAILABLE;
     `channel_options` replace the defaults of the same name (client.channel.DEFAULT_OPTIONS);
     `timeout` is the deadline of each call in seconds; `version` pins a model version;
-    `retry` (a RetryPolicy; default 3 attempts with backoff) retries calls that fail with UNAVAILABLE.
+    `retry` (a RetryPolicy; default none beyond the channel's own) retries calls that fail with UNAVAILABLE.
     `credentials`: e.g. `tls_credentials(ca_cert=..., client_cert=..., client_key=...)` for TLS.
     """
 
@@ -96,7 +99,7 @@ class CamClient:
                                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *channel_options])
         self.target, self.model, self.timeout, self.version = target, model, timeout, version
         self.batch_size = batch_size
-        self.retry = RetryPolicy() if retry is None else retry
+        self.retry = NO_RETRY if retry is None else retry
         self._image_size = image_size  # (height, width) for arrays; asked from the server when None
         address = grpc_target(target)
         self._channel = (grpc.secure_channel(address, credentials, options) if credentials

@@ -47,6 +47,9 @@ SERVICE_CONFIG = {
             "retryableStatusCodes": ["UNAVAILABLE"],
         },
     }],
+    # Retry only while most calls succeed: each failure costs a token, each success gives back
+    # 0.1, and retries stop below half of 10 tokens, so a saturated server is not hit by retry storms.
+    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
 }
 
 DEFAULT_OPTIONS: dict[str, object] = {

@@ -817,6 +817,38 @@ def test_client_retries_unavailable_with_backoff_and_a_cap():
         fake.stop(None)
 
 
+def test_default_client_retries_once_per_layer_and_throttles_a_failing_server():
+    """By default only the channel retries (gRPC's policy, up to 5 attempts), and its throttling
+    stops retrying once most calls fail: 10 calls to a server that always answers UNAVAILABLE cost
+    5 + 9 attempts, not 10 x 5 (or 10 x 5 x 3 with a second retry layer)."""
+    from client import CamClient, CamServingError
+
+    calls = []
+
+    class Down(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def GetModelMetadata(self, request_, context):
+            calls.append(time.monotonic())
+            context.abort(grpc.StatusCode.UNAVAILABLE, "queue full")
+
+    fake = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Down(), fake)
+    port = fake.add_insecure_port("127.0.0.1:0")
+    fake.start()
+    try:
+        with CamClient(f"127.0.0.1:{port}", model="m", timeout=10) as client:
+            attempts = []
+            for _ in range(10):
+                calls.clear()
+                with pytest.raises(CamServingError) as info:
+                    client.model_image_size()
+                assert info.value.code == grpc.StatusCode.UNAVAILABLE
+                attempts.append(len(calls))
+        assert attempts[0] == 5  # the channel's retry policy
+        assert sum(attempts) <= 20 and attempts[-1] == 1, attempts  # throttled
+    finally:
+        fake.stop(None)
+
+
 # --- SIGTERM under load (last: it stops the subprocess server) -----------------------------------
 
 
