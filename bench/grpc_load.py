@@ -56,7 +56,7 @@ def closed_loop(target: str, payload: bytes, concurrency: int, duration: float, 
     errors: dict[str, int] = {}
     sizes: list[int] = []
     lock = threading.Lock()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     stop_at = started + duration
     last = [started]
 
@@ -84,6 +84,7 @@ def closed_loop(target: str, payload: bytes, concurrency: int, duration: float, 
         thread.start()
     for thread in threads:
         thread.join()
+    cpu = time.process_time() - cpu_started
     channel.close()
     return {
         "requests": len(latencies),
@@ -92,4 +93,7 @@ def closed_loop(target: str, payload: bytes, concurrency: int, duration: float, 
         "latencies_s": latencies,
         "request_bytes": len(payload),
         "response_bytes": int(np.median(sizes)) if sizes else 0,
+        # CPU seconds this process spent per wall second: on a machine shared with the server,
+        # what the load generator takes away from it.
+        "cpu_share": cpu / (time.perf_counter() - started),
     }

@@ -33,10 +33,12 @@ def test_bench_runs_every_configuration(shapes_export, tmp_path):
     expected = {f"in-process {s} b{b}" for s in ("predict", "gradcam", "cam", "predict_bytes", "gradcam_bytes")
                 for b in (1, 8)}
     expected |= {bench.config_name(c) for c in bench.grpc_configs(["gradcam", "cam"])}
-    expected |= {bench.config_name(c) + " interleaved" for c in bench.grpc_configs(["gradcam", "cam"])[:2]}
+    expected |= {bench.config_name(c) + " interleaved" for c in bench.grpc_configs(["gradcam", "cam"])[:3]}
     assert set(rows) == expected
     for name, row in rows.items():
         assert row["n"] > 0 and row["p50_ms"] > 0 and not row.get("errors"), (name, row)
+    for signature, outputs in (("predict_bytes", "summary"), ("gradcam_bytes", "heatmap_png")):
+        assert rows[f"grpc {signature} b1 c16 out={outputs}"]["in_process_b8_images_per_s"] > 0
     compact = rows["grpc gradcam_bytes b1 c1 out=heatmap_png"]["response_bytes"]
     assert 0 < compact < rows["grpc gradcam_bytes b1 c1 out=all"]["response_bytes"]
     assert len(results["ratios"]) == 10  # 12 with the seed notebook's way and all(math.isfinite(v) and v > 0 for v in results["ratios"].values())
