@@ -207,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         progress(done, total, f"waiting for {args.model} at {args.server}")
         from client.api import CamClient
 
-        client = CamClient(args.server, args.model)
-        client.wait_until_ready(args.wait)
-        height, width = client.model_image_size()
+        with CamClient(args.server, args.model) as client:
+            client.wait_until_ready(args.wait)
+            height, width = client.model_image_size()
     else:
         height, width = model.signatures["predict"].structured_input_signature[1]["images"].shape[1:3]
     import cv2
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         progress(done, total, name)
         in_flight = config["batch"] * config["concurrency"]
         bracket = brackets.get(config["signature"]) if config["concurrency"] == 16 else None
-        seconds = round_robin({"b8": bracket}, 2, warmup=0)["b8"] if bracket else []
+        bracket_times = round_robin({"b8": bracket}, 2, warmup=0)["b8"] if bracket else []
         result = closed_loop(args.server, payload(config), config["concurrency"],
                              args.seconds * min(4.0, max(1.0, in_flight / 4)))
         row = {"name": name, "kind": "grpc", **config, "errors": result["errors"],
@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             channel, call = raw_predict(args.server)
             call(payload(config), timeout=60)  # returns once the calls cancelled at the end have run
             channel.close()
-            seconds += round_robin({"b8": bracket}, 2, warmup=0)["b8"]
-            row["in_process_b8_images_per_s"] = 8 * len(seconds) / sum(seconds)
+            bracket_times += round_robin({"b8": bracket}, 2, warmup=0)["b8"]
+            row["in_process_b8_images_per_s"] = 8 * len(bracket_times) / sum(bracket_times)
         row.update(stats(result["latencies_s"], config["batch"], result["wall_s"]) if result["latencies_s"] else {})
         rows.append(row)
         done += 1

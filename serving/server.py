@@ -205,7 +205,8 @@ def _credentials(ssl) -> grpc.ServerCredentials:
     )
 
 
-MAX_DEFAULT_GRPC_THREADS = 256
+# Cap for the batching share: TF Serving's default max_batch_size (no parameters file) is 1000.
+MAX_BATCH_WAITING_THREADS = 256
 
 
 def default_grpc_threads(batching: BatchingOptions | None, cpus: int | None = None) -> int:
@@ -219,7 +220,7 @@ def default_grpc_threads(batching: BatchingOptions | None, cpus: int | None = No
     """
     threads = 4 * (cpus or os.cpu_count() or 1)
     if batching is not None:
-        threads += min(2 * batching.num_batch_threads * batching.execution_batch_size, MAX_DEFAULT_GRPC_THREADS)
+        threads += min(2 * batching.num_batch_threads * batching.execution_batch_size, MAX_BATCH_WAITING_THREADS)
     return threads
 
 

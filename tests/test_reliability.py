@@ -767,6 +767,15 @@ def test_binds_loopback_by_default(served):
 # --- client retries (a fake server that is unavailable twice) ------------------------------------
 
 
+def _fake_server(servicer: prediction_service_pb2_grpc.PredictionServiceServicer) -> tuple[grpc.Server, int]:
+    """A started gRPC server with `servicer` as its PredictionService, and its port."""
+    fake = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, fake)
+    port = fake.add_insecure_port("127.0.0.1:0")
+    fake.start()
+    return fake, port
+
+
 def test_client_retries_unavailable_with_backoff_and_a_cap():
     from tensorflow_serving.apis import get_model_metadata_pb2
 
@@ -790,10 +799,7 @@ def test_client_retries_unavailable_with_backoff_and_a_cap():
             calls.append(time.monotonic())
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not retried")
 
-    fake = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Flaky(), fake)
-    port = fake.add_insecure_port("127.0.0.1:0")
-    fake.start()
+    fake, port = _fake_server(Flaky())
     no_channel_retries = [("grpc.enable_retries", 0)]  # count this client's own attempts
     try:
         policy = RetryPolicy(max_attempts=3, initial_backoff=0.1, max_backoff=0.15)
@@ -830,10 +836,7 @@ def test_default_client_retries_once_per_layer_and_throttles_a_failing_server():
             calls.append(time.monotonic())
             context.abort(grpc.StatusCode.UNAVAILABLE, "queue full")
 
-    fake = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Down(), fake)
-    port = fake.add_insecure_port("127.0.0.1:0")
-    fake.start()
+    fake, port = _fake_server(Down())
     try:
         with CamClient(f"127.0.0.1:{port}", model="m", timeout=10) as client:
             attempts = []
