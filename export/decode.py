@@ -27,8 +27,8 @@ def _uint(b: tf.Tensor, offsets: list[int]) -> tf.Tensor:
     return value
 
 
-def declared_size(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(known_format, height, width) as written in the image header, without decoding pixels."""
+def declared_size(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(known_format, is_gif, height, width) as written in the image header, without decoding pixels."""
     head = tf.strings.substr(tf.strings.join([data, b"\0" * HEADER_BYTES]), 0, HEADER_BYTES)
     b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
     is_png = tf.reduce_all(tf.equal(b[:8], [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A]))
@@ -58,17 +58,12 @@ def declared_size(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         [(is_jpeg, jpeg), (is_png, png), (is_gif, gif), (is_bmp, bmp)], default=unknown, exclusive=False
     )
     known = is_jpeg | is_png | is_gif | is_bmp
-    return known, height, width
-
-
-def is_gif_data(data: tf.Tensor) -> tf.Tensor:
-    return tf.equal(tf.strings.substr(data, 0, 3), b"GIF")
+    return known, is_gif, height, width
 
 
 def decode_image(data: tf.Tensor, size: tuple[int, int], max_pixels: int) -> tf.Tensor:
     """One encoded image -> float32 [H, W, 3] RGB 0..255 at the model size."""
-    known, height, width = declared_size(data)
-    is_gif = is_gif_data(data)
+    known, is_gif, height, width = declared_size(data)
     checks = [
         tf.debugging.Assert(
             tf.strings.length(data) > 0, ["image_bytes: an image is empty (0 bytes)"]
