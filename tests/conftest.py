@@ -13,9 +13,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-
-def _quiet(message: str) -> None:
-    pass
+import synthetic  # noqa: E402 (needs the tests folder on sys.path)
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +37,7 @@ def _application_export(models_dir, name, methods):
     weights = models_dir / f"{name}.weights.h5"
     model.save_weights(weights)
     path = export_savedmodel(
-        name, str(weights), methods, f"{name}_test", str(models_dir), warmup_batch_sizes=(1, 2), log=_quiet
+        name, str(weights), methods, f"{name}_test", str(models_dir), warmup_batch_sizes=(1, 2), log=synthetic.quiet
     )
     return model, path
 
@@ -58,8 +56,6 @@ def vgg16(models_dir):
 @pytest.fixture(scope="session")
 def shapes_model(tmp_path_factory) -> pathlib.Path:
     """The synthetic-shapes GAP CNN, trained once per session (fixed seed), as a .keras file."""
-    import synthetic
-
     path = tmp_path_factory.mktemp("shapes") / "shapes.keras"
     accuracy = synthetic.train_model(str(path))
     assert accuracy > 0.9, f"the synthetic model did not learn (held-out accuracy {accuracy:.2f})"
@@ -73,7 +69,7 @@ def shapes_export(shapes_model, models_dir) -> pathlib.Path:
     from export.savedmodel import export_savedmodel
 
     return export_savedmodel(
-        str(shapes_model), "none", list(METHODS), "shapes", str(models_dir), top_k_maps=2, log=_quiet
+        str(shapes_model), "none", list(METHODS), "shapes", str(models_dir), top_k_maps=2, log=synthetic.quiet
     )
 
 

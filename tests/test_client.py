@@ -23,6 +23,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, predict
 from client import CamClient, CamServingError, Explanation, Prediction, protos
 from client import overlay as ov
 from client.__main__ import main as cli_main
+import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(p for p in (ROOT / "samples").iterdir() if p.suffix in (".png", ".jpg"))
@@ -410,7 +411,7 @@ def served_tiny(tmp_path_factory):
         outputs = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(x))
         keras.Model(inputs, outputs).save(base.parent / "tiny.keras")
         export_savedmodel(str(base.parent / "tiny.keras"), "none", ["gradcam", "cam"], base.name,
-                          str(base.parent), warmup_batch_sizes=(1,), log=lambda message: None)
+                          str(base.parent), warmup_batch_sizes=(1,), log=synthetic.quiet)
         address, deadline = f"127.0.0.1:{port}", time.monotonic() + 120
         with CamClient(address, model=base.name, timeout=5) as client:
             while True:

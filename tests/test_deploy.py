@@ -449,7 +449,7 @@ def replicas(tmp_path_factory):
         for prefix in "ab":
             (root / f"{prefix}.txt").write_text("".join(f"{prefix}{i}\n" for i in range(CLASSES)))
             export_savedmodel(str(root / "tiny.keras"), "none", ["gradcam"], "tiny", str(root / prefix), version=1,
-                              labels=str(root / f"{prefix}.txt"), warmup_batch_sizes=(1,), log=lambda message: None)
+                              labels=str(root / f"{prefix}.txt"), warmup_batch_sizes=(1,), log=synthetic.quiet)
             servers.append(Replica(prefix, root / prefix / "tiny"))  # loads while the next one exports
         for server in servers:
             server.wait_ready()

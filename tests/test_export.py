@@ -284,16 +284,16 @@ def test_cam_on_vgg16_is_a_clear_error_and_writes_nothing(tmp_path):
     from export.savedmodel import export_savedmodel
 
     with pytest.raises(ValueError, match="global average pooling"):
-        export_savedmodel("vgg16", "none", ["cam"], "vgg", str(tmp_path), log=lambda m: None)
+        export_savedmodel("vgg16", "none", ["cam"], "vgg", str(tmp_path), log=synthetic.quiet)
     assert not (tmp_path / "vgg").exists() or not any((tmp_path / "vgg").iterdir())
 
 
 def test_versions_increase_and_no_staging_directory_remains(shapes_model, tmp_path):
     from export.savedmodel import export_savedmodel
 
-    first = export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), warmup_batch_sizes=(1,), log=lambda m: None)
-    second = export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), warmup_batch_sizes=(1,), log=lambda m: None)
+    first = export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), warmup_batch_sizes=(1,), log=synthetic.quiet)
+    second = export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), warmup_batch_sizes=(1,), log=synthetic.quiet)
     assert (first.name, second.name) == ("1", "2")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]
     with pytest.raises(FileExistsError):
-        export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), version=2, log=lambda m: None)
+        export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), version=2, log=synthetic.quiet)

@@ -160,7 +160,7 @@ def test_xla_compiled_signatures_give_the_same_maps(shapes_model, shapes_export,
 
     jit = export_savedmodel(
         str(shapes_model), "none", ["gradcam", "eigencam"], "jit", str(tmp_path), jit_compile=True,
-        top_k_maps=2, warmup_batch_sizes=(1,), feature_maps=0, log=lambda m: None,
+        top_k_maps=2, warmup_batch_sizes=(1,), feature_maps=0, log=synthetic.quiet,
     )
     images, _, _ = synthetic.dataset(3, seed=24)
     class_index = np.array([-1, 0, 2], np.int32)

@@ -55,10 +55,6 @@ DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUST
               grpc.StatusCode.FAILED_PRECONDITION}
 
 
-def _quiet(message: str) -> None:
-    pass
-
-
 # --- models, servers, requests ---------------------------------------------------------------
 
 
@@ -71,7 +67,7 @@ def model_base(tmp_path_factory) -> pathlib.Path:
     keras_file = root / "rel.keras"
     synthetic.tiny_gap_cnn(keras_file, SIZE, NUM_CLASSES, seed=5)
     export_savedmodel(str(keras_file), "none", ["gradcam"], "rel", str(root / "models"), version=1,
-                      max_batch_size=MAX_BATCH, feature_maps=0, warmup_batch_sizes=(1,), log=_quiet)
+                      max_batch_size=MAX_BATCH, feature_maps=0, warmup_batch_sizes=(1,), log=synthetic.quiet)
     return root / "models" / "rel"
 
 

@@ -59,10 +59,6 @@ EXPLAIN_OUTPUTS = PREDICT_OUTPUTS | {"heatmap", "heatmap_uint8", "heatmap_png", 
 RECEIVE_LIMIT = 64 * 2**20
 
 
-def _quiet(message: str) -> None:
-    pass
-
-
 # --- models and servers ----------------------------------------------------------------------
 
 
@@ -75,8 +71,8 @@ def tiny_models(tmp_path_factory) -> pathlib.Path:
     keras_file = root / "tiny.keras"
     synthetic.tiny_gap_cnn(keras_file, SIZE, NUM_CLASSES, seed=3)
     base = root / "models"
-    export_savedmodel(str(keras_file), "none", ["gradcam", "cam"], "tiny", str(base), version=1, log=_quiet)
-    export_savedmodel(str(keras_file), "none", ["gradcam"], "tiny", str(base), version=2, log=_quiet)
+    export_savedmodel(str(keras_file), "none", ["gradcam", "cam"], "tiny", str(base), version=1, log=synthetic.quiet)
+    export_savedmodel(str(keras_file), "none", ["gradcam"], "tiny", str(base), version=2, log=synthetic.quiet)
     return base / "tiny"
 
 
