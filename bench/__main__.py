@@ -1,7 +1,8 @@
 """python -m bench: latency and throughput, side by side in one run.
 
-1. in-process: the SavedModel's signatures called directly (predict vs each explain method,
-   batch 1 and 8), the floor that the server adds to;
+1. in-process: the SavedModel's signatures called directly, as TF Serving runs them (LoadSavedModel,
+   one Session::Run per call): predict vs each explain method, batch 1 and 8, the floor that the
+   server adds to;
 2. the seed notebook's way (eager tape over the Keras model, numpy channel loop, cv2.resize),
    the reference users come from;
 3. over gRPC against a running server: signatures, encoded bytes vs uint8 tensor, full outputs vs
@@ -200,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                                image if uint8 else None, config["outputs"])
 
     if not args.skip_inprocess:
-        import tensorflow as tf
+        from export.tfs_loader import SavedModelSession
 
-        model = tf.saved_model.load(str(version_dir))  # once, while the server loads too
+        model = SavedModelSession(version_dir)  # once, while the server loads too
     if args.server:
         progress(done, total, f"waiting for {args.model} at {args.server}")
         from client.api import CamClient
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             client.wait_until_ready(args.wait)
             height, width = client.model_image_size()
     else:
-        height, width = model.signatures["predict"].structured_input_signature[1]["images"].shape[1:3]
+        height, width = (d.size for d in model.signature_defs["predict"].inputs["images"].tensor_shape.dim[1:3])
     import cv2
 
     image = cv2.cvtColor(cv2.resize(cv2.imread(str(SAMPLE)), (width, height)), cv2.COLOR_BGR2RGB)

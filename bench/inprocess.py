@@ -1,5 +1,8 @@
 """In-process baselines: the SavedModel signatures called directly, and the seed notebook's way.
 
+"Directly" means the way TF Serving runs them (export/tfs_loader.py: LoadSavedModel, one
+Session::Run per call), so that the gRPC figures compare with the same computation in-process.
+
 Configurations are timed round-robin (one call of each in turn), so that the noise of a shared
 machine falls on all of them alike and their ratios stay meaningful.
 """
@@ -27,20 +30,17 @@ def round_robin(calls: dict[str, Callable[[], object]], repeats: int, warmup: in
     return times
 
 
-def signature_calls(model, signatures: list[str], batch: int, images: np.ndarray, jpegs: list[bytes]):
-    """Zero-argument callables running each signature of a loaded SavedModel on one batch."""
-    import tensorflow as tf
-
-    tensors = {
-        "images": tf.constant(images[:batch]),
-        "image_bytes": tf.constant((jpegs * batch)[:batch]),
-        "class_index": tf.constant(np.full(batch, -1, np.int32)),
+def signature_calls(session, signatures: list[str], batch: int, images: np.ndarray, jpegs: list[bytes]):
+    """Zero-argument callables running each signature of a SavedModelSession on one batch."""
+    arrays = {
+        "images": images[:batch],
+        "image_bytes": np.array((jpegs * batch)[:batch], dtype=object),
+        "class_index": np.full(batch, -1, np.int32),
     }
     calls = {}
     for name in signatures:
-        function = model.signatures[name]
-        inputs = {key: tensors[key] for key in function.structured_input_signature[1]}
-        calls[name] = lambda f=function, i=inputs: f(**i)
+        inputs = {key: arrays[key] for key in session.signature_defs[name].inputs}
+        calls[name] = lambda n=name, i=inputs: session.run_signature(n, i)
     return calls
 
 

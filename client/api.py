@@ -20,7 +20,7 @@ from .channel import channel_options as _channel_options, grpc_target
 
 Image = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's 4 MiB default fails at ~80 float heatmaps
-_SUMMARY = ["class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels"]
+_SUMMARY = ["class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels", "error"]
 _HEATMAP_OUTPUT = {"png": "heatmap_png", "uint8": "heatmap_uint8", "float": "heatmap", "none": None}
 
 
@@ -54,9 +54,9 @@ class Explanation(Prediction):
 class RetryPolicy:
     """Retries of `CamClient` itself, for outages longer than the channel's gRPC retries cover.
 
-    The channel already retries UNAVAILABLE (up to 5 attempts within ~1.5 s, on another replica,
-    throttled when most calls fail: client/channel.py), so by default CamClient adds none: two
-    layers would multiply into 15 attempts per call against an overloaded server. Pass e.g.
+    The channel already retries UNAVAILABLE and RESOURCE_EXHAUSTED (up to 5 attempts within ~1.5 s,
+    on another replica, throttled when most calls fail: client/channel.py), so by default CamClient
+    adds none: two layers would multiply into 15 attempts per call against an overloaded server. Pass e.g.
     `RetryPolicy(max_attempts=3)` to also ride out a restart. Only idempotent calls are retried
     (Predict of the exported signatures, GetModelMetadata). Attempt n (from 1) waits
     min(max_backoff, initial_backoff * multiplier**(n-1)) seconds, times a random 0.5..1 (jitter),
@@ -65,7 +65,7 @@ class RetryPolicy:
     initial_backoff: float = 0.2
     max_backoff: float = 2.0
     multiplier: float = 2.0
-    codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
+    codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
     def backoff(self, attempt: int) -> float:
         return min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
@@ -84,10 +84,12 @@ class CamClient:
     `target` is a gRPC address: "host:8500", several replicas as "host:8500,host2:8500" or
     "ipv4:10.0.0.1:8500,10.0.0.2:8500", or a name whose addresses are the replicas,
     "dns:///camserve.default.svc.cluster.local:8500" (see client/channel.py). Calls are spread
-    round-robin over the replicas and retried on another one when they fail with UNAVAILABLE;
+    round-robin over the replicas and retried on another one when they fail with UNAVAILABLE or
+    RESOURCE_EXHAUSTED (an overloaded server);
     `channel_options` replace the defaults of the same name (client.channel.DEFAULT_OPTIONS);
     `timeout` is the deadline of each call in seconds; `version` pins a model version;
-    `retry` (a RetryPolicy; default none beyond the channel's own) retries calls that fail with UNAVAILABLE.
+    `retry` (a RetryPolicy; default none beyond the channel's own) retries calls that fail with
+    UNAVAILABLE or RESOURCE_EXHAUSTED.
     `credentials`: e.g. `tls_credentials(ca_cert=..., client_cert=..., client_key=...)` for TLS.
     """
 
@@ -262,6 +264,7 @@ class CamClient:
                 if missing or any(v.shape[:1] != (len(chunk),) for v in got.values()):
                     raise CamServingError(grpc.StatusCode.INTERNAL,
                                           f"bad response: missing {missing}, batch {len(chunk)}")
+                _raise_refused(got["error"], {i: items[i] for i in chunk})
                 for row, i in enumerate(chunk):
                     results[i] = _parse({k: v[row] for k, v in got.items()}, top_k, kind)
         return results[0] if single else results
@@ -306,6 +309,16 @@ def _sized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     shrink = image.shape[0] > size[0] and image.shape[1] > size[1]
     return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def _raise_refused(errors: np.ndarray, items: dict[int, Image]) -> None:
+    """The server computes a batch even when some of its images are refused (so that one caller's
+    bad image does not fail the others batched with it) and says why in the `error` output; a
+    refused image is an INVALID_ARGUMENT for this caller, as when the server refuses the whole call."""
+    refused = [f"image {i}{f' ({item})' if isinstance(item, (str, os.PathLike)) else ''}: {_decode(error)}"
+               for (i, item), error in zip(items.items(), errors) if error]
+    if refused:
+        raise CamServingError(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(refused))
 
 
 def _parse(out: dict[str, np.ndarray], top_k: int | None, kind):

@@ -16,8 +16,9 @@ servers certificates with that IP, or set the name to check with the channel opt
 `grpc.ssl_target_name_override`.
 
 `channel_options()` are the options every `CamClient` channel gets: the service config below
-(round-robin over every address of the target, and gRPC's own retry of calls that fail with
-UNAVAILABLE: a replica that stops or dies mid-call, a connection refused during a rolling update),
+(round-robin over every address of the target, and gRPC's own throttled retry of calls that fail
+with UNAVAILABLE: a replica that stops or dies mid-call, a connection refused during a rolling
+update; or with RESOURCE_EXHAUSTED: a server past its thread or concurrency limit),
 keep-alive pings and a retry buffer large enough for image batches (CamClient adds its message
 size limits).
 """
@@ -37,14 +38,17 @@ SERVICE_CONFIG = {
     "methodConfig": [{
         "name": [{"service": service} for service in SERVICES],
         # UNAVAILABLE means the call did not run to completion on a server that is going away (or
-        # never reached one): Predict, GetModelMetadata and GetModelStatus are safe to run again.
-        # gRPC allows at most 5 attempts; backoff is randomised between 0 and the current value.
+        # never reached one); RESOURCE_EXHAUSTED is what an overloaded server answers before it
+        # runs anything (TF Serving past --grpc_max_threads: "Server Threadpool Exhausted"; a full
+        # --max_concurrent_requests here). Predict, GetModelMetadata and GetModelStatus are safe to
+        # run again. gRPC allows at most 5 attempts; backoff is randomised between 0 and the
+        # current value, and the throttling below stops retries while most calls fail.
         "retryPolicy": {
             "maxAttempts": 5,
             "initialBackoff": "0.05s",
             "maxBackoff": "1s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
         },
     }],
     # Retry only while most calls succeed: each failure costs a token, each success gives back

@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from export.savedmodel import export_savedmodel  # imports TensorFlow: after --help
+    from export.verify import VerificationError
 
     try:
         export_savedmodel(
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             top_k_maps=args.top_k_maps,
             feature_maps=args.feature_maps,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, VerificationError) as error:
         print(f"export: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,5 +1,8 @@
 """Decode encoded images inside the graph, refusing oversized ones before decoding.
 
+A refused or undecodable image fails only its own row: it is replaced by zeros and the row's
+error message says why (see `decode_images`).
+
 A valid 250 KB PNG can declare 16000x16000 pixels and make the decoder allocate 768 MB, so the
 size written in the header is checked first (JPEG via `extract_jpeg_shape`, PNG/BMP by reading
 their fixed header fields) and only then is the image decoded.
@@ -61,33 +64,27 @@ def declared_size(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.
     return known, is_gif, height, width
 
 
-def decode_image(data: tf.Tensor, size: tuple[int, int], max_pixels: int) -> tf.Tensor:
-    """One encoded image -> float32 [H, W, 3] RGB 0..255 at the model size."""
+def header_error(data: tf.Tensor, max_pixels: int) -> tf.Tensor:
+    """Why one encoded image is refused before decoding, from its header alone; "" if it is not."""
     known, is_gif, height, width = declared_size(data)
-    checks = [
-        tf.debugging.Assert(
-            tf.strings.length(data) > 0, ["image_bytes: an image is empty (0 bytes)"]
-        ),
-        tf.debugging.Assert(
-            known, ["image_bytes: not a JPEG, PNG or BMP image (unknown file signature)"]
-        ),
-        tf.debugging.Assert(
-            tf.logical_not(is_gif),
-            ["image_bytes: GIF images are not accepted (their frames may be far larger than the header says): "
-             "send PNG or JPEG"],
-        ),
-        tf.debugging.Assert(
-            height * width <= max_pixels,
-            [
-                tf.strings.format(
-                    "image_bytes: the image declares {}x{} pixels, more than the limit of {} pixels",
-                    (width, height, max_pixels),
-                )
-            ],
-        ),
+    too_large = tf.strings.format(
+        "image_bytes: the image declares {}x{} pixels, more than the limit of {} pixels", (width, height, max_pixels)
+    )
+    refusals = [  # the first that applies is reported
+        (tf.equal(tf.strings.length(data), 0), "image_bytes: an image is empty (0 bytes)"),
+        (tf.logical_not(known), "image_bytes: not a JPEG, PNG or BMP image (unknown file signature)"),
+        (is_gif, "image_bytes: GIF images are not accepted (their frames may be far larger than the header "
+                 "says): send PNG or JPEG"),
+        (height * width > max_pixels, too_large),
     ]
-    with tf.control_dependencies(checks):
-        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    message = tf.constant("")
+    for refused, text in reversed(refusals):
+        message = tf.where(refused, text, message)
+    return message
+
+
+def _decode(data: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+    image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
     image = tf.cast(tf.ensure_shape(image, [None, None, 3]), tf.float32)
     same_size = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))
     return tf.cond(
@@ -97,10 +94,45 @@ def decode_image(data: tf.Tensor, size: tuple[int, int], max_pixels: int) -> tf.
     )
 
 
-def decode_images(image_bytes: tf.Tensor, size: tuple[int, int], max_pixels: int) -> tf.Tensor:
-    """A batch of encoded images [N] -> float32 [N, H, W, 3]."""
-    return tf.map_fn(
-        lambda data: decode_image(data, size, max_pixels),
-        image_bytes,
-        fn_output_signature=tf.TensorSpec([*size, 3], tf.float32),
+def decode_image(data: tf.Tensor, size: tuple[int, int], max_pixels: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """One encoded image -> (float32 [H, W, 3] RGB 0..255 at the model size, error).
+
+    A refused image is not decoded: it becomes zeros and `error` says why ("" otherwise).
+    """
+    error = header_error(data, max_pixels)
+    image = tf.cond(
+        tf.equal(error, ""), lambda: _decode(data, size), lambda: tf.zeros([*size, 3], tf.float32)
     )
+    return image, error
+
+
+UNDECODABLE = "image_bytes: the image cannot be decoded (corrupt or truncated?)"
+
+
+def decode_images(image_bytes: tf.Tensor, size: tuple[int, int], max_pixels: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """A batch of encoded images [N] -> (float32 [N, H, W, 3], errors [N]).
+
+    A graph has no try/except, and a decoder that fails on corrupt data fails the whole call, so
+    every image that a batching server put beside it too. tf.data's `ignore_errors` is the one
+    graph construct that drops a failing element and carries on: the images are decoded as a
+    dataset of (row, image, error), and a row missing from its output could not be decoded.
+    """
+    n = tf.shape(image_bytes, out_type=tf.int64)[0]
+
+    def one(row, data):
+        image, error = decode_image(data, size, max_pixels)
+        return row, image, error
+
+    decoded = (
+        tf.data.Dataset.from_tensor_slices((tf.range(n), image_bytes))
+        .map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .ignore_errors()
+    )
+    # A first element that always exists, so that the batch exists when every image fails.
+    anchor = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.zeros([*size, 3]), tf.constant("")))
+    rows, images, errors = anchor.concatenate(decoded).batch(n + 1).get_single_element()
+    rows = rows[1:, tf.newaxis]
+    images = tf.scatter_nd(rows, images[1:], tf.stack([n, *size, 3]))
+    errors = tf.scatter_nd(rows, errors[1:], [n])
+    decoded_rows = tf.scatter_nd(rows, tf.ones_like(rows[:, 0], tf.bool), [n])
+    return images, tf.where(decoded_rows, errors, UNDECODABLE)

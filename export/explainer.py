@@ -7,14 +7,17 @@ Read top to bottom, one request goes:
          -> dy_c/dA (backward through the head only, never the backbone)
          -> method: raw map from A, dy_c/dA (and w_c for CAM)
          -> ReLU -> divide by the per-image max -> bilinear resize to the input size.
+Around it, outside any XLA cluster: the checks of the request, decoding, names, PNG, `error`.
 """
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from export.backbone import Backbone
-from export.decode import decode_images
+from export.decode import DEFAULT_MAX_PIXELS, decode_images
 from export.methods import Evidence, Method
 
 
@@ -40,7 +43,7 @@ class Explainer(tf.Module):
         labels: list[str],
         top_k: int = 5,
         max_batch_size: int = 128,
-        max_image_pixels: int = 25_000_000,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
         jit_compile: bool = False,
         top_k_maps: int = 0,
         feature_maps: int = 36,
@@ -146,9 +149,9 @@ class Explainer(tf.Module):
         chosen = tf.transpose(tf.gather(activations, channels, axis=3, batch_dims=1), [0, 3, 1, 2])
         return {"feature_maps": normalise(chosen), "feature_channels": channels}
 
-    def _presented(self, outputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """Add the string outputs (names, PNG) outside the numeric core: XLA has no strings."""
-        outputs = dict(outputs)
+    def _presented(self, outputs: dict[str, tf.Tensor], errors: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Add the string outputs (names, PNG, errors) outside the numeric core: XLA has no strings."""
+        outputs = {**outputs, "error": errors}
         if "class_index" in outputs:
             outputs["class_label"] = tf.gather(self.labels, outputs["class_index"])
             outputs["top_k_labels"] = tf.gather(self.labels, outputs["top_k_indices"])
@@ -160,33 +163,73 @@ class Explainer(tf.Module):
             )
         return outputs
 
-    # --- input checks (outside any XLA cluster, so they always run) ---------------------------
+    # --- the input contract (outside any XLA cluster, so it always runs) ----------------------
+    #
+    # TF Serving feeds whatever a request holds: it checks neither shapes nor batch sizes against
+    # the signature, so the graph checks its own contract. A fault of the request as a whole
+    # (shape, batch size, class_index length) fails the call with INVALID_ARGUMENT. A fault of one
+    # image (refused from its header or undecodable: decode.py; class out of range) only marks its
+    # row in the `error` output, and the row is computed on a stand-in (zeros, the predicted
+    # class): with TF Serving's batching, one caller's bad image must not fail the callers batched
+    # with it. A call whose rows are all faulty fails with INVALID_ARGUMENT, so a lone bad request
+    # still gets a plain error.
 
-    def _checked(self, batch: tf.Tensor, class_index: tf.Tensor | None = None) -> list[tf.Operation]:
+    def _checked_request(self, x: tf.Tensor, class_index: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """`x` and `class_index` in their declared shapes, once the request as a whole is valid."""
+        height, width = self.image_size
+        if x.dtype == tf.string:
+            name, inner, expected = "image_bytes", [], "[N] (one encoded image per element)"
+        else:
+            name, inner = "images", [height, width, 3]
+            expected = f"[N,{height},{width},3] (N RGB images of {height}x{width}, uint8)"
+        shape = tf.shape(x, out_type=tf.int64)
+        padded = tf.pad(shape, [[0, len(inner) + 1]])  # any rank, even 0, has the dims to compare
+        # Grappler folds a rank test to the rank the signature declares, so the rank is checked
+        # through the element count instead: [N, *inner] holds exactly N * prod(inner) values.
+        shape_ok = tf.logical_and(
+            tf.reduce_all(tf.equal(padded[1 : 1 + len(inner)], tf.constant(inner, tf.int64))),
+            tf.equal(tf.size(x, out_type=tf.int64), padded[0] * math.prod(inner)),
+        )
+        got = tf.strings.reduce_join(tf.strings.as_string(shape), separator=",")
+        shape_check = tf.debugging.Assert(shape_ok, [tf.strings.join([f"{name}: expected shape {expected}, got [", got, "]"])])
+        with tf.control_dependencies([shape_check]):
+            x = tf.reshape(x, [-1, *inner])
+            batch = tf.shape(x)[0]
         checks = [
-            tf.debugging.assert_positive(batch, message="empty batch: send at least one image"),
-            tf.debugging.assert_less_equal(
-                batch,
-                self.max_batch_size,
-                message=f"too many images in one request: the limit is {self.max_batch_size}",
+            tf.debugging.Assert(batch > 0, ["empty batch: send at least one image"]),
+            tf.debugging.Assert(
+                batch <= self.max_batch_size,
+                [tf.strings.format(f"too many images in one request: {{}}; the limit is {self.max_batch_size}", batch)],
             ),
         ]
         if class_index is not None:
-            checks += [
-                tf.debugging.assert_equal(
-                    tf.size(class_index), batch, message="class_index needs one entry per image"
-                ),
-                tf.debugging.assert_greater_equal(
-                    class_index, -1, message="class_index must be -1 (the predicted class) or a class index"
-                ),
-                tf.debugging.assert_less(
-                    class_index,
-                    self.num_classes,
-                    message=f"class_index out of range: this model has {self.num_classes} classes "
-                    f"(0..{self.num_classes - 1}; -1 = the predicted class)",
-                ),
-            ]
-        return checks
+            checks.append(tf.debugging.Assert(
+                tf.equal(tf.size(class_index), batch),
+                [tf.strings.format("class_index needs one entry per image: {} images, class_index of shape {}",
+                                   (batch, tf.shape(class_index)))],
+            ))
+        with tf.control_dependencies(checks):
+            x = tf.identity(x)
+            if class_index is not None:
+                class_index = tf.reshape(class_index, [-1])
+        return x, class_index
+
+    def _class_errors(self, class_index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(class_index with faulty entries replaced by -1, per-row error message or "")."""
+        bad = tf.logical_or(class_index < -1, class_index >= self.num_classes)
+        message = tf.strings.join([
+            "class_index ", tf.strings.as_string(class_index), " is out of range: this model has ",
+            f"{self.num_classes} classes (0..{self.num_classes - 1}; -1 = the predicted class)",
+        ])
+        return tf.where(bad, -1, class_index), tf.where(bad, message, "")
+
+    @staticmethod
+    def _some_row_valid(errors: tf.Tensor) -> tf.Operation:
+        """Fail the call when every row is faulty, with each distinct fault named once."""
+        faults = tf.unique(tf.boolean_mask(errors, tf.not_equal(errors, ""))).y
+        return tf.debugging.Assert(
+            tf.reduce_any(tf.equal(errors, "")), [tf.strings.reduce_join(faults, separator="; ")]
+        )
 
     # --- signatures ---------------------------------------------------------------------------
 
@@ -198,37 +241,35 @@ class Explainer(tf.Module):
         class_spec = tf.TensorSpec([None], tf.int32, name="class_index")
 
         def from_images(images):
-            return tf.cast(images, tf.float32)
+            return tf.cast(images, tf.float32), tf.fill(tf.shape(images)[:1], "")
 
         def from_bytes(image_bytes):
             return decode_images(image_bytes, self.image_size, self.max_image_pixels)
 
-        def images_only_signature(compute, to_pixels, spec):
+        def signature(compute, to_pixels, spec, explains: bool):
             core = tf.function(compute, jit_compile=self._jit_compile)
 
-            @tf.function(input_signature=[spec])
-            def signature(x):
-                with tf.control_dependencies(self._checked(tf.shape(x)[0])):
-                    return self._presented(core(to_pixels(x)))
+            def run(x, *class_index):
+                x, class_index = self._checked_request(x, class_index[0] if explains else None)
+                pixels, errors = to_pixels(x)
+                arguments = [pixels]
+                if explains:
+                    class_index, class_errors = self._class_errors(class_index)
+                    errors = tf.where(tf.equal(errors, ""), class_errors, errors)
+                    arguments.append(class_index)
+                with tf.control_dependencies([self._some_row_valid(errors)]):
+                    return self._presented(core(*arguments), tf.identity(errors))
 
-            return signature.get_concrete_function()
-
-        def explain_signature(method, to_pixels, spec):
-            core = tf.function(lambda pixels, c: self._explain(method, pixels, c), jit_compile=self._jit_compile)
-
-            @tf.function(input_signature=[spec, class_spec])
-            def signature(x, class_index):
-                with tf.control_dependencies(self._checked(tf.shape(x)[0], class_index)):
-                    return self._presented(core(to_pixels(x), class_index))
-
-            return signature.get_concrete_function()
+            specs = [spec, class_spec] if explains else [spec]
+            return tf.function(run, input_signature=specs).get_concrete_function()
 
         sigs = {}
         for suffix, to_pixels, spec in (("", from_images, images_spec), ("_bytes", from_bytes, bytes_spec)):
-            sigs[f"predict{suffix}"] = images_only_signature(self._predict, to_pixels, spec)
+            sigs[f"predict{suffix}"] = signature(self._predict, to_pixels, spec, explains=False)
             for name, method in self.methods.items():
-                sigs[f"{name}{suffix}"] = explain_signature(method, to_pixels, spec)
+                explain = lambda pixels, c, method=method: self._explain(method, pixels, c)  # noqa: E731
+                sigs[f"{name}{suffix}"] = signature(explain, to_pixels, spec, explains=True)
             if self.feature_maps:
-                sigs[f"feature_maps{suffix}"] = images_only_signature(self._feature_maps, to_pixels, spec)
+                sigs[f"feature_maps{suffix}"] = signature(self._feature_maps, to_pixels, spec, explains=False)
         sigs["serving_default"] = sigs[f"{default_method}_bytes"]
         return sigs

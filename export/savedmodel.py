@@ -21,9 +21,10 @@ from export.backbone import load_backbone
 from export.decode import DEFAULT_MAX_PIXELS
 from export.explainer import Explainer
 from export.methods import get_method
+from export.tfs_loader import WARMUP_FILE
+from export.verify import verify
 
 IMAGENET_LABELS = pathlib.Path(__file__).parent / "data" / "imagenet_classes.txt"
-WARMUP_FILE = "tf_serving_warmup_requests"
 PYTHON_CALLBACK_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc", "NumpyFunction"}
 
 
@@ -52,16 +53,27 @@ def python_callback_ops(signature: tf.types.experimental.ConcreteFunction) -> se
     return {n.op for n in nodes} & PYTHON_CALLBACK_OPS
 
 
+def track_captured_variables(explainer: Explainer, signatures: dict) -> None:
+    """Make the saved object track every variable the signatures capture.
+
+    TF Serving restores variables with the saver's restore op, which covers only the variables the
+    saved object graph tracks. Keras 3 layers held by a tf.Module are not tracked that way, so
+    their variables would exist in the graph but never be restored ("Could not find variable" at
+    the first Session::Run), although `tf.saved_model.load` would run the model fine.
+    """
+    captured = {id(v): v for signature in signatures.values() for v in signature.variables}
+    explainer.serving_variables = list(captured.values())
+
+
 def warmup_requests(signatures: dict, image_size: tuple[int, int], batch_sizes: Sequence[int]):
-    """One PredictionLog per signature and batch size, with plausible inputs (noise, -1)."""
+    """One PredictionLog per signature (serving_default too: its own feeds and fetches, so its own
+    executor in TF Serving's session) and batch size, with plausible inputs (noise, -1)."""
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(*image_size, 3), dtype=np.uint8)
     jpeg = tf.io.encode_jpeg(image).numpy()
     for name in signatures:
-        if name == "serving_default":
-            continue
         inputs = {spec.name for spec in tf.nest.flatten(signatures[name].structured_input_signature)}
         for batch in batch_sizes:
             request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name=name))
@@ -133,20 +145,25 @@ def export_savedmodel(
     for name, signature in signatures.items():
         if python_callback_ops(signature):
             raise RuntimeError(f"signature {name!r} calls back into Python: TF Serving cannot run it")
+    track_captured_variables(explainer, signatures)
 
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
     try:
         step(f"saving {len(signatures)} signatures: {', '.join(signatures)}")
         tf.saved_model.save(explainer, str(staging), signatures=signatures)
-        warmup_dir = staging / "assets.extra"
-        warmup_dir.mkdir()
+        warmup_path = staging / WARMUP_FILE
+        warmup_path.parent.mkdir()
         count = 0
-        with tf.io.TFRecordWriter(str(warmup_dir / WARMUP_FILE)) as writer:
+        with tf.io.TFRecordWriter(str(warmup_path)) as writer:
             for record in warmup_requests(signatures, split.image_size, warmup_batch_sizes):
                 writer.write(record.SerializeToString())
                 count += 1
         step(f"wrote {count} warm-up requests (batch sizes {list(warmup_batch_sizes)})")
+        step(str(verify(staging, signatures)))
+        if jit_compile:
+            step("compiled with XLA: TF Serving runs it only with --xla_cpu_compilation_enabled=true or "
+                 "--xla_gpu_compilation_enabled=true (python -m serving.tfserving adds the flag itself)")
         os.rename(staging, final_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

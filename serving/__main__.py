@@ -67,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     flag("--max_concurrent_requests", type=int, default=0,
          help="calls handled or queued at once; more are refused with RESOURCE_EXHAUSTED (0: no limit; "
               "not a TF Serving flag)")
+    flag("--rerun_failed_batches", type=_bool, nargs="?", const=True, default=False,
+         help="with batching, rerun a failed batch one request at a time so that only the faulty request fails "
+              "(not a TF Serving flag: TF Serving fails every request of the batch)")
     return p
 
 
@@ -106,6 +109,7 @@ def options_from_args(args: argparse.Namespace,
         ssl=ssl,
         shutdown_grace_seconds=args.shutdown_grace_seconds,
         max_concurrent_requests=args.max_concurrent_requests,
+        rerun_failed_batches=args.rerun_failed_batches,
     )
     return config, options
 

@@ -4,10 +4,14 @@ A GPU computes 8 images in little more time than 1, so grouping requests raises 
 follows TF Serving's batch scheduler: one queue per (model, version, signature, outputs); a batch
 is run when it is full or when its first request has waited `batch_timeout_micros`, by one of
 `num_batch_threads` workers; a queue holds at most `max_enqueued_batches` batches, beyond which
-requests are refused with UNAVAILABLE; a batch is padded (with copies of its first row) up to the
-smallest `allowed_batch_sizes` entry that holds it, so the model only ever sees the warmed-up
-sizes; outputs are split back per request. Unlike TF Serving, a batch that fails is retried one
-request at a time, so one bad request (an out-of-range class_index) fails alone.
+requests are refused with UNAVAILABLE; a batch is padded (with copies of the first row of its last
+request) up to the smallest `allowed_batch_sizes` entry that holds it, so the model only ever sees
+the warmed-up sizes; outputs are split back per request.
+
+As in TF Serving, a batch gets one status: when the merged run fails, every request in it gets the
+error. (The exported graph keeps that rare: a faulty image or class index only marks its own row.)
+`rerun_failed=True`, which TF Serving does not have, reruns a failed batch one request at a time
+so that only the faulty request fails.
 """
 
 from __future__ import annotations
@@ -62,8 +66,9 @@ class _Batch:
 class Batcher:
     """Groups tasks submitted with the same key into batches run by worker threads."""
 
-    def __init__(self, options: BatchingOptions):
+    def __init__(self, options: BatchingOptions, rerun_failed: bool = False):
         self.options = options
+        self.rerun_failed = rerun_failed
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # executed (padded) sizes
         self.abandoned = 0  # tasks dropped from their batch because their caller was gone
         self._cond = threading.Condition()
@@ -159,6 +164,21 @@ class Batcher:
                     batch, wait = self._next_ready()
             self._execute(batch.run, batch.tasks)
 
+    @staticmethod
+    def _merged(name: str, parts: list[np.ndarray], padding: int) -> np.ndarray:
+        """The requests' tensors concatenated on dimension 0, padded with copies of the first row of
+        the last one (as TF Serving pads)."""
+        if len({p.shape[1:] for p in parts}) > 1:
+            raise ServingError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Tensors with name '{name}' from different tasks have different shapes and padding is turned off. "
+                "Set pad_variable_length_inputs to true, or ensure that all tensors with the same name have equal "
+                "dimensions starting with the first dim.",
+            )
+        if padding:
+            parts = [*parts, np.repeat(parts[-1][:1], padding, axis=0)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def _padded_size(self, size: int) -> int:
         return next((b for b in self.options.allowed_batch_sizes if b >= size), size)
 
@@ -179,12 +199,8 @@ class Batcher:
         try:
             total = sum(t.size for t in tasks)
             padded = self._padded_size(total)
-            inputs = {}
-            for name in tasks[0].inputs:
-                parts = [t.inputs[name] for t in tasks]
-                if padded > total:
-                    parts.append(np.repeat(parts[0][:1], padded - total, axis=0))
-                inputs[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            inputs = {name: self._merged(name, [t.inputs[name] for t in tasks], padded - total)
+                      for name in tasks[0].inputs}
             with self._cond:
                 self.batch_sizes[padded] += 1
             outputs = run(inputs)
@@ -196,12 +212,13 @@ class Batcher:
                         f"(batch of {padded}), so it cannot be split between requests",
                     )
         except Exception as e:
-            if len(tasks) > 1:
+            if self.rerun_failed and len(tasks) > 1:
                 log.info("a batch of %d requests failed (%s); running them one by one", len(tasks), e)
                 for task in tasks:
                     self._execute(run, [task])
             else:
-                tasks[0].finish(error=e)
+                for task in tasks:
+                    task.finish(error=e)
             return
         offset = 0
         for task in tasks:

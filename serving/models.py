@@ -3,9 +3,11 @@
 A `ModelRegistry` mirrors TF Serving's model manager for the embedded server: every model of a
 `ModelServerConfig` is a base path whose numeric subdirectories are versions; the version policy
 (latest N by default, all, or specific) says which are loaded; a poll thread picks up new versions
-and drops old ones. Requests are checked against the signature (input names, dtypes, shapes,
-output names) before the graph runs, so that mistakes come back as readable INVALID_ARGUMENT
-errors naming the input, and errors raised by the graph itself keep their gRPC meaning.
+and drops old ones. A version is loaded and run the way TF Serving runs it: C++ LoadSavedModel
+and one Session::Run per request on the SignatureDef's tensor names, with the output_filter as
+the fetch list (export/tfs_loader.py). Requests are checked as TF Serving checks them (input
+names, dtypes, output names); shapes and batch sizes are checked by the graph itself, and the
+graph's errors keep TensorFlow's status code.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import dataclasses
 import logging
 import math
 import os
-import pathlib
 import re
 import threading
 import time
@@ -25,17 +26,17 @@ import grpc
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
-from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, prediction_log_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
 from tensorflow_serving.config import model_server_config_pb2
+
+from export.tfs_loader import SavedModelSession, SessionError, warmup_requests
 
 log = logging.getLogger("serving.models")
 
 DEFAULT_SIGNATURE = "serving_default"
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
+INIT_OP_SIGNATURE = "__saved_model_init_op"  # in the SignatureDef map of TF2 SavedModels; not servable
 MAX_LOAD_ATTEMPTS = 5  # like TF Serving's --max_num_load_retries
-PRUNED_CACHE_SIZE = 32
 # TF's TensorProto shorthand: fewer values than the shape holds repeats the last one (none: zeros).
 # A few bytes on the wire could then ask for gigabytes, so the expansion is capped.
 MAX_FILL_BYTES = 64 * 2**20
@@ -67,13 +68,11 @@ def clean_tf_message(message: str) -> str:
         and not line.lstrip().startswith("[[{{")
     ]
     text = " ".join(lines)
-    if re.search(r"^Detected at node \S*(Decode(Image|Jpeg|Png|Bmp|Gif)|ExtractJpegShape)\b", message, re.M):
-        text = "image_bytes: the image cannot be decoded (corrupt or truncated?): " + text
     text = re.sub(r"\s*\[Op:[^\]]*\]", "", text)
     text = re.sub(r"\s*\[\[\{\{[^\]]*\]\]", "", text)
     text = re.sub(r" \([\w/.:-]+:\d+\)", "", text)  # tensor names: "x (class_index:0) ="
     prefix = "assertion failed: "
-    if text.startswith(prefix):
+    if text.startswith(prefix + "["):  # (not again on a message cleaned before)
         pieces = _bracket_groups(text[len(prefix):])
         if pieces:
             out = pieces[0]
@@ -198,23 +197,28 @@ def encode_tensor(array: np.ndarray, as_tensor_content: bool = False) -> tensor_
     return proto
 
 
-class Signature:
-    """One signature of a loaded version: checks requests against it and runs it."""
+def _grpc_code(code: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a TF_Code number (TensorFlow's codes are gRPC's)."""
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
 
-    def __init__(self, name: str, function, method_name: str):
+
+class Signature:
+    """One SignatureDef of a loaded version: checks a request the way TF Serving does, runs it
+    with one Session::Run on the SignatureDef's tensor names."""
+
+    def __init__(self, name: str, signature_def: meta_graph_pb2.SignatureDef, session: SavedModelSession):
         self.name = name
-        self.function = function
-        self.method_name = method_name
-        self.inputs: dict[str, tf.TensorSpec] = dict(function.structured_input_signature[1])
-        self.outputs: dict[str, tf.TensorSpec] = dict(function.structured_outputs)
-        self._pruned: collections.OrderedDict[frozenset, object] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self.method_name = signature_def.method_name
+        self.inputs: dict[str, meta_graph_pb2.TensorInfo] = dict(signature_def.inputs)
+        self.outputs: dict[str, meta_graph_pb2.TensorInfo] = dict(signature_def.outputs)
+        self._session = session
 
     @property
     def batchable(self) -> bool:
         """Every input and output is batched on dimension 0, so requests can be concatenated."""
-        specs = list(self.inputs.values()) + list(self.outputs.values())
-        return all(s.shape.rank is not None and s.shape.rank >= 1 and s.shape[0] is None for s in specs)
+        infos = list(self.inputs.values()) + list(self.outputs.values())
+        return all(not i.tensor_shape.unknown_rank and i.tensor_shape.dim and i.tensor_shape.dim[0].size == -1
+                   for i in infos)
 
     def check_output_filter(self, output_filter: Sequence[str]) -> tuple[str, ...] | None:
         """The outputs to compute (None: all), or INVALID_ARGUMENT naming the unknown one."""
@@ -231,8 +235,13 @@ class Signature:
             seen.append(alias)
         return tuple(sorted(seen)) if seen and set(seen) != set(self.outputs) else None
 
-    def decode_inputs(self, protos: Mapping[str, tensor_pb2.TensorProto], max_bytes: int) -> tuple[dict[str, np.ndarray], int]:
-        """Check names, dtypes and shapes (before decoding), decode; returns arrays and batch size."""
+    def decode_inputs(self, protos: Mapping[str, tensor_pb2.TensorProto], max_bytes: int) -> tuple[dict[str, np.ndarray], int | None]:
+        """Check names and dtypes, decode; returns the arrays and their common size on dimension 0.
+
+        Shapes are not checked here, as TF Serving does not check them: the graph checks its own
+        contract. The size is None when an input has no dimension 0 or the inputs disagree on it
+        (such a request cannot be batched).
+        """
         sent, expected = set(protos), set(self.inputs)
         if sent != expected:
             raise ServingError(
@@ -242,107 +251,48 @@ class Signature:
                 f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
                 f"Missing but required: {{{','.join(sorted(expected - sent))}}}.",
             )
-        arrays, batch = {}, {}
+        arrays = {}
         for name in sorted(expected):
-            proto, spec = protos[name], self.inputs[name]
-            if proto.dtype != spec.dtype.as_datatype_enum:
+            proto, info = protos[name], self.inputs[name]
+            if proto.dtype != info.dtype:
                 raise ServingError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input '{name}' of signature '{self.name}': expected dtype {spec.dtype.name}, "
+                    f"input '{name}' of signature '{self.name}': expected dtype {_dtype_name(info.dtype)}, "
                     f"got {_dtype_name(proto.dtype)}",
                 )
-            shape = [d.size for d in proto.tensor_shape.dim]
-            if proto.tensor_shape.unknown_rank or not spec.shape.is_compatible_with(shape):
-                raise ServingError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input '{name}' of signature '{self.name}': expected shape "
-                    f"{_shape_text(spec.shape.as_list() if spec.shape.rank is not None else [])} "
-                    f"(-1: any size), got {_shape_text(shape)}",
-                )
             arrays[name] = decode_tensor(name, proto, max_bytes)
-            if spec.shape.rank and spec.shape[0] is None:
-                batch[name] = shape[0]
-        if len(set(batch.values())) > 1:
-            sizes = ", ".join(f"{k} has {v}" for k, v in sorted(batch.items()))
-            raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"inputs of signature '{self.name}' must have the same size on dimension 0 (the batch): {sizes}",
-            )
-        return arrays, next(iter(batch.values()), 1)
-
-    def _function_for(self, outputs: tuple[str, ...] | None):
-        """The signature, or a traced wrapper that asks for `outputs` only.
-
-        Calling the signature inside a new tf.function lets TF's function inlining and pruning
-        drop the ops that only feed the other outputs (as TF Serving's Session.Run with just those
-        fetches does); stateful ops such as the graph's assertions are kept.
-        """
-        if outputs is None:
-            return None
-        key = frozenset(outputs)
-        with self._lock:
-            if key in self._pruned:
-                self._pruned.move_to_end(key)
-                return self._pruned[key]
-            names = sorted(self.inputs)
-            signature = self.function
-
-            def pruned(*args):
-                result = signature(**dict(zip(names, args)))
-                return {k: result[k] for k in outputs}
-
-            function = tf.function(pruned, input_signature=[self.inputs[n] for n in names], autograph=False)
-            concrete = function.get_concrete_function()
-            self._pruned[key] = (names, concrete)
-            if len(self._pruned) > PRUNED_CACHE_SIZE:
-                self._pruned.popitem(last=False)
-            return self._pruned[key]
+        sizes = {a.shape[0] if a.ndim else None for a in arrays.values()}
+        return arrays, sizes.pop() if len(sizes) == 1 else None
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """Run the signature on checked inputs; graph errors keep their gRPC meaning."""
-        pruned = self._function_for(outputs)
+        """One Session::Run fetching `outputs` (None: all); TensorFlow's status code is kept."""
+        aliases = list(outputs or self.outputs)
         try:
-            if pruned is None:
-                result = self.function(**{k: tf.constant(v) for k, v in inputs.items()})
-            else:
-                names, concrete = pruned
-                result = concrete(*[tf.constant(inputs[n]) for n in names])
-            return {k: v.numpy() for k, v in result.items()}
-        except tf.errors.InvalidArgumentError as e:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, clean_tf_message(e.message)) from None
-        except tf.errors.ResourceExhaustedError as e:
-            raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, clean_tf_message(e.message)) from None
-
-
-def read_signature_defs(path: str | os.PathLike) -> get_model_metadata_pb2.SignatureDefMap:
-    """The signature_def map of the "serve" MetaGraph, as GetModelMetadata returns it."""
-    saved_model = saved_model_pb2.SavedModel.FromString(pathlib.Path(path, "saved_model.pb").read_bytes())
-    for meta_graph in saved_model.meta_graphs:
-        if "serve" in meta_graph.meta_info_def.tags:
-            return get_model_metadata_pb2.SignatureDefMap(signature_def=meta_graph.signature_def)
-    raise ValueError(f"{path}: no MetaGraph tagged 'serve'")
+            fetched = self._session.run({self.inputs[k].name: v for k, v in inputs.items()},
+                                        [self.outputs[a].name for a in aliases])
+        except SessionError as e:
+            raise ServingError(_grpc_code(e.code), clean_tf_message(e.message)) from None
+        return dict(zip(aliases, fetched))
 
 
 @dataclasses.dataclass
 class ModelVersion:
-    """One loaded version of a model."""
+    """One loaded version of a model: a TF Serving-style session and its signatures."""
 
     model_name: str
     version: int
     path: str
     signatures: dict[str, Signature]
     signature_defs: get_model_metadata_pb2.SignatureDefMap
-    loaded: object  # keeps the restored variables alive
+    session: SavedModelSession  # closed when the last request using this version lets go of it
 
     @classmethod
     def load(cls, model_name: str, version: int, path: str) -> "ModelVersion":
-        loaded = tf.saved_model.load(path, tags=["serve"])
-        signature_defs = read_signature_defs(path)
-        signatures = {
-            name: Signature(name, function, signature_defs.signature_def[name].method_name)
-            for name, function in loaded.signatures.items()
-        }
-        return cls(model_name, version, path, signatures, signature_defs, loaded)
+        session = SavedModelSession(path)
+        defs = session.signature_defs
+        signatures = {name: Signature(name, defs[name], session) for name in defs if name != INIT_OP_SIGNATURE}
+        signature_defs = get_model_metadata_pb2.SignatureDefMap(signature_def=defs)
+        return cls(model_name, version, path, signatures, signature_defs, session)
 
     def signature(self, name: str) -> Signature:
         """The named signature ("" = serving_default), or FAILED_PRECONDITION like TF Serving."""
@@ -361,15 +311,8 @@ class ModelVersion:
         A failing record fails the load, as in TF Serving: a version that cannot answer its own
         warm-up requests should not be served.
         """
-        path = os.path.join(self.path, WARMUP_FILE)
-        if not os.path.isfile(path):
-            return 0
         count = 0
-        for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
-            entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
-            if entry.WhichOneof("log_type") != "predict_log":
-                raise ValueError(f"{path}: only predict_log warm-up records are supported, got {entry.WhichOneof('log_type')}")
-            request = entry.predict_log.request
+        for request in warmup_requests(self.path):
             signature = self.signature(request.model_spec.signature_name)
             outputs = signature.check_output_filter(request.output_filter)
             inputs, _ = signature.decode_inputs(request.inputs, max_bytes)
@@ -378,7 +321,7 @@ class ModelVersion:
         return count
 
 
-def _numeric_versions(base_path: str) -> list[int]:
+def numeric_versions(base_path: str) -> list[int]:
     try:
         entries = os.listdir(base_path)
     except OSError:
@@ -449,7 +392,7 @@ class ModelRegistry:
 
     def _sync_model(self, name: str, model: _Model) -> None:
         base_path = model.config.base_path
-        wanted = aspired_versions(model.config, _numeric_versions(base_path))
+        wanted = aspired_versions(model.config, numeric_versions(base_path))
         if not wanted and not model.versions and not model.warned_empty:
             log.warning("no versions of model %s found under base path %s", name, base_path)
             model.warned_empty = True

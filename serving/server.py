@@ -124,7 +124,12 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         outputs = signature.check_output_filter(request.output_filter)
         inputs, size = signature.decode_inputs(request.inputs, self.max_tensor_bytes)
         self._abandon_if_gone(context)
-        if self.batcher is not None and signature.batchable and size > 0:
+        batched = self.batcher is not None and signature.batchable
+        if batched and size is None:  # what TF Serving's batching checks before it queues a request
+            scalar = any(array.ndim == 0 for array in inputs.values())
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Batching Run() input tensors must have "
+                               + ("at least one dimension" if scalar else "equal 0th-dimension size"))
+        if batched and size:
             key = (version.model_name, version.version, signature.name, outputs)
             result = self.batcher.submit(key, lambda batch: signature.run(batch, outputs), inputs, size,
                                          is_active=context.is_active)
@@ -190,6 +195,7 @@ class ServerOptions:
     ssl: object | None = None  # configs.SSLConfig
     shutdown_grace_seconds: float = 30
     max_concurrent_requests: int = 0  # more calls at once are refused with RESOURCE_EXHAUSTED; 0: no limit
+    rerun_failed_batches: bool = False  # not TF Serving's: rerun a failed batch one request at a time
 
 
 def _credentials(ssl) -> grpc.ServerCredentials:
@@ -242,7 +248,7 @@ class EmbeddedServer:
         self.registry.start_polling(options.file_system_poll_wait_seconds)
         threads = options.grpc_max_threads or default_grpc_threads(options.batching)
         if options.batching is not None:
-            self.batcher = Batcher(options.batching)
+            self.batcher = Batcher(options.batching, options.rerun_failed_batches)
             log.info("batching on: %s; %d gRPC worker threads", options.batching, threads)
         message_options = [
             ("grpc.max_send_message_length", options.max_message_bytes),

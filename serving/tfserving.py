@@ -8,6 +8,9 @@ typo fails here instead of in a container log. `models.config` names container p
 `/models`: Docker mounts `--base-path` there; for the local binary the config is rewritten with
 `/models` replaced by the absolute `--base-path` into `<base-path>/tfserving.models.config`.
 `--dry-run` prints the command (one shell-quoted line on stdout) instead of running it.
+
+A model exported with `--jit-compile` needs XLA, which TF Serving turns off unless told: when a
+version under `--base-path` holds XLA-compiled functions, the XLA flag is added (`--xla` forces it).
 """
 
 from __future__ import annotations
@@ -46,9 +49,25 @@ def check_configs(model_config: pathlib.Path, batching_config: pathlib.Path | No
     return config
 
 
+def models_needing_xla(config: configs.ModelServerConfig, base_path: str | os.PathLike) -> list[str]:
+    """Names of the config's models with a version on disk (under `base_path` for /models) that
+    holds XLA-compiled functions."""
+    from export.tfs_loader import needs_xla
+    from serving.models import numeric_versions
+
+    local = configs.map_container_models(config, base_path)
+    return [model.name for model in local.model_config_list.config
+            if any(os.path.isfile(os.path.join(model.base_path, str(v), "saved_model.pb"))
+                   and needs_xla(os.path.join(model.base_path, str(v))) for v in numeric_versions(model.base_path))]
+
+
 def server_flags(model_config: str, batching_config: str | None, monitoring_config: str | None, port: int,
-                 rest_port: int, poll_seconds: int, gpu_memory_fraction: float | None, xla: bool) -> list[str]:
-    """tensorflow_model_server flags (names as in tensorflow_serving/model_servers/main.cc)."""
+                 rest_port: int, poll_seconds: int, gpu_memory_fraction: float | None, xla: str | None) -> list[str]:
+    """tensorflow_model_server flags (names as in tensorflow_serving/model_servers/main.cc).
+
+    `xla`: "cpu" or "gpu" adds --xla_<xla>_compilation_enabled=true. TF Serving keeps XLA on when
+    either is set (main.cc disables it only when both are false); the GPU one exists from 2.18.
+    """
     flags = [f"--port={port}"]
     if rest_port:
         flags.append(f"--rest_api_port={rest_port}")
@@ -61,7 +80,7 @@ def server_flags(model_config: str, batching_config: str | None, monitoring_conf
     if gpu_memory_fraction is not None:
         flags.append(f"--per_process_gpu_memory_fraction={gpu_memory_fraction}")
     if xla:  # needed for models exported with --jit-compile
-        flags.append("--xla_gpu_compilation_enabled=true")
+        flags.append(f"--xla_{xla}_compilation_enabled=true")
     return flags
 
 
@@ -73,8 +92,13 @@ def build_command(args: argparse.Namespace, runtime: str) -> list[str]:
     monitoring = config_dir / "monitoring.config"
     base_path = pathlib.Path(args.base_path)
     config = check_configs(model_config, batching, monitoring, args.rest_port)
+    needing = models_needing_xla(config, base_path)
+    if needing:
+        print(f"serving.tfserving: {', '.join(needing)} compiled with XLA (--jit-compile): XLA flag added",
+              file=sys.stderr)
+    xla = ("gpu" if runtime == "docker" else "cpu") if args.xla or needing else None
     options = dict(port=args.port, rest_port=args.rest_port, poll_seconds=args.poll_seconds,
-                   gpu_memory_fraction=args.gpu_memory_fraction, xla=args.xla)
+                   gpu_memory_fraction=args.gpu_memory_fraction, xla=xla)
     if runtime == "binary":
         base_path.mkdir(parents=True, exist_ok=True)
         local = base_path / LOCAL_CONFIG_NAME
@@ -107,7 +131,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-batching", dest="batching", action="store_false", help="serve without batching.config")
     p.add_argument("--poll-seconds", type=int, default=1, help="--file_system_poll_wait_seconds")
     p.add_argument("--gpu-memory-fraction", type=float, default=None, help="--per_process_gpu_memory_fraction")
-    p.add_argument("--xla", action="store_true", help="--xla_gpu_compilation_enabled (models exported with --jit-compile)")
+    p.add_argument("--xla", action="store_true",
+                   help="keep XLA on (--xla_gpu_compilation_enabled in Docker, --xla_cpu_compilation_enabled for the "
+                        "binary) even when no model under --base-path needs it")
     p.add_argument("--image", default=IMAGE, help="Docker image")
     return p
 

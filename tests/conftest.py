@@ -74,6 +74,39 @@ def shapes_export(shapes_model, models_dir) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def transfer_export(models_dir):
+    """kind -> (Keras model, exported dir, export notes) of a MobileNetV2 nested in a new model
+    (synthetic.transfer_model), exported once per kind with gradcam and cam."""
+    from export.savedmodel import export_savedmodel
+
+    cache = {}
+
+    def export(kind: str):
+        if kind not in cache:
+            model = synthetic.transfer_model(kind)
+            path = models_dir / f"transfer_{kind}.keras"
+            model.save(path)
+            notes = []
+            model_dir = export_savedmodel(str(path), "none", ["gradcam", "cam"], f"transfer_{kind}", str(models_dir),
+                                          warmup_batch_sizes=(1,), feature_maps=0, log=notes.append)
+            cache[kind] = model, model_dir, notes
+        return cache[kind]
+
+    return export
+
+
+@pytest.fixture(scope="session")
+def jit_export(shapes_model, models_dir) -> pathlib.Path:
+    """The shapes model exported with --jit-compile (gradcam, eigencam, top-2 maps)."""
+    from export.savedmodel import export_savedmodel
+
+    return export_savedmodel(
+        str(shapes_model), "none", ["gradcam", "eigencam"], "jit", str(models_dir), jit_compile=True,
+        top_k_maps=2, warmup_batch_sizes=(1,), feature_maps=0, log=synthetic.quiet,
+    )
+
+
+@pytest.fixture(scope="session")
 def load():
     """Load a SavedModel once per path."""
     import tensorflow as tf

@@ -85,3 +85,21 @@ def tiny_gap_cnn(path, size: int, classes: int, seed: int, filters: int = 8, sof
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(classes, activation="softmax" if softmax else None)(x)
     keras.Model(inputs, outputs).save(path)
+
+
+def transfer_model(kind: str):
+    """A keras.applications base (MobileNetV2) nested in a new model with a new head, as users build
+    them: `sequential` or `functional` (with rescaling and dropout around the base)."""
+    import keras
+
+    base = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(64, 64, 3))
+    if kind == "sequential":
+        return keras.Sequential(
+            [keras.Input((64, 64, 3)), base, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, activation="softmax")]
+        )
+    inputs = keras.Input((64, 64, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    return keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))

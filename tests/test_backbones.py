@@ -45,32 +45,12 @@ def test_application_exports_and_explains(tmp_path, load, name, target):
     print(f"{name}: exported in {time.perf_counter() - started:.0f}s, target {target}")
 
 
-def _transfer_model(kind: str):
-    """A keras.applications base nested in a new model with a new head, as users build them."""
-    import keras
-
-    base = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(64, 64, 3))
-    if kind == "sequential":
-        return keras.Sequential(
-            [keras.Input((64, 64, 3)), base, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, activation="softmax")]
-        )
-    inputs = keras.Input((64, 64, 3))
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
-    x = base(x, training=False)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dropout(0.2)(x)
-    return keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
-
-
 @pytest.mark.parametrize("kind", ["sequential", "functional"])
-def test_nested_transfer_learning_model_exports_without_graph_disconnected(tmp_path, load, kind):
+def test_nested_transfer_learning_model_exports_without_graph_disconnected(transfer_export, load, kind):
     """The target layer lives inside the nested base; CAM works through the new GAP + dense head."""
     import keras
 
-    model = _transfer_model(kind)
-    path = tmp_path / "transfer.keras"
-    model.save(path)
-    model_dir, notes = _export(str(path), tmp_path, methods=("gradcam", "cam"))
+    model, model_dir, notes = transfer_export(kind)
     assert any("target layer 'out_relu'" in note for note in notes), notes
     assert any("logits before the softmax" in note for note in notes), notes
     images = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)

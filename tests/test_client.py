@@ -28,7 +28,7 @@ import synthetic
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(p for p in (ROOT / "samples").iterdir() if p.suffix in (".png", ".jpg"))
 DEFAULT_FILTER = {"class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels",
-                  "heatmap_png"}
+                  "heatmap_png", "error"}
 
 
 # -- wire compatibility ---------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_read_image_matches_cv2_and_rejects_garbage():
 # -- fake PredictionService -----------------------------------------------------------------------
 LABELS = [f"class_{i}" for i in range(10)]
 SIZE, K = (32, 40), 5
-EXPLAIN_OUTPUTS = {"probabilities", "logits", "class_index", "class_label", "score", "top_k_indices",
+EXPLAIN_OUTPUTS = {"probabilities", "logits", "class_index", "class_label", "score", "top_k_indices", "error",
                    "top_k_scores", "top_k_labels", "heatmap", "heatmap_uint8", "heatmap_png", "heatmap_lowres",
                    "padding"}
 
@@ -180,6 +180,7 @@ class FakePredictionService(prediction_service_pb2_grpc.PredictionServiceService
 
     def __init__(self):
         self.requests: list = []
+        self.busy = 0  # the next `busy` Predict calls are refused as an overloaded TF Serving refuses them
 
     def GetModelMetadata(self, request, context):
         self.requests.append(request)
@@ -194,6 +195,9 @@ class FakePredictionService(prediction_service_pb2_grpc.PredictionServiceService
 
     def Predict(self, request, context):
         self.requests.append(request)
+        if self.busy:
+            self.busy -= 1
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Server Threadpool Exhausted")
         spec = request.model_spec
         if spec.name == "slow":
             time.sleep(2)
@@ -219,9 +223,12 @@ class FakePredictionService(prediction_service_pb2_grpc.PredictionServiceService
         logits = np.tile(np.arange(10, dtype=np.float32), (n, 1))
         probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
         chosen = np.full(n, 9, np.int32)
-        if base != "predict":
+        errors = np.array([b""] * n, dtype=object)
+        if base != "predict":  # like the exported graph: an out-of-range class marks its row only
             requested = tf.make_ndarray(request.inputs["class_index"])
-            chosen = np.where(requested >= 0, requested, 9).astype(np.int32)
+            errors = np.array([f"class_index {c} is out of range".encode() if c >= 10 else b"" for c in requested],
+                              dtype=object)
+            chosen = np.where((requested >= 0) & (requested < 10), requested, 9).astype(np.int32)
         top = np.argsort(-probs, 1)[:, :K].astype(np.int32)
         heat = np.tile(np.linspace(0, 1, SIZE[1], dtype=np.float32), (n, SIZE[0], 1))
         out = {"probabilities": probs, "logits": logits, "class_index": chosen,
@@ -232,7 +239,8 @@ class FakePredictionService(prediction_service_pb2_grpc.PredictionServiceService
                "heatmap": heat, "heatmap_uint8": np.round(heat * 255).astype(np.uint8),
                "heatmap_png": np.array([cv2.imencode(".png", m)[1].tobytes()
                                         for m in np.round(heat * 255).astype(np.uint8)], dtype=object),
-               "heatmap_lowres": heat[:, ::4, ::4], "padding": np.zeros((n, 6 * 1024 * 1024), np.uint8)}
+               "heatmap_lowres": heat[:, ::4, ::4], "padding": np.zeros((n, 6 * 1024 * 1024), np.uint8),
+               "error": errors}
         if base == "predict":
             out = {k: v for k, v in out.items() if not k.startswith("heatmap")}
         names = list(request.output_filter) or list(out)
@@ -327,6 +335,32 @@ def test_server_errors_become_cam_serving_error(fake, model, kwargs, code):
     with CamClient(fake.address, model=model, timeout=10) as client, pytest.raises(CamServingError) as info:
         client.explain(SAMPLES[0], **kwargs)
     assert info.value.code == code and info.value.details and code.name in str(info.value)
+
+
+def test_a_refused_image_in_a_computed_batch_is_an_invalid_argument(cam, fake):
+    """The server computes a batch even when one image is refused and says why in `error` (so that
+    a batching TF Serving does not fail the other callers); the client raises for its own image."""
+    with pytest.raises(CamServingError) as info:
+        cam.explain([SAMPLES[0], SAMPLES[1]], class_index=[1, 12])
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"image 1 ({SAMPLES[1]}): class_index 12 is out of range" in info.value.details
+    assert "image 0" not in info.value.details
+
+
+def test_an_overloaded_server_is_retried_by_the_channel(fake):
+    """TF Serving past --grpc_max_threads answers RESOURCE_EXHAUSTED before running anything: the
+    channel's throttled retry policy backs off and tries again (no retry layer of CamClient's)."""
+    with CamClient(fake.address, model="m", timeout=10) as client:
+        client.explain(SAMPLES[0])  # a success first: the retry throttle starts full
+        fake.requests.clear()
+        fake.busy = 2
+        assert client.explain(SAMPLES[0]).class_index == 9
+        assert len(fake.requests) == 3 and fake.busy == 0
+        fake.busy = 10  # still overloaded after gRPC's 5 attempts: the caller gets the status
+        with pytest.raises(CamServingError) as info:
+            client.explain(SAMPLES[0])
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        fake.busy = 0
 
 
 def test_deadline_and_bad_inputs(fake):

@@ -189,7 +189,7 @@ def test_dockerfile_runs_tf_serving_with_the_serving_configs(dockerfile):
     expected = _flags(tfserving.server_flags(inside + "models.config", inside + "batching.config",
                                              inside + "monitoring.config", port=8500, rest_port=8501,
                                              poll_seconds=int(flags["file_system_poll_wait_seconds"]),
-                                             gpu_memory_fraction=None, xla=False))
+                                             gpu_memory_fraction=None, xla="gpu"))
     extra = {name: flags.pop(name) for name in set(flags) - set(expected)}
     assert flags == expected
     assert set(extra) == {"grpc_channel_arguments"}
@@ -401,7 +401,7 @@ def test_bad_server_lists_are_refused(server):
         grpc_target(server)
 
 
-def test_service_config_balances_and_retries_unavailable():
+def test_service_config_balances_and_retries_unavailable_and_overload():
     options = dict(channel_options())
     config = json.loads(options["grpc.service_config"])
     assert config == SERVICE_CONFIG and config["loadBalancingConfig"] == [{"round_robin": {}}]
@@ -410,7 +410,8 @@ def test_service_config_balances_and_retries_unavailable():
     assert services == {protos.PREDICT_METHOD.split("/")[1], protos.METADATA_METHOD.split("/")[1],
                         "tensorflow.serving.ModelService"}
     policy = method["retryPolicy"]
-    assert policy["retryableStatusCodes"] == ["UNAVAILABLE"] and 2 <= policy["maxAttempts"] <= 5
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"] and 2 <= policy["maxAttempts"] <= 5
+    assert config["retryThrottling"]["maxTokens"] > 0  # retries stop while most calls fail
     assert options["grpc.lb_policy_name"] == "round_robin"
     assert options["grpc.keepalive_time_ms"] >= 10_000 and options["grpc.keepalive_timeout_ms"] > 0
     assert options["grpc.per_rpc_retry_buffer_size"] >= 16 * 2**20

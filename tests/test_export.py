@@ -29,6 +29,7 @@ EXPLAIN_OUTPUTS = {
     "heatmap_uint8": (tf.uint8, 3),
     "heatmap_png": (tf.string, 1),
     "heatmap_lowres": (tf.float32, 3),
+    "error": (tf.string, 1),
 }
 PREDICT_OUTPUTS = {k: v for k, v in EXPLAIN_OUTPUTS.items() if not k.startswith("heatmap")}
 
@@ -261,7 +262,8 @@ def test_warmup_records_cover_every_signature_and_run(resnet50, load):
         sizes = {tensor.tensor_shape.dim[0].size for tensor in request.inputs.values()}
         assert len(sizes) == 1, request.model_spec.signature_name
         seen.add((request.model_spec.signature_name, sizes.pop()))
-    signatures = {"predict", "predict_bytes", "gradcam", "gradcam_bytes", "cam", "cam_bytes", "feature_maps", "feature_maps_bytes"}
+    signatures = {"predict", "predict_bytes", "gradcam", "gradcam_bytes", "cam", "cam_bytes", "feature_maps",
+                  "feature_maps_bytes", "serving_default"}
     assert seen == {(s, b) for s in signatures for b in (1, 2)}
     model = load(resnet50[1])
     for log in logs:

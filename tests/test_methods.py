@@ -154,14 +154,9 @@ def test_feature_maps_are_the_most_activated_channels(shapes_export, shapes_evid
         np.testing.assert_allclose(out["feature_maps"].numpy()[i][0], fmap / fmap.max(), atol=1e-5)
 
 
-def test_xla_compiled_signatures_give_the_same_maps(shapes_model, shapes_export, load, tmp_path):
+def test_xla_compiled_signatures_give_the_same_maps(jit_export, shapes_export, load):
     """--jit-compile: the numeric core runs under XLA, strings and PNG outside; same results."""
-    from export.savedmodel import export_savedmodel
-
-    jit = export_savedmodel(
-        str(shapes_model), "none", ["gradcam", "eigencam"], "jit", str(tmp_path), jit_compile=True,
-        top_k_maps=2, warmup_batch_sizes=(1,), feature_maps=0, log=synthetic.quiet,
-    )
+    jit = jit_export
     images, _, _ = synthetic.dataset(3, seed=24)
     class_index = np.array([-1, 0, 2], np.int32)
     for method in ("gradcam", "eigencam"):

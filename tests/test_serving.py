@@ -11,6 +11,7 @@ process are skipped.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import os
@@ -19,7 +20,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -42,6 +42,7 @@ from tensorflow_serving.apis import (
 from serving import configs
 from serving.__main__ import options_from_args, parser
 from serving.batching import Batcher
+from export.tfs_loader import SessionError
 from serving.models import ModelRegistry, ServingError, clean_tf_message, encode_tensor
 from serving.server import EmbeddedServer, ServerOptions, default_grpc_threads
 import synthetic
@@ -54,7 +55,7 @@ local_only = pytest.mark.skipif(bool(REMOTE), reason="needs the embedded server 
 SIZE = 32
 NUM_CLASSES = 5
 PREDICT_OUTPUTS = {"probabilities", "logits", "class_index", "class_label", "score",
-                   "top_k_indices", "top_k_scores", "top_k_labels"}
+                   "top_k_indices", "top_k_scores", "top_k_labels", "error"}
 EXPLAIN_OUTPUTS = PREDICT_OUTPUTS | {"heatmap", "heatmap_uint8", "heatmap_png", "heatmap_lowres"}
 RECEIVE_LIMIT = 64 * 2**20
 
@@ -351,25 +352,30 @@ def _bad_requests(target: Target) -> dict:
         "bad dtype": (make_request(target.model, "gradcam", {**good, "images": good["images"].astype(np.float32)}),
                       grpc.StatusCode.INVALID_ARGUMENT, ["'images'", "expected dtype uint8, got float32"]),
         "bad shape": (make_request(target.model, "gradcam", {**good, "images": images(n, s + 1)}),
-                      grpc.StatusCode.INVALID_ARGUMENT, ["'images'", f"[-1,{s},{s},3]", f"got [{n},{s + 1},{s + 1},3]"]),
+                      grpc.StatusCode.INVALID_ARGUMENT,
+                      [f"images: expected shape [N,{s},{s},3]", f"got [{n},{s + 1},{s + 1},3]"]),
         "batch sizes differ": (make_request(target.model, "gradcam", {**good, "class_index": np.zeros(n + 1, np.int32)}),
-                               grpc.StatusCode.INVALID_ARGUMENT, ["images has 2", "class_index has 3"]),
+                               grpc.StatusCode.INVALID_ARGUMENT,
+                               ["class_index needs one entry per image: 2 images, class_index of shape [3]"]),
         "truncated tensor_content": (make_request(target.model, "gradcam", {**good, "images": wrong_length}),
                                      grpc.StatusCode.INVALID_ARGUMENT, ["'images'", "tensor_content"]),
         "unknown output_filter": (make_request(target.model, "gradcam", good, output_filter=["heatmap", "nope"]),
                                   grpc.StatusCode.INVALID_ARGUMENT, ["nope"]),
-        "class_index out of range": (make_request(target.model, "gradcam", explain_inputs(target, 2, [0, target.num_classes])),
-                                     grpc.StatusCode.INVALID_ARGUMENT, ["class_index out of range"]),
-        "class_index below -1": (make_request(target.model, "gradcam", explain_inputs(target, 2, [-2, 0])),
-                                 grpc.StatusCode.INVALID_ARGUMENT, ["class_index"]),
+        "class_index out of range": (make_request(target.model, "gradcam", explain_inputs(target, 2, [target.num_classes] * 2)),
+                                     grpc.StatusCode.INVALID_ARGUMENT, [f"class_index {target.num_classes} is out of range"]),
+        "class_index below -1": (make_request(target.model, "gradcam", explain_inputs(target, 2, [-2, -3])),
+                                 grpc.StatusCode.INVALID_ARGUMENT, ["class_index -2 is out of range", "class_index -3"]),
         "corrupt image bytes": (make_request(target.model, "predict_bytes", {"image_bytes": np.array([b"not an image"], object)}),
-                                grpc.StatusCode.INVALID_ARGUMENT, ["image_bytes"]),
+                                grpc.StatusCode.INVALID_ARGUMENT, ["image_bytes: not a JPEG, PNG or BMP image"]),
+        "truncated image": (make_request(target.model, "predict_bytes",
+                                         {"image_bytes": np.array([png(images(1, s)[0])[:60]], object)}),
+                            grpc.StatusCode.INVALID_ARGUMENT, ["image_bytes: the image cannot be decoded"]),
     }
 
 
 BAD_REQUESTS = ["unknown model", "unknown version", "unknown signature", "missing input", "extra input", "bad dtype",
                 "bad shape", "batch sizes differ", "truncated tensor_content", "unknown output_filter",
-                "class_index out of range", "class_index below -1", "corrupt image bytes"]
+                "class_index out of range", "class_index below -1", "corrupt image bytes", "truncated image"]
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)
@@ -399,26 +405,34 @@ def test_messages_over_4_mib_are_accepted(stub, target):
     assert out["probabilities"].shape == (1, target.num_classes)
 
 
+class _FailingSession:
+    """Stands in for a version's session: every Session::Run fails with `error`."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def run(self, feeds, fetches):
+        raise self.error
+
+
 @local_only
 @pytest.mark.parametrize("error, code", [
-    (tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[8,2048]"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SessionError(8, "OOM when allocating tensor with shape[8,2048]"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SessionError(9, "Could not find variable dense/kernel"), grpc.StatusCode.FAILED_PRECONDITION),
+    (SessionError(11, "End of sequence"), grpc.StatusCode.OUT_OF_RANGE),
+    (SessionError(12, "No registered kernel"), grpc.StatusCode.UNIMPLEMENTED),
     (RuntimeError("something unexpected"), grpc.StatusCode.INTERNAL),
 ])
-def test_runtime_failures_map_to_status(stub, target, local_server, monkeypatch, caplog, error, code):
+def test_runtime_failures_keep_tensorflow_status(stub, target, local_server, monkeypatch, caplog, error, code):
+    """TensorFlow's own status codes come back as they are (they are gRPC's); only our own bugs are INTERNAL."""
     signature = local_server.registry.resolve(make_request("tiny", "predict", {}).model_spec).signature("predict")
-
-    def fail(**inputs):
-        raise error
-
-    monkeypatch.setattr(signature, "function", fail)
+    monkeypatch.setattr(signature, "_session", _FailingSession(error))
     with caplog.at_level("ERROR", logger="serving.server"):
         failure = rpc_error(stub.Predict, make_request(target.model, "predict", {"images": images(1, SIZE)}))
     assert failure.code() == code
+    assert (error.message if isinstance(error, SessionError) else str(error)) in failure.details()
     if code == grpc.StatusCode.INTERNAL:
-        assert "something unexpected" in failure.details()
         assert any("Predict failed" in r.getMessage() for r in caplog.records)
-    else:
-        assert "OOM" in failure.details()
     monkeypatch.undo()
     assert stub.Predict(make_request(target.model, "predict", {"images": images(1, SIZE)}), timeout=60)
 
@@ -506,8 +520,8 @@ def test_a_version_whose_warmup_fails_is_not_served(tiny_models, tmp_path, caplo
     registry = ModelRegistry(configs.single_model_config("broken", str(tmp_path)))
     with caplog.at_level("ERROR", logger="serving.models"):
         registry.sync()
-    assert any("failed to load model broken version 1" in r.getMessage() and "'images'" in r.getMessage()
-               for r in caplog.records)
+    assert any("failed to load model broken version 1" in r.getMessage()
+               and f"images: expected shape [N,{SIZE},{SIZE},3]" in r.getMessage() for r in caplog.records)
     with pytest.raises(ServingError) as missing:
         registry.resolve(make_request("broken", "predict", {}).model_spec)
     assert missing.value.code == grpc.StatusCode.NOT_FOUND
@@ -578,14 +592,8 @@ def test_subprocess_server_batches_concurrent_requests(batching_process, tiny_mo
         request = make_request("tiny", "gradcam", {"images": batch[i:i + 1], "class_index": classes[i:i + 1]})
         return arrays(stub.Predict(request, timeout=60))
 
-    def bad():
-        return rpc_error(stub.Predict, make_request("tiny", "gradcam", explain_inputs(None, 1, [NUM_CLASSES])))
-
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(one, i) for i in range(6)]
-        bad_future = pool.submit(bad)
-        results = [f.result() for f in futures]
-        assert bad_future.result().code() == grpc.StatusCode.INVALID_ARGUMENT
+        results = list(pool.map(one, range(6)))
     for i, out in enumerate(results):
         np.testing.assert_allclose(out["heatmap"][0], expected["heatmap"][i], rtol=1e-5, atol=1e-6)
         assert out["class_index"][0] == expected["class_index"][i]
@@ -634,6 +642,75 @@ def test_default_grpc_threads_let_batches_fill(tiny_models):
         server.stop(grace=1)
 
 
+def _batch_of_8(tiny_models, rerun_failed: bool, requests: list) -> tuple[list, collections.Counter]:
+    """Send 8 requests at once to an embedded server that batches up to 8 (one batch, no timeout
+    reached); returns each response or RpcError, and the batch sizes the server ran."""
+    batching = configs.BatchingOptions(max_batch_size=8, batch_timeout_micros=10_000_000, num_batch_threads=1)
+    server = EmbeddedServer(configs.single_model_config("tiny", str(tiny_models)),
+                            ServerOptions(port=0, batching=batching, enable_model_warmup=False,
+                                          file_system_poll_wait_seconds=0, rerun_failed_batches=rerun_failed))
+    port = server.start()
+    try:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"localhost:{port}"))
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(stub.Predict, request, timeout=120) for request in requests]
+            answers = [f.exception() or f.result() for f in futures]
+        return answers, server.batcher.batch_sizes
+    finally:
+        server.stop(grace=1)
+
+
+@local_only
+@pytest.mark.parametrize("fault", ["class_index out of range", "corrupt image", "wrong image size"])
+def test_one_bad_request_in_a_batch_of_8_under_tf_serving_semantics(tiny_models, reference, fault):
+    """One status per batch, as in TF Serving. The graph isolates the faults it can detect: the bad
+    request gets its row's error, the 7 others their results. A fault that stops the batch from
+    being formed (a request of another image size cannot be concatenated) fails all 8, as in TF
+    Serving, unless the embedded server's own --rerun_failed_batches is on."""
+    batch = images(8, SIZE, seed=41)
+    bad_row = 5
+    signature = "gradcam_bytes" if fault == "corrupt image" else "gradcam"
+
+    def request(i: int):
+        image = batch[i]
+        if signature == "gradcam_bytes":
+            data = png(image)
+            inputs = {"image_bytes": np.array([data[:len(data) // 2] if i == bad_row else data], object)}
+        else:
+            inputs = {"images": images(1, SIZE + 3, seed=i) if (i == bad_row and fault == "wrong image size")
+                      else image[None]}
+        inputs["class_index"] = np.array([NUM_CLASSES if (i == bad_row and fault == "class_index out of range")
+                                          else -1], np.int32)
+        return make_request("tiny", signature, inputs)
+
+    for rerun_failed in ((False, True) if fault == "wrong image size" else (False,)):
+        answers, batch_sizes = _batch_of_8(tiny_models, rerun_failed, [request(i) for i in range(8)])
+        if fault == "wrong image size":  # the 8 cannot be merged into one batch: nothing ran as 8
+            assert batch_sizes == ({1: 8} if rerun_failed else {})
+        else:
+            assert batch_sizes == {8: 1}  # one batch of the 8 requests
+        if fault == "wrong image size" and not rerun_failed:
+            for answer in answers:  # the whole batch fails, as TF Serving fails it
+                assert isinstance(answer, grpc.RpcError) and answer.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "Tensors with name 'images' from different tasks have different shapes" in answer.details()
+            continue
+        expected = reference(tiny_models / "2", "gradcam", images=batch, class_index=np.full(8, -1, np.int32))
+        for i, answer in enumerate(answers):
+            if i != bad_row:
+                out = arrays(answer)
+                assert out["error"][0] == b""
+                np.testing.assert_allclose(out["heatmap"][0], expected["heatmap"][i], rtol=1e-5, atol=1e-5)
+            elif fault == "wrong image size":  # rerun alone: the graph's own check
+                assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert f"images: expected shape [N,{SIZE},{SIZE},3]" in answer.details()
+            else:  # computed in the batch; its row says why
+                error = arrays(answer)["error"][0].decode()
+                assert error == ("image_bytes: the image cannot be decoded (corrupt or truncated?)"
+                                 if fault == "corrupt image" else
+                                 f"class_index {NUM_CLASSES} is out of range: this model has {NUM_CLASSES} classes "
+                                 f"(0..{NUM_CLASSES - 1}; -1 = the predicted class)")
+
+
 # --- batching, unit level --------------------------------------------------------------------
 
 
@@ -662,26 +739,43 @@ def test_batcher_groups_pads_and_splits():
     results = _submit_concurrently(batcher, tasks, run=_doubler(calls))
     batcher.stop()
     assert len(calls) == 1 and calls[0]["x"].shape == (8, 3)  # one call, padded 6 -> 8
+    assert (calls[0]["x"][6:] == calls[0]["x"][5]).all()  # padding: the last request's first row, as TF Serving
     assert batcher.batch_sizes == {8: 1}
     for task, result in zip(tasks, results):
         np.testing.assert_array_equal(result["y"], task * 2)
         np.testing.assert_array_equal(result["n"], task[:, 0])
 
 
-def test_batcher_keeps_keys_apart_and_fails_a_bad_request_alone():
-    batcher = Batcher(configs.BatchingOptions(max_batch_size=8, batch_timeout_micros=500_000, num_batch_threads=2))
+@pytest.mark.parametrize("rerun_failed", [False, True])
+def test_batcher_keeps_keys_apart_and_fails_a_batch_as_tf_serving_does(rerun_failed):
+    """TF Serving gives a batch one status: a failing run fails every request in it. The rerun
+    option (ours) runs a failed batch again one request at a time, so that only the bad one fails."""
+    batcher = Batcher(configs.BatchingOptions(max_batch_size=8, batch_timeout_micros=500_000, num_batch_threads=2),
+                      rerun_failed=rerun_failed)
     calls = []
     run = _doubler(calls)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         good = [pool.submit(batcher.submit, "a", run, {"x": np.ones((1, 2))}, 1) for _ in range(2)]
         bad = pool.submit(batcher.submit, "a", run, {"x": -np.ones((1, 2))}, 1)
         other = pool.submit(batcher.submit, "b", run, {"x": np.ones((2, 2))}, 2)
-        assert all((f.result()["y"] == 2).all() for f in good)
         assert isinstance(bad.exception(), ServingError) and bad.exception().code == grpc.StatusCode.INVALID_ARGUMENT
+        if rerun_failed:
+            assert all((f.result()["y"] == 2).all() for f in good)
+        else:
+            assert all(f.exception() is bad.exception() for f in good)
         assert other.result()["y"].shape == (2, 2)
     batcher.stop()
     sizes = sorted(len(c["x"]) for c in calls)
-    assert sizes == [1, 1, 1, 2, 3]  # "a": the batch of 3 failed, then 1 + 1 + 1 alone; "b" apart
+    assert sizes == ([1, 1, 1, 2, 3] if rerun_failed else [2, 3])  # "a": a batch of 3 (then 1 + 1 + 1); "b" apart
+
+
+def test_batcher_refuses_to_merge_different_shapes_like_tf_serving():
+    batcher = Batcher(configs.BatchingOptions(max_batch_size=8, batch_timeout_micros=300_000, num_batch_threads=1))
+    results = _submit_concurrently(batcher, [np.ones((1, 2)), np.ones((1, 3))])
+    batcher.stop()
+    for result in results:
+        assert isinstance(result, ServingError) and result.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "Tensors with name 'x' from different tasks have different shapes" in result.message
 
 
 def _wait_for(condition, timeout: float = 10) -> None:

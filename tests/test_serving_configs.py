@@ -41,7 +41,7 @@ TF_SERVING_FLAGS = {
 }
 # Flags only the embedded server has (TF Serving listens on all interfaces and has no equivalent).
 EMBEDDED_ONLY_FLAGS = {"host", "max_message_bytes", "models_root", "shutdown_grace_seconds",
-                       "max_concurrent_requests"}
+                       "max_concurrent_requests", "rerun_failed_batches"}
 
 
 def _parse(path: pathlib.Path, message):
@@ -125,7 +125,7 @@ def test_binary_command(capsys, tmp_path):
     assert set(flags) <= TF_SERVING_FLAGS
     assert REQUIRED <= set(flags)
     assert flags["port"] == "9100" and flags["rest_api_port"] == "8501" and flags["enable_batching"] == "true"
-    assert flags["xla_gpu_compilation_enabled"] == "true" and flags["per_process_gpu_memory_fraction"] == "0.5"
+    assert flags["xla_cpu_compilation_enabled"] == "true" and flags["per_process_gpu_memory_fraction"] == "0.5"
     # the files it names exist and parse; /models in models.config became the local base path
     local = configs.read_model_server_config(flags["model_config_file"])
     assert local.model_config_list.config[0].base_path == str(tmp_path.resolve() / "resnet50_cam")
@@ -190,3 +190,19 @@ def test_make_serve_targets_dry_run(tmp_path):
         gpu = shutil.which("nvidia-smi") is not None
         expected = configs.read_batching_parameters(SERVING / ("batching.config" if gpu else "batching_cpu.config"))
         assert options.batching == expected
+
+
+@pytest.mark.parametrize("runtime, flag", [("binary", "xla_cpu_compilation_enabled"),
+                                           ("docker", "xla_gpu_compilation_enabled")])
+def test_the_xla_flag_is_added_for_a_model_that_needs_it(capsys, tmp_path, jit_export, shapes_export, runtime, flag):
+    """TF Serving turns XLA off unless told: a --jit-compile model would fail its first request."""
+    for name in ("batching.config", "monitoring.config"):
+        shutil.copy(SERVING / name, tmp_path / name)
+    models = {"jit": jit_export.parent.name, "plain": shapes_export.parent.name}
+    for served, folder in models.items():
+        (tmp_path / "models.config").write_text(
+            f'model_config_list {{ config {{ name: "{served}" base_path: "/models/{folder}" model_platform: "tensorflow" }} }}')
+        argv = _dry_run(capsys, "--runtime", runtime, "--config-dir", str(tmp_path),
+                        "--base-path", str(jit_export.parent.parent))
+        flags = _flags(argv[argv.index(tfserving.IMAGE) + 1:] if runtime == "docker" else argv[1:])
+        assert flags.get(flag) == ("true" if served == "jit" else None), served
