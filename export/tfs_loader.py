@@ -19,7 +19,7 @@ import threading
 from typing import Mapping, Sequence
 
 import numpy as np
-from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow.core.protobuf import error_codes_pb2, meta_graph_pb2
 
 SERVE_TAG = "serve"
 TSTRING_BYTES = 24  # sizeof(TF_TString)
@@ -30,22 +30,15 @@ NUMPY_DTYPES = {
     10: np.bool_, 17: np.uint16, 19: np.float16, 22: np.uint32, 23: np.uint64,
 }
 TF_DTYPES = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
-# TF_Code (tensorflow/c/tf_status.h): the same numbers as grpc.StatusCode.
-CODE_NAMES = {
-    0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
-    6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
-    10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL", 14: "UNAVAILABLE",
-    15: "DATA_LOSS", 16: "UNAUTHENTICATED",
-}
 
 
 class SessionError(Exception):
     """A TensorFlow status that is not OK: `code` is the TF_Code (= gRPC status code number)."""
 
     def __init__(self, code: int, message: str):
-        super().__init__(f"{CODE_NAMES.get(code, code)}: {message}")
+        name = error_codes_pb2.Code.Name(code) if code in error_codes_pb2.Code.values() else str(code)
+        super().__init__(f"{name}: {message}")
         self.code = code
-        self.code_name = CODE_NAMES.get(code, str(code))
         self.message = message
 
 
@@ -81,7 +74,6 @@ _SIGNATURES = {
     "TF_DeleteGraph": ("cc", None, [_P]),
     "TF_NewSessionOptions": ("cc", _P, []),
     "TF_DeleteSessionOptions": ("cc", None, [_P]),
-    "TF_SetConfig": ("cc", None, [_P, ctypes.c_char_p, ctypes.c_size_t, _P]),
     "TF_LoadSessionFromSavedModel": (
         "cc", _P, [_P, _P, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, _P, ctypes.POINTER(_Buffer), _P]
     ),
@@ -193,7 +185,7 @@ class SavedModelSession:
     TensorFlow runs.
     """
 
-    def __init__(self, export_dir: str | pathlib.Path, tags: Sequence[str] = (SERVE_TAG,), config: bytes = b""):
+    def __init__(self, export_dir: str | pathlib.Path, tags: Sequence[str] = (SERVE_TAG,)):
         api = self.api = c_api()
         self.export_dir = str(export_dir)
         self.graph = api.TF_NewGraph()
@@ -202,9 +194,6 @@ class SavedModelSession:
         self.session = None
         try:
             with _Status(api) as status:
-                if config:
-                    api.TF_SetConfig(options, config, len(config), status)
-                    api.check(status)
                 tag_array = (ctypes.c_char_p * len(tags))(*[t.encode() for t in tags])
                 self.session = api.TF_LoadSessionFromSavedModel(
                     options, None, self.export_dir.encode(), tag_array, len(tags), self.graph, meta_graph, status
@@ -328,10 +317,14 @@ def needs_xla(export_dir: str | pathlib.Path) -> bool:
     TF Serving turns XLA off unless it runs with --xla_cpu_compilation_enabled=true or
     --xla_gpu_compilation_enabled=true (model_servers/main.cc calls DisableXlaCompilation() when
     both are false); such a model then fails its first request with "XLA compilation disabled".
+    A directory without saved_model.pb (still being written) needs nothing yet.
     """
     from tensorflow.core.protobuf import saved_model_pb2
 
-    saved = saved_model_pb2.SavedModel.FromString(pathlib.Path(export_dir, "saved_model.pb").read_bytes())
+    path = pathlib.Path(export_dir, "saved_model.pb")
+    if not path.is_file():
+        return False
+    saved = saved_model_pb2.SavedModel.FromString(path.read_bytes())
     for meta_graph in saved.meta_graphs:
         library = meta_graph.graph_def.library.function
         nodes = [*meta_graph.graph_def.node, *(node for function in library for node in function.node_def)]
