@@ -8,6 +8,7 @@ WEIGHTS    ?= auto
 METHODS    ?= gradcam,cam
 BASE_PATH  ?= models
 PORT       ?= 8500
+REST_PORT  ?= 8501
 # glibc malloc arenas of the servers these targets start: 2 instead of 8 per core keeps the
 # embedded server's RSS ~100 MB lower and flat under load (README "Running it safely").
 MALLOC_ARENA_MAX ?= 2
@@ -16,8 +17,9 @@ serve demo bench: export MALLOC_ARENA_MAX := $(MALLOC_ARENA_MAX)
 # when a GPU is found, else serving/batching_cpu.config; BATCHING= turns batching off.
 BATCHING   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),serving/batching.config,serving/batching_cpu.config)
 HOST       ?= 127.0.0.1
-EMBEDDED    = $(PY) -m serving --port $(PORT) --host $(HOST) --model_name $(MODEL) \
-	--model_base_path $(BASE_PATH)/$(MODEL) $(if $(BATCHING),--enable_batching --batching_parameters_file $(BATCHING))
+EMBEDDED    = $(PY) -m serving --port $(PORT) --rest_api_port $(REST_PORT) --host $(HOST) --model_name $(MODEL) \
+	--model_base_path $(BASE_PATH)/$(MODEL) --monitoring_config_file serving/monitoring.config \
+	$(if $(BATCHING),--enable_batching --batching_parameters_file $(BATCHING))
 
 .PHONY: venv test export explain demo bench gpu-check clean
 
@@ -71,7 +73,8 @@ bench: venv
 	else \
 		$(EMBEDDED) & \
 		server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT; \
-		$(PY) -m bench --server localhost:$(PORT) --model $(MODEL) --model-dir $(BASE_PATH)/$(MODEL) $(BENCH_ARGS); \
+		$(PY) -m bench --server localhost:$(PORT) --rest localhost:$(REST_PORT) --model $(MODEL) \
+			--model-dir $(BASE_PATH)/$(MODEL) $(BENCH_ARGS); \
 	fi
 
 # On a GPU machine: device placement of the explain path, predict vs gradcam at batch 1/8/64,

@@ -6,7 +6,9 @@
 2. the seed notebook's way (eager tape over the Keras model, numpy channel loop, cv2.resize),
    the reference users come from;
 3. over gRPC against a running server: signatures, encoded bytes vs uint8 tensor, full outputs vs
-   the compact heatmap only, batch 1 and 8, closed-loop concurrency 1, 4 and 16.
+   the compact heatmap only, batch 1 and 8, closed-loop concurrency 1, 4 and 16;
+4. with --rest: one image through the REST API (JSON, b64) against the same call over gRPC,
+   interleaved.
 Writes a table to stdout, `<out>/results.json` and `<out>/latency.png`.
 """
 
@@ -19,6 +21,7 @@ import pathlib
 import platform
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -69,7 +72,7 @@ def grpc_configs(methods: list[str], max_in_flight: int = 32) -> list[dict]:
     Configurations with more than `max_in_flight` images in flight (batch x concurrency) are left
     out: batch 8 at concurrency 16 takes ~10 s per call on 2 cores, too long for a short run.
     """
-    compact = ["heatmap_png"]
+    compact = ["heatmap_png_bytes"]
     configs = [dict(signature="predict_bytes", batch=1, concurrency=1, outputs=SUMMARY)]
     for method in methods:
         configs.append(dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=compact))
@@ -141,7 +144,7 @@ def summary_ratios(by_name: dict, rows: list[dict], methods: list[str], configs:
             ratios[f"seed-eager gradcam / in-process predict b{batch}"] = seed / base["p50_ms"]
     if not configs:
         return ratios
-    compact = ["heatmap_png"]
+    compact = ["heatmap_png_bytes"]
     interleaved = {c["signature"]: by_name.get(config_name(c) + " interleaved") for c in configs[:1 + len(methods)]}
     if all(interleaved.values()):
         for method in methods:
@@ -162,6 +165,23 @@ def summary_ratios(by_name: dict, rows: list[dict], methods: list[str], configs:
     return ratios
 
 
+def rest_vs_grpc(args: argparse.Namespace, signature: str, payload: Callable[[dict], bytes], jpeg: bytes) -> list[dict]:
+    """One image, every output (REST has no output_filter), over REST (JSON, b64) and gRPC in turn."""
+    from bench.rest import rest_predict
+
+    config = dict(signature=signature, batch=1, concurrency=1, outputs=[])
+    body = payload(config)
+    channel, grpc_call = raw_predict(args.server)
+    rest_call, rest_bytes = rest_predict(args.rest, args.model, signature, jpeg)
+    sizes = {"grpc": (len(body), len(grpc_call(body, timeout=60))), "rest": (rest_bytes, len(rest_call()))}
+    calls = {"grpc": lambda: grpc_call(body, timeout=60), "rest": rest_call}
+    times = round_robin(calls, args.repeats, warmup=1)
+    channel.close()
+    return [{"name": f"{kind} {signature} b1 c1 all outputs interleaved", "kind": kind, **config,
+             "request_bytes": sizes[kind][0], "response_bytes": sizes[kind][1], **stats(times[kind], 1)}
+            for kind in calls]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--server", default="localhost:8500", help="gRPC address; empty: in-process only")
@@ -179,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", type=float, default=300, help="seconds to wait for the server to serve the model")
     p.add_argument("--skip-seed", action="store_true")
     p.add_argument("--skip-inprocess", action="store_true", help="gRPC figures only (no ratios to in-process)")
+    p.add_argument("--rest", default="", help="REST address (host:8501) for the REST vs gRPC phase; empty: none")
     p.add_argument("--only", default="", help="run only the gRPC configurations whose name contains this")
     p.add_argument("--out", default="bench")
     args = p.parse_args(argv)
@@ -191,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = [c for c in grpc_configs(methods, args.max_in_flight) if args.only in config_name(c)] if args.server else []
     if args.skip_inprocess:
         args.skip_seed = True
-    total = (0 if args.skip_inprocess else 2) + (0 if args.skip_seed else 2) + len(configs)
+    total = (0 if args.skip_inprocess else 2) + (0 if args.skip_seed else 2) + len(configs) + bool(args.rest)
     done = 0
     rows: list[dict] = []
 
@@ -270,11 +291,19 @@ def main(argv: list[str] | None = None) -> int:
         row.update(stats(result["latencies_s"], config["batch"], result["wall_s"]) if result["latencies_s"] else {})
         rows.append(row)
         done += 1
+    if args.rest and args.server:
+        progress(done, total, "REST vs gRPC")
+        rows += rest_vs_grpc(args, f"{methods[0]}_bytes", payload, jpeg)
+        done += 1
     progress(done, total, "done")
     sys.stderr.write("\n")
 
     by_name = {r["name"]: r for r in rows}
     ratios = {} if args.skip_inprocess or args.only else summary_ratios(by_name, rows, methods, configs)
+    rest_rows = [r for r in rows if r["kind"] == "rest"]
+    if rest_rows:
+        grpc_row = by_name[rest_rows[0]["name"].replace("rest ", "grpc ")]
+        ratios[f"rest/grpc {rest_rows[0]['signature']} b1, all outputs, interleaved"] = paired_ratio(rest_rows[0], grpc_row)
 
     print(f"\n{'configuration':<62s} {'n':>5s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'img/s':>7s} {'req B':>8s} "
           f"{'resp B':>8s} {'gen CPU':>7s} err")

@@ -21,7 +21,7 @@ from .channel import channel_options as _channel_options, grpc_target
 Image = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's 4 MiB default fails at ~80 float heatmaps
 _SUMMARY = ["class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels", "error"]
-_HEATMAP_OUTPUT = {"png": "heatmap_png", "uint8": "heatmap_uint8", "float": "heatmap", "none": None}
+_HEATMAP_OUTPUT = {"png": "heatmap_png_bytes", "uint8": "heatmap_uint8", "float": "heatmap", "none": None}
 
 
 class CamServingError(RuntimeError):
@@ -129,7 +129,7 @@ class CamClient:
 
         `class_index`: the class to explain, per image or for all; None explains the top-1 class.
         `top_k` keeps the first k of the model's top-k. `heatmap`: "png" fetches the compact
-        `heatmap_png` (8-bit, ~10-25 KB a 224×224 map on the wire), "uint8" the `heatmap_uint8`
+        `heatmap_png_bytes` (8-bit, ~10-25 KB a 224×224 map on the wire), "uint8" the `heatmap_uint8`
         tensor (same values, ~100 KB as TF Serving encodes it), "float" the float32 `heatmap`,
         "none" neither.
         `outputs` names extra outputs to fetch into `.outputs` (e.g. "heatmap_lowres", "logits").
@@ -332,9 +332,9 @@ def _parse(out: dict[str, np.ndarray], top_k: int | None, kind):
             result.heatmap = out["heatmap"].astype(np.float32)
         elif "heatmap_uint8" in out:
             result.heatmap = out["heatmap_uint8"].astype(np.float32) / np.float32(255.0)
-        elif "heatmap_png" in out:
+        elif "heatmap_png_bytes" in out:
             import cv2  # only decoded heatmaps need it; `import client` stays light
 
-            png = np.frombuffer(bytes(out["heatmap_png"]), np.uint8)
+            png = np.frombuffer(bytes(out["heatmap_png_bytes"]), np.uint8)
             result.heatmap = cv2.imdecode(png, cv2.IMREAD_UNCHANGED).astype(np.float32) / np.float32(255.0)
     return result

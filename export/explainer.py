@@ -157,8 +157,10 @@ class Explainer(tf.Module):
             outputs["top_k_labels"] = tf.gather(self.labels, outputs["top_k_indices"])
         if "heatmap_uint8" in outputs:
             # Compact on any server: TF Serving sends uint8 tensors as one varint per value
-            # (~100 KB for 224x224); a PNG string travels as its bytes (~5-25 KB).
-            outputs["heatmap_png"] = tf.map_fn(
+            # (~100 KB for 224x224); a PNG string travels as its bytes (~5-25 KB). The name ends in
+            # "_bytes" because TF Serving's REST API writes a string output as {"b64": ...} only
+            # then (util/json_tensor.cc); any other string goes out raw, which PNG bytes cannot.
+            outputs["heatmap_png_bytes"] = tf.map_fn(
                 lambda m: tf.io.encode_png(m[..., tf.newaxis]), outputs["heatmap_uint8"], fn_output_signature=tf.string
             )
         return outputs

@@ -54,7 +54,7 @@ def difference(name: str, served: np.ndarray, expected: np.ndarray) -> tuple[flo
         )
     if served.dtype == object:
         # PNG bytes follow heatmap_uint8, which is compared value by value below.
-        if name.endswith("_png") or np.array_equal(served, expected):
+        if name.endswith("_png_bytes") or np.array_equal(served, expected):
             return 0.0, 0
         raise VerificationError(f"output {name!r} differs from the TF2 function")
     if served.dtype.kind == "f":

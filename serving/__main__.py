@@ -4,8 +4,10 @@
     python -m serving --port 8500 --model_config_file serving/models.config \\
         [--enable_batching --batching_parameters_file serving/batching.config]
 
-Flags take `--flag=value` or `--flag value`; booleans also `--flag` alone, like TF Serving's.
-Only a subset of TF Serving's flags exists; an unknown flag is an error, not silently ignored.
+Flags take `--flag=value` or `--flag value`; booleans also `--flag` alone. TF Serving itself reads
+only `--flag=value`: it prints "unknown argument" for `--flag value` and goes on with the default,
+so every TF Serving command line we write uses `=`. Only a subset of TF Serving's flags exists
+here; an unknown flag is an error, not silently ignored.
 
 Memory: start it with `MALLOC_ARENA_MAX=2` in the environment (the Makefile's serve, demo and bench
 targets do). glibc otherwise keeps up to 8 malloc arenas per core and the per-request tensors of
@@ -38,15 +40,25 @@ def _bool(text: str) -> bool:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serving",
-        description="Embedded TensorFlow Serving-compatible gRPC server (Predict, GetModelMetadata, GetModelStatus).",
+        description="Embedded TensorFlow Serving-compatible server: gRPC (Predict, GetModelMetadata, GetModelStatus, "
+                    "HandleReloadConfigRequest) and REST (status, metadata, predict, Prometheus metrics).",
         allow_abbrev=False,
     )
     flag = p.add_argument
     flag("--port", type=int, default=8500, help="gRPC port (0: any free port)")
     flag("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    flag("--rest_api_port", type=int, default=0, help="HTTP/REST API port (0: none, as in TF Serving)")
+    flag("--rest_api_num_threads", type=int, default=None, help="REST requests computed at once (default: 4 per CPU)")
+    flag("--rest_api_timeout_in_ms", type=int, default=30000, help="timeout for HTTP/REST API calls")
+    flag("--rest_api_enable_cors_support", type=_bool, nargs="?", const=True, default=False,
+         help="add CORS headers to REST responses")
+    flag("--monitoring_config_file", default="",
+         help="text MonitoringConfig: prometheus_config { enable: true path: ... } serves metrics on the REST port")
     flag("--model_name", default="default", help="name of the single model (with --model_base_path)")
     flag("--model_base_path", default="", help="directory holding the numeric version directories")
     flag("--model_config_file", default="", help="text ModelServerConfig (instead of --model_name/--model_base_path)")
+    flag("--model_config_file_poll_wait_seconds", type=float, default=0,
+         help="seconds between re-reads of --model_config_file: added models load, removed ones unload (0: never)")
     flag("--enable_batching", type=_bool, nargs="?", const=True, default=False, help="batch concurrent requests")
     flag("--batching_parameters_file", default="", help="text BatchingParameters (default: TF Serving's defaults)")
     flag("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
@@ -70,6 +82,8 @@ def parser() -> argparse.ArgumentParser:
     flag("--rerun_failed_batches", type=_bool, nargs="?", const=True, default=False,
          help="with batching, rerun a failed batch one request at a time so that only the faulty request fails "
               "(not a TF Serving flag: TF Serving fails every request of the batch)")
+    flag("--start_with_failed_models", type=_bool, nargs="?", const=True, default=False,
+         help="start even when a model fails to load, serving the others (not a TF Serving flag: TF Serving exits)")
     return p
 
 
@@ -95,21 +109,32 @@ def options_from_args(args: argparse.Namespace,
         elif args.batching_parameters_file:
             p.error("--batching_parameters_file needs --enable_batching")
         ssl = configs.read_text_proto(args.ssl_config_file, configs.SSLConfig) if args.ssl_config_file else None
+        monitoring = (configs.read_text_proto(args.monitoring_config_file, configs.MonitoringConfig)
+                      if args.monitoring_config_file else None)
     except (OSError, ValueError) as e:
         p.error(str(e))
     options = ServerOptions(
         host=args.host,
         port=args.port,
+        rest_api_port=args.rest_api_port,
+        rest_api_num_threads=args.rest_api_num_threads,
+        rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
+        rest_api_enable_cors_support=args.rest_api_enable_cors_support,
+        monitoring=monitoring,
         grpc_max_threads=args.grpc_max_threads,
         max_message_bytes=args.max_message_bytes,
         enable_model_warmup=args.enable_model_warmup,
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+        model_config_file=args.model_config_file,
+        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+        models_root=args.models_root,
         batching=batching,
         tensor_content=args.enable_serialization_as_tensor_content,
         ssl=ssl,
         shutdown_grace_seconds=args.shutdown_grace_seconds,
         max_concurrent_requests=args.max_concurrent_requests,
         rerun_failed_batches=args.rerun_failed_batches,
+        start_with_failed_models=args.start_with_failed_models,
     )
     return config, options
 

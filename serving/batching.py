@@ -39,6 +39,7 @@ class _Task:
         self.inputs = inputs
         self.size = size
         self.is_active = is_active  # False once the caller is gone (deadline passed, cancelled)
+        self.queued = time.monotonic()
         self.done = threading.Event()
         self.result: dict[str, np.ndarray] | None = None
         self.error: BaseException | None = None
@@ -66,9 +67,11 @@ class _Batch:
 class Batcher:
     """Groups tasks submitted with the same key into batches run by worker threads."""
 
-    def __init__(self, options: BatchingOptions, rerun_failed: bool = False):
+    def __init__(self, options: BatchingOptions, rerun_failed: bool = False,
+                 on_batch: Callable[[int, int, list[float]], None] | None = None):
         self.options = options
         self.rerun_failed = rerun_failed
+        self.on_batch = on_batch  # (rows, padded rows, seconds each request queued): metrics
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # executed (padded) sizes
         self.abandoned = 0  # tasks dropped from their batch because their caller was gone
         self._cond = threading.Condition()
@@ -203,6 +206,9 @@ class Batcher:
                       for name in tasks[0].inputs}
             with self._cond:
                 self.batch_sizes[padded] += 1
+            if self.on_batch is not None:
+                started = time.monotonic()
+                self.on_batch(total, padded, [started - t.queued for t in tasks])
             outputs = run(inputs)
             for name, value in outputs.items():
                 if np.ndim(value) == 0 or value.shape[0] != padded:

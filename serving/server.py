@@ -1,9 +1,10 @@
-"""The embedded server: TF Serving's gRPC API (PredictionService, ModelService) without TF Serving.
+"""The embedded server: TF Serving's gRPC and REST APIs without TF Serving.
 
 For machines without the tensorflow_model_server binary (development, CI, laptops). It serves the
 same SavedModel directories with the same `models.config`, answers with the same status codes and
 the same response encoding, so a client cannot tell it from TF Serving. Implemented: Predict,
-GetModelMetadata (signature_def), GetModelStatus; the other RPCs answer UNIMPLEMENTED.
+GetModelMetadata (signature_def), GetModelStatus, HandleReloadConfigRequest; the REST API and
+Prometheus metrics on --rest_api_port (serving/rest.py); the other RPCs answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -14,21 +15,29 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Callable, TypeVar
 
 import grpc
+import numpy as np
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_management_pb2,
+    model_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
+    status_pb2,
 )
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving import configs
 from serving.batching import Batcher
 from serving.configs import BatchingOptions
-from serving.models import ModelRegistry, ServingError, encode_tensor
+from serving.metrics import DEFAULT_PATH, Metrics
+from serving.models import ModelRegistry, ModelVersion, ServingError, Signature, encode_tensor
+from serving.rest import RestApi, RestServer
 
 log = logging.getLogger("serving.server")
 
@@ -81,34 +90,46 @@ class _LenientRequests:
         return getattr(self.server, name)
 
 
-def _answer(context: grpc.ServicerContext, method: str, handler: Callable[[], Response], request=None) -> Response:
-    """Run a handler; ServingError keeps its code, anything else is INTERNAL and logged."""
-    if isinstance(request, _Unparsable):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the request is not a valid protobuf message "
-                      f"of its type ({request.error})")
+def _answer(context: grpc.ServicerContext, method: str, handler: Callable[[], Response], request=None,
+            metrics: Metrics | None = None, api: str = "") -> Response:
+    """Run a handler; ServingError keeps its code, anything else is INTERNAL and logged. With
+    `metrics`, the call is counted under its model and status, as TF Serving counts it."""
+    started, code = time.perf_counter(), grpc.StatusCode.OK
     try:
-        return handler()
-    except ServingError as e:
-        log.debug("%s: %s: %s", method, e.code.name, e.message)
-        context.abort(e.code, e.message)
-    except Exception as e:
-        log.exception("%s failed", method)
-        context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {type(e).__name__}: {e}")
+        if isinstance(request, _Unparsable):
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            context.abort(code, f"{method}: the request is not a valid protobuf message of its type ({request.error})")
+        try:
+            return handler()
+        except ServingError as e:
+            code = e.code
+            log.debug("%s: %s: %s", method, e.code.name, e.message)
+            context.abort(e.code, e.message)
+        except Exception as e:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            context.abort(code, f"{method}: internal error: {type(e).__name__}: {e}")
+    finally:
+        if metrics is not None:
+            model = "" if isinstance(request, _Unparsable) else request.model_spec.name
+            metrics.request(model, code.name, api, "GRPC", time.perf_counter() - started)
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict and GetModelMetadata over a ModelRegistry, optionally through a Batcher."""
 
     def __init__(self, registry: ModelRegistry, batcher: Batcher | None = None,
-                 max_tensor_bytes: int = MAX_MESSAGE_BYTES, tensor_content: bool = False):
+                 max_tensor_bytes: int = MAX_MESSAGE_BYTES, tensor_content: bool = False,
+                 metrics: Metrics | None = None):
         self.registry = registry
         self.batcher = batcher
         self.max_tensor_bytes = max_tensor_bytes
         self.tensor_content = tensor_content
+        self.metrics = metrics
         self.abandoned = 0  # requests whose caller was gone (deadline, cancel) before the model ran
 
     def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
-        return _answer(context, "Predict", lambda: self._predict(request, context), request)
+        return _answer(context, "Predict", lambda: self._predict(request, context), request, self.metrics, "Predict")
 
     def _abandon_if_gone(self, context: grpc.ServicerContext) -> None:
         """Do no work for a caller that is gone: its deadline passed or it cancelled the call."""
@@ -119,22 +140,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def _predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
         self._abandon_if_gone(context)  # it may have waited for a worker thread
-        version = self.registry.resolve(request.model_spec)
-        signature = version.signature(request.model_spec.signature_name)
-        outputs = signature.check_output_filter(request.output_filter)
-        inputs, size = signature.decode_inputs(request.inputs, self.max_tensor_bytes)
-        self._abandon_if_gone(context)
-        batched = self.batcher is not None and signature.batchable
-        if batched and size is None:  # what TF Serving's batching checks before it queues a request
-            scalar = any(array.ndim == 0 for array in inputs.values())
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Batching Run() input tensors must have "
-                               + ("at least one dimension" if scalar else "equal 0th-dimension size"))
-        if batched and size:
-            key = (version.model_name, version.version, signature.name, outputs)
-            result = self.batcher.submit(key, lambda batch: signature.run(batch, outputs), inputs, size,
-                                         is_active=context.is_active)
-        else:
-            result = signature.run(inputs, outputs)
+        version, signature, result = self.predict(request, context.is_active, lambda: self._abandon_if_gone(context))
         response = predict_pb2.PredictResponse()
         response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = version.version
@@ -143,11 +149,35 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.outputs[name].CopyFrom(encode_tensor(value, self.tensor_content))
         return response
 
+    def predict(self, request: predict_pb2.PredictRequest, is_active: Callable[[], bool] = lambda: True,
+                before_run: Callable[[], None] = lambda: None) -> tuple[ModelVersion, Signature, dict[str, np.ndarray]]:
+        """Check and run one PredictRequest (through the batcher when on): the path gRPC and REST share."""
+        version = self.registry.resolve(request.model_spec)
+        signature = version.signature(request.model_spec.signature_name)
+        outputs = signature.check_output_filter(request.output_filter)
+        inputs, size = signature.decode_inputs(request.inputs, self.max_tensor_bytes)
+        before_run()
+        batched = self.batcher is not None and signature.batchable
+        if batched and size is None:  # what TF Serving's batching checks before it queues a request
+            scalar = any(array.ndim == 0 for array in inputs.values())
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Batching Run() input tensors must have "
+                               + ("at least one dimension" if scalar else "equal 0th-dimension size"))
+        if batched and size:
+            key = (version.model_name, version.version, signature.name, outputs)
+            result = self.batcher.submit(key, lambda batch: signature.run(batch, outputs), inputs, size,
+                                         is_active=is_active)
+        else:
+            result = signature.run(inputs, outputs)
+        if self.metrics is not None and signature.explains and size:
+            self.metrics.heatmap_count.labels(version.model_name, signature.name).inc(size)
+        return version, signature, result
+
     def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
                          context: grpc.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
-        return _answer(context, "GetModelMetadata", lambda: self._metadata(request), request)
+        return _answer(context, "GetModelMetadata", lambda: self.metadata(request), request, self.metrics,
+                       "GetModelMetadata")
 
-    def _metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    def metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest) -> get_model_metadata_pb2.GetModelMetadataResponse:
         if not request.metadata_field:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "GetModelMetadataRequest must specify at least one metadata_field")
         for field in request.metadata_field:
@@ -162,22 +192,35 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    """GetModelStatus: every loaded version is AVAILABLE (HandleReloadConfigRequest: UNIMPLEMENTED)."""
+    """GetModelStatus (every version the server knows, newest first) and HandleReloadConfigRequest."""
 
-    def __init__(self, registry: ModelRegistry):
+    def __init__(self, registry: ModelRegistry, reload: Callable[[model_server_config_pb2.ModelServerConfig], None]):
         self.registry = registry
+        self.reload = reload
 
     def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
                        context: grpc.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
-        def status() -> get_model_status_pb2.GetModelStatusResponse:
-            response = get_model_status_pb2.GetModelStatusResponse()
-            for version in self.registry.available(request.model_spec):
-                response.model_version_status.add(
-                    version=version.version, state=get_model_status_pb2.ModelVersionStatus.AVAILABLE
-                )
-            return response
+        return _answer(context, "GetModelStatus", lambda: model_status(self.registry, request.model_spec), request)
 
-        return _answer(context, "GetModelStatus", status, request)
+    def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest,
+                                  context: grpc.ServicerContext) -> model_management_pb2.ReloadConfigResponse:
+        def reload() -> model_management_pb2.ReloadConfigResponse:
+            self.reload(request.config)
+            return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto(error_code=0))
+
+        return _answer(context, "HandleReloadConfigRequest", reload, request)
+
+
+def model_status(registry: ModelRegistry, spec: model_pb2.ModelSpec) -> get_model_status_pb2.GetModelStatusResponse:
+    """GetModelStatus's answer, shared by gRPC and REST."""
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for version, state in registry.states(spec):
+        response.model_version_status.add(
+            version=version,
+            state=get_model_status_pb2.ModelVersionStatus.State.Value(state.state),
+            status=status_pb2.StatusProto(error_code=state.code.value[0], error_message=state.message),
+        )
+    return response
 
 
 @dataclasses.dataclass
@@ -186,16 +229,29 @@ class ServerOptions:
 
     host: str = "127.0.0.1"
     port: int = 8500
+    rest_api_port: int = 0  # 0: no REST port, as in TF Serving
+    rest_api_num_threads: int | None = None  # None: 4 per CPU, as TF Serving
+    rest_api_timeout_in_ms: int = 30000
+    rest_api_enable_cors_support: bool = False
+    monitoring: object | None = None  # configs.MonitoringConfig
     grpc_max_threads: int | None = None  # None: default_grpc_threads()
     max_message_bytes: int = MAX_MESSAGE_BYTES
     enable_model_warmup: bool = True
     file_system_poll_wait_seconds: float = 1
+    model_config_file: str = ""  # re-read every model_config_file_poll_wait_seconds (> 0)
+    model_config_file_poll_wait_seconds: float = 0
+    models_root: str = "models"  # where /models base paths are read from on a machine without /models
     batching: BatchingOptions | None = None
     tensor_content: bool = False
     ssl: object | None = None  # configs.SSLConfig
     shutdown_grace_seconds: float = 30
     max_concurrent_requests: int = 0  # more calls at once are refused with RESOURCE_EXHAUSTED; 0: no limit
     rerun_failed_batches: bool = False  # not TF Serving's: rerun a failed batch one request at a time
+    start_with_failed_models: bool = False  # not TF Serving's: serve the others when a model fails to load
+
+
+class StartupError(Exception):
+    """The server cannot start (TF Serving: "Failed to start server. Error: ...")."""
 
 
 def _credentials(ssl) -> grpc.ServerCredentials:
@@ -231,24 +287,43 @@ def default_grpc_threads(batching: BatchingOptions | None, cpus: int | None = No
 
 
 class EmbeddedServer:
-    """Registry + optional batcher + gRPC server, started and stopped together."""
+    """Registry + optional batcher + gRPC server + optional REST port, started and stopped together."""
 
     def __init__(self, config: model_server_config_pb2.ModelServerConfig, options: ServerOptions):
         self.options = options
-        self.registry = ModelRegistry(config, warmup=options.enable_model_warmup, max_bytes=options.max_message_bytes)
+        prometheus = options.monitoring.prometheus_config if options.monitoring is not None else None
+        self.metrics_path = (prometheus.path or DEFAULT_PATH) if prometheus is not None and prometheus.enable else None
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(config, warmup=options.enable_model_warmup, max_bytes=options.max_message_bytes,
+                                      on_load=self.metrics.load_attempt)
+        self.metrics.watch_states(self.registry.all_states)
         self.batcher: Batcher | None = None
         self.predictions: PredictionServicer | None = None
         self.server: grpc.Server | None = None
+        self.rest: RestServer | None = None
         self.port: int | None = None
+        self.rest_port: int | None = None
+        self._file_config: bytes | None = None  # the config file as last read by the poll
+        self._stop = threading.Event()
+        self._config_poller: threading.Thread | None = None
 
     def start(self) -> int:
-        """Load the models, then listen; returns the bound port (useful with port 0)."""
+        """Load the models, then listen (as TF Serving: no port opens before the first loads end).
+
+        Returns the bound gRPC port (useful with port 0). A model that fails to load stops the
+        start with StartupError, unless `start_with_failed_models`.
+        """
         options = self.options
-        self.registry.sync()
+        errors = self.registry.sync()
+        if errors and not options.start_with_failed_models:
+            self.registry.stop()
+            raise StartupError(f"{len(errors)} servable(s) did not become available: {{{'; '.join(errors)}}}")
         self.registry.start_polling(options.file_system_poll_wait_seconds)
         threads = options.grpc_max_threads or default_grpc_threads(options.batching)
         if options.batching is not None:
-            self.batcher = Batcher(options.batching, options.rerun_failed_batches)
+            self.batcher = Batcher(options.batching, options.rerun_failed_batches,
+                                   on_batch=lambda rows, padded, waits: self.metrics.batch(rows, padded, waits,
+                                                                                          "batch_threads"))
             log.info("batching on: %s; %d gRPC worker threads", options.batching, threads)
         message_options = [
             ("grpc.max_send_message_length", options.max_message_bytes),
@@ -261,9 +336,11 @@ class EmbeddedServer:
             # "Concurrent RPC limit exceeded!" at once, before the request is read.
             maximum_concurrent_rpcs=options.max_concurrent_requests or None,
         )
-        self.predictions = PredictionServicer(self.registry, self.batcher, options.max_message_bytes, options.tensor_content)
+        self.predictions = PredictionServicer(self.registry, self.batcher, options.max_message_bytes,
+                                              options.tensor_content, self.metrics)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(self.predictions, _LenientRequests(self.server))
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), _LenientRequests(self.server))
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry, self.reload),
+                                                                  _LenientRequests(self.server))
         address = f"{options.host}:{options.port}"
         if options.ssl is not None:
             self.port = self.server.add_secure_port(address, _credentials(options.ssl))
@@ -273,11 +350,62 @@ class EmbeddedServer:
             raise OSError(f"cannot listen on {address}")
         self.server.start()
         log.info("Running gRPC ModelServer at %s:%d%s", options.host, self.port, " (TLS)" if options.ssl else "")
+        if options.rest_api_port:
+            self._start_rest()
+        if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
+            self._config_poller = threading.Thread(target=self._poll_config, name="config-poller", daemon=True)
+            self._config_poller.start()
         return self.port
+
+    def _start_rest(self) -> None:
+        options = self.options
+        if options.rest_api_port == self.port:
+            raise StartupError("server_options.http_port cannot be same as grpc_port. "
+                               "Please use a different port for HTTP/REST API.")
+        api = RestApi(self.registry, self.predictions, model_status, self.metrics, self.metrics_path,
+                      options.rest_api_timeout_in_ms / 1000)
+        self.rest = RestServer(options.host, max(options.rest_api_port, 0), api,
+                               options.rest_api_num_threads or 4 * (os.cpu_count() or 1), options.max_message_bytes,
+                               options.max_concurrent_requests, options.rest_api_enable_cors_support)
+        self.rest_port = self.rest.start()
+        log.info("Exporting HTTP/REST API at:%s:%d%s", options.host, self.rest_port,
+                 f" (metrics at {self.metrics_path})" if self.metrics_path else "")
+
+    def reload(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+        """Serve exactly the models of `config` (HandleReloadConfigRequest, the config file poll)."""
+        if config.WhichOneof("config") != "model_config_list":
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "ServerModelConfig type not supported by "
+                               "HandleReloadConfigRequest. Only ModelConfigList is currently supported")
+        if not os.path.isdir(configs.CONTAINER_MODELS):
+            config = configs.map_container_models(config, self.options.models_root)
+        errors = self.registry.reload(config)
+        if errors:
+            raise ServingError(grpc.StatusCode.UNKNOWN, f"{len(errors)} model(s) did not become available: "
+                               f"{{{'; '.join(errors)}}}")
+
+    def _poll_config(self) -> None:
+        """--model_config_file_poll_wait_seconds: re-read the file, reload when it changed."""
+        while not self._stop.wait(self.options.model_config_file_poll_wait_seconds):
+            try:
+                config = configs.read_model_server_config(self.options.model_config_file)
+                text = config.SerializeToString(deterministic=True)
+                if self._file_config is None:
+                    self._file_config = text  # what start() loaded
+                elif text != self._file_config:
+                    self._file_config = text
+                    log.info("%s changed: reloading the model config", self.options.model_config_file)
+                    self.reload(config)
+            except (OSError, ValueError) as e:
+                log.error("Failed to read ModelServerConfig file: %s", e)
+            except ServingError as e:
+                log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", e.message)
 
     def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish (up to `grace` seconds), then stop."""
         grace = self.options.shutdown_grace_seconds if grace is None else grace
+        self._stop.set()
+        if self.rest is not None:
+            self.rest.stop()
         if self.server is not None:
             self.server.stop(grace).wait()
         if self.batcher is not None:
@@ -297,7 +425,11 @@ def serve(config: model_server_config_pb2.ModelServerConfig, options: ServerOpti
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     server = EmbeddedServer(config, options)
-    server.start()
+    try:
+        server.start()
+    except (StartupError, OSError) as e:
+        log.error("Failed to start server. Error: %s", e)
+        return 255
     while not stop.wait(1.0):
         pass
     log.info("%s received: finishing in-flight requests (up to %.0f s), then exiting", received[0], options.shutdown_grace_seconds)

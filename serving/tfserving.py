@@ -57,7 +57,7 @@ def models_needing_xla(config: configs.ModelServerConfig, base_path: str | os.Pa
 
     local = configs.map_container_models(config, base_path)
     return [model.name for model in local.model_config_list.config
-            if any(needs_xla(os.path.join(model.base_path, str(v))) for v in numeric_versions(model.base_path))]
+            if any(needs_xla(os.path.join(model.base_path, d)) for d in numeric_versions(model.base_path).values())]
 
 
 def server_flags(model_config: str, batching_config: str | None, monitoring_config: str | None, port: int,

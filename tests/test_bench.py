@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+from rest_helpers import free_port
 from serving import configs
 from serving.server import EmbeddedServer, ServerOptions
 
@@ -19,10 +20,11 @@ import bench.__main__ as bench
 def test_bench_runs_every_configuration(shapes_export, tmp_path):
     config = configs.single_model_config("shapes", str(shapes_export.parent))
     batching = configs.read_batching_parameters(bench.SAMPLE.parent.parent / "serving" / "batching_cpu.config")
-    server = EmbeddedServer(config, ServerOptions(port=0, batching=batching, file_system_poll_wait_seconds=0))
+    server = EmbeddedServer(config, ServerOptions(port=0, rest_api_port=free_port(), batching=batching,
+                                                  file_system_poll_wait_seconds=0))
     port = server.start()
     try:
-        assert bench.main(["--server", f"localhost:{port}", "--model", "shapes", "--model-dir", str(shapes_export.parent),
+        assert bench.main(["--server", f"localhost:{port}", "--rest", f"localhost:{server.rest_port}", "--model", "shapes", "--model-dir", str(shapes_export.parent),
                            "--methods", "gradcam,cam", "--skip-seed", "--repeats", "3", "--seconds", "0.3",
                            "--out", str(tmp_path)]) == 0
     finally:
@@ -34,11 +36,16 @@ def test_bench_runs_every_configuration(shapes_export, tmp_path):
                 for b in (1, 8)}
     expected |= {bench.config_name(c) for c in bench.grpc_configs(["gradcam", "cam"])}
     expected |= {bench.config_name(c) + " interleaved" for c in bench.grpc_configs(["gradcam", "cam"])[:3]}
+    expected |= {f"{kind} gradcam_bytes b1 c1 all outputs interleaved" for kind in ("grpc", "rest")}
     assert set(rows) == expected
     for name, row in rows.items():
         assert row["n"] > 0 and row["p50_ms"] > 0 and not row.get("errors"), (name, row)
-    for signature, outputs in (("predict_bytes", "summary"), ("gradcam_bytes", "heatmap_png")):
+    for signature, outputs in (("predict_bytes", "summary"), ("gradcam_bytes", "heatmap_png_bytes")):
         assert rows[f"grpc {signature} b1 c16 out={outputs}"]["in_process_b8_images_per_s"] > 0
-    compact = rows["grpc gradcam_bytes b1 c1 out=heatmap_png"]["response_bytes"]
+    compact = rows["grpc gradcam_bytes b1 c1 out=heatmap_png_bytes"]["response_bytes"]
     assert 0 < compact < rows["grpc gradcam_bytes b1 c1 out=all"]["response_bytes"]
-    assert len(results["ratios"]) == 10  # 12 with the seed notebook's way and all(math.isfinite(v) and v > 0 for v in results["ratios"].values())
+    # JSON text of every output (b64 PNG, the float heatmap as decimals) is larger than protobuf.
+    rest, grpc_ = (rows[f"{kind} gradcam_bytes b1 c1 all outputs interleaved"] for kind in ("rest", "grpc"))
+    assert rest["response_bytes"] > grpc_["response_bytes"] > compact
+    assert len(results["ratios"]) == 11  # 13 with the seed notebook's way
+    assert all(math.isfinite(v) and v > 0 for v in results["ratios"].values()), results["ratios"]

@@ -28,7 +28,7 @@ import synthetic
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(p for p in (ROOT / "samples").iterdir() if p.suffix in (".png", ".jpg"))
 DEFAULT_FILTER = {"class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels",
-                  "heatmap_png", "error"}
+                  "heatmap_png_bytes", "error"}
 
 
 # -- wire compatibility ---------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def test_read_image_matches_cv2_and_rejects_garbage():
 LABELS = [f"class_{i}" for i in range(10)]
 SIZE, K = (32, 40), 5
 EXPLAIN_OUTPUTS = {"probabilities", "logits", "class_index", "class_label", "score", "top_k_indices", "error",
-                   "top_k_scores", "top_k_labels", "heatmap", "heatmap_uint8", "heatmap_png", "heatmap_lowres",
+                   "top_k_scores", "top_k_labels", "heatmap", "heatmap_uint8", "heatmap_png_bytes", "heatmap_lowres",
                    "padding"}
 
 
@@ -237,7 +237,7 @@ class FakePredictionService(prediction_service_pb2_grpc.PredictionServiceService
                "top_k_scores": np.take_along_axis(probs, top, 1),
                "top_k_labels": np.array([[LABELS[c].encode() for c in row] for row in top], dtype=object),
                "heatmap": heat, "heatmap_uint8": np.round(heat * 255).astype(np.uint8),
-               "heatmap_png": np.array([cv2.imencode(".png", m)[1].tobytes()
+               "heatmap_png_bytes": np.array([cv2.imencode(".png", m)[1].tobytes()
                                         for m in np.round(heat * 255).astype(np.uint8)], dtype=object),
                "heatmap_lowres": heat[:, ::4, ::4], "padding": np.zeros((n, 6 * 1024 * 1024), np.uint8),
                "error": errors}

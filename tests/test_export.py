@@ -27,7 +27,7 @@ EXPLAIN_OUTPUTS = {
     "top_k_labels": (tf.string, 2),
     "heatmap": (tf.float32, 3),
     "heatmap_uint8": (tf.uint8, 3),
-    "heatmap_png": (tf.string, 1),
+    "heatmap_png_bytes": (tf.string, 1),
     "heatmap_lowres": (tf.float32, 3),
     "error": (tf.string, 1),
 }
@@ -209,7 +209,7 @@ def test_signature_contract(resnet50, load):
     heat = out["heatmap"].numpy()
     assert heat.min() >= 0 and heat.max() <= 1
     np.testing.assert_array_equal(out["heatmap_uint8"].numpy(), np.round(heat * 255).astype(np.uint8))
-    png = cv2.imdecode(np.frombuffer(out["heatmap_png"].numpy()[0], np.uint8), cv2.IMREAD_UNCHANGED)
+    png = cv2.imdecode(np.frombuffer(out["heatmap_png_bytes"].numpy()[0], np.uint8), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(png, out["heatmap_uint8"].numpy()[0])
 
 

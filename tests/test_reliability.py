@@ -613,7 +613,8 @@ def _install(base: pathlib.Path, source: pathlib.Path, version: int) -> None:
 def _versions(stub) -> list[int]:
     request_ = get_model_status_pb2.GetModelStatusRequest()
     request_.model_spec.name = "rel"
-    return sorted(s.version for s in stub.GetModelStatus(request_, timeout=10).model_version_status)
+    return sorted(s.version for s in stub.GetModelStatus(request_, timeout=10).model_version_status
+                  if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE)
 
 
 def test_versions_switch_under_load_and_broken_versions_are_refused(model_base, reference, tmp_path, caplog):

@@ -56,7 +56,7 @@ SIZE = 32
 NUM_CLASSES = 5
 PREDICT_OUTPUTS = {"probabilities", "logits", "class_index", "class_label", "score",
                    "top_k_indices", "top_k_scores", "top_k_labels", "error"}
-EXPLAIN_OUTPUTS = PREDICT_OUTPUTS | {"heatmap", "heatmap_uint8", "heatmap_png", "heatmap_lowres"}
+EXPLAIN_OUTPUTS = PREDICT_OUTPUTS | {"heatmap", "heatmap_uint8", "heatmap_png_bytes", "heatmap_lowres"}
 RECEIVE_LIMIT = 64 * 2**20
 
 
@@ -254,8 +254,8 @@ def _status(model_stub, model: str, version: int | None = None) -> list[int]:
     if version is not None:
         request.model_spec.version.value = version
     response = model_stub.GetModelStatus(request, timeout=30)
-    assert all(s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE for s in response.model_version_status)
-    return sorted(s.version for s in response.model_version_status)
+    return sorted(s.version for s in response.model_version_status
+                  if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE)
 
 
 # --- Predict ---------------------------------------------------------------------------------

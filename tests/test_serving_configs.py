@@ -41,7 +41,7 @@ TF_SERVING_FLAGS = {
 }
 # Flags only the embedded server has (TF Serving listens on all interfaces and has no equivalent).
 EMBEDDED_ONLY_FLAGS = {"host", "max_message_bytes", "models_root", "shutdown_grace_seconds",
-                       "max_concurrent_requests", "rerun_failed_batches"}
+                       "max_concurrent_requests", "rerun_failed_batches", "start_with_failed_models"}
 
 
 def _parse(path: pathlib.Path, message):
@@ -181,12 +181,14 @@ def test_make_serve_targets_dry_run(tmp_path):
     assert "--port=8600" in command
     if shutil.which("tensorflow_model_server") is None:
         unbatched = shlex.split(make("serve", "MODEL=tiny", "PORT=8601", "BATCHING="))
-        assert unbatched[1:] == ["-m", "serving", "--port", "8601", "--host", "127.0.0.1", "--model_name", "tiny",
-                                 "--model_base_path", f"{tmp_path}/tiny"]
+        assert unbatched[1:] == ["-m", "serving", "--port", "8601", "--rest_api_port", "8501", "--host", "127.0.0.1",
+                                 "--model_name", "tiny", "--model_base_path", f"{tmp_path}/tiny",
+                                 "--monitoring_config_file", "serving/monitoring.config"]
         batched = shlex.split(make("serve", "MODEL=tiny", "PORT=8601"))
         assert batched[:len(unbatched)] == unbatched
         p = embedded_parser()
         _, options = options_from_args(p.parse_args(batched[3:]), p)
+        assert options.rest_api_port == 8501 and options.monitoring.prometheus_config.enable
         gpu = shutil.which("nvidia-smi") is not None
         expected = configs.read_batching_parameters(SERVING / ("batching.config" if gpu else "batching_cpu.config"))
         assert options.batching == expected

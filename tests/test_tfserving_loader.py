@@ -35,7 +35,7 @@ def assert_same(name: str, served: np.ndarray, expected: np.ndarray) -> float:
     """Assert one output agrees; returns its largest absolute difference (0 for strings)."""
     assert served.shape == expected.shape and served.dtype == expected.dtype, name
     if served.dtype == object:
-        if not name.endswith("_png"):  # PNG bytes follow heatmap_uint8, compared by value
+        if not name.endswith("_png_bytes"):  # PNG bytes follow heatmap_uint8, compared by value
             assert served.tolist() == expected.tolist(), name
         return 0.0
     diff = float(np.max(np.abs(served.astype(np.float64) - expected.astype(np.float64)), initial=0.0))
@@ -69,8 +69,8 @@ def test_output_filter_is_the_fetch_list(shapes_export, load):
     images, _, _ = synthetic.dataset(2, seed=31)
     inputs = {"images": images, "class_index": np.array([-1, 1], np.int32)}
     with SavedModelSession(shapes_export) as session:
-        served = session.run_signature("gradcam", inputs, ["heatmap_png", "class_label"])
-    assert set(served) == {"heatmap_png", "class_label"}
+        served = session.run_signature("gradcam", inputs, ["heatmap_png_bytes", "class_label"])
+    assert set(served) == {"heatmap_png_bytes", "class_label"}
     expected = load(shapes_export).signatures["gradcam"](**inputs)
     assert served["class_label"].tolist() == expected["class_label"].numpy().tolist()
 
