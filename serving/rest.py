@@ -92,18 +92,20 @@ class RestApi:
             malformed = ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Malformed request: {method} {path}")
             if method == "POST" and (match := _POST.fullmatch(path)):
                 name, version, label, api = match.groups()
-                model_name = urllib.parse.unquote(name)
-                if api != "predict":
-                    raise (malformed if api.lower() == "predict" else ServingError(
-                        grpc.StatusCode.UNIMPLEMENTED, f"{api} is not served here: the models are explained "
-                        "through predict signatures"))
-                text = self._predict(_model_spec(name, version, label), body())
+                spec = _model_spec(name, version, label)
+                model_name = spec.name
+                if api in ("classify", "regress"):
+                    raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"{api} is not served here: the models "
+                                       "are explained through predict signatures")
+                if api != "predict":  # the match ignores case, TF Serving's dispatch does not
+                    raise malformed
+                text = self._predict(spec, body())
             elif method == "GET" and (match := _GET.fullmatch(path)):
                 name, version, label, subresource = match.groups()
                 if not name:
                     raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Missing model name in request.")
-                model_name = urllib.parse.unquote(name)
                 spec = _model_spec(name, version, label)
+                model_name = spec.name
                 text = self._metadata(spec) if subresource == "metadata" else self._status(spec)
             else:
                 raise malformed
