@@ -94,9 +94,7 @@ def options_from_args(args: argparse.Namespace,
         p.error("give either --model_config_file or --model_base_path (with --model_name)")
     try:
         if args.model_config_file:
-            config = configs.read_model_server_config(args.model_config_file)
-            if not os.path.isdir(configs.CONTAINER_MODELS):
-                config = configs.map_container_models(config, args.models_root)
+            config = configs.localise(configs.read_model_server_config(args.model_config_file), args.models_root)
         else:
             config = configs.single_model_config(args.model_name, args.model_base_path)
         batching = None

@@ -122,6 +122,13 @@ def map_container_models(config: model_server_config_pb2.ModelServerConfig,
     return local
 
 
+def localise(config: model_server_config_pb2.ModelServerConfig,
+             models_root: str | os.PathLike) -> model_server_config_pb2.ModelServerConfig:
+    """The config as this machine reads it: base paths under /models come from `models_root` when
+    there is no /models directory (outside the container)."""
+    return config if os.path.isdir(CONTAINER_MODELS) else map_container_models(config, models_root)
+
+
 def single_model_config(model_name: str, model_base_path: str) -> model_server_config_pb2.ModelServerConfig:
     """The config `--model_name` + `--model_base_path` stand for (as in TF Serving)."""
     config = ModelServerConfig()

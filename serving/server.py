@@ -293,17 +293,18 @@ class EmbeddedServer:
         self.options = options
         prometheus = options.monitoring.prometheus_config if options.monitoring is not None else None
         self.metrics_path = (prometheus.path or DEFAULT_PATH) if prometheus is not None and prometheus.enable else None
-        self.metrics = Metrics()
+        self.metrics = Metrics() if self.metrics_path else None  # nothing recorded that no one can read
         self.registry = ModelRegistry(config, warmup=options.enable_model_warmup, max_bytes=options.max_message_bytes,
-                                      on_load=self.metrics.load_attempt)
-        self.metrics.watch_states(self.registry.all_states)
+                                      on_load=self.metrics.load_attempt if self.metrics else None)
+        if self.metrics:
+            self.metrics.watch_states(self.registry.all_states)
         self.batcher: Batcher | None = None
         self.predictions: PredictionServicer | None = None
         self.server: grpc.Server | None = None
         self.rest: RestServer | None = None
         self.port: int | None = None
         self.rest_port: int | None = None
-        self._file_config: bytes | None = None  # the config file as last read by the poll
+        self._config = config  # the config served, which the config file poll compares the file with
         self._stop = threading.Event()
         self._config_poller: threading.Thread | None = None
 
@@ -321,9 +322,9 @@ class EmbeddedServer:
         self.registry.start_polling(options.file_system_poll_wait_seconds)
         threads = options.grpc_max_threads or default_grpc_threads(options.batching)
         if options.batching is not None:
-            self.batcher = Batcher(options.batching, options.rerun_failed_batches,
-                                   on_batch=lambda rows, padded, waits: self.metrics.batch(rows, padded, waits,
-                                                                                          "batch_threads"))
+            on_batch = (lambda rows, padded, waits: self.metrics.batch(rows, padded, waits, "batch_threads")
+                        ) if self.metrics else None
+            self.batcher = Batcher(options.batching, options.rerun_failed_batches, on_batch=on_batch)
             log.info("batching on: %s; %d gRPC worker threads", options.batching, threads)
         message_options = [
             ("grpc.max_send_message_length", options.max_message_bytes),
@@ -364,7 +365,7 @@ class EmbeddedServer:
                                "Please use a different port for HTTP/REST API.")
         api = RestApi(self.registry, self.predictions, model_status, self.metrics, self.metrics_path,
                       options.rest_api_timeout_in_ms / 1000)
-        self.rest = RestServer(options.host, max(options.rest_api_port, 0), api,
+        self.rest = RestServer(options.host, options.rest_api_port, api,
                                options.rest_api_num_threads or 4 * (os.cpu_count() or 1), options.max_message_bytes,
                                options.max_concurrent_requests, options.rest_api_enable_cors_support)
         self.rest_port = self.rest.start()
@@ -376,9 +377,9 @@ class EmbeddedServer:
         if config.WhichOneof("config") != "model_config_list":
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "ServerModelConfig type not supported by "
                                "HandleReloadConfigRequest. Only ModelConfigList is currently supported")
-        if not os.path.isdir(configs.CONTAINER_MODELS):
-            config = configs.map_container_models(config, self.options.models_root)
+        config = configs.localise(config, self.options.models_root)
         errors = self.registry.reload(config)
+        self._config = config
         if errors:
             raise ServingError(grpc.StatusCode.UNKNOWN, f"{len(errors)} model(s) did not become available: "
                                f"{{{'; '.join(errors)}}}")
@@ -388,11 +389,7 @@ class EmbeddedServer:
         while not self._stop.wait(self.options.model_config_file_poll_wait_seconds):
             try:
                 config = configs.read_model_server_config(self.options.model_config_file)
-                text = config.SerializeToString(deterministic=True)
-                if self._file_config is None:
-                    self._file_config = text  # what start() loaded
-                elif text != self._file_config:
-                    self._file_config = text
+                if configs.localise(config, self.options.models_root) != self._config:
                     log.info("%s changed: reloading the model config", self.options.model_config_file)
                     self.reload(config)
             except (OSError, ValueError) as e:

@@ -138,7 +138,6 @@ def config_file_poll(tiny, tmp_path):
     config_file.write_text(str(configs.single_model_config("a", str(tmp_path / "a"))))
     with rest_helpers.running({"a": tmp_path / "a"}, model_config_file=str(config_file),
                                 model_config_file_poll_wait_seconds=0.3) as server:
-        time.sleep(1)  # the poll has read the file as it was
         config_file.write_text(str(configs.single_model_config("b", str(tmp_path / "a"))))
         assert _wait_for(lambda: server.registry.model_names == ["b"])
         assert _status(server, "b") == [(1, "AVAILABLE", 0, "")] and _predict_version(server, "b") == 1
