@@ -12,7 +12,7 @@ REST_PORT  ?= 8501
 # glibc malloc arenas of the servers these targets start: 2 instead of 8 per core keeps the
 # embedded server's RSS ~100 MB lower and flat under load (README "Running it safely").
 MALLOC_ARENA_MAX ?= 2
-serve demo bench: export MALLOC_ARENA_MAX := $(MALLOC_ARENA_MAX)
+serve demo bench web: export MALLOC_ARENA_MAX := $(MALLOC_ARENA_MAX)
 # Server-side batching for the embedded server of serve, demo and bench: serving/batching.config
 # when a GPU is found, else serving/batching_cpu.config; BATCHING= turns batching off.
 BATCHING   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),serving/batching.config,serving/batching_cpu.config)
@@ -21,7 +21,7 @@ EMBEDDED    = $(PY) -m serving --port $(PORT) --rest_api_port $(REST_PORT) --hos
 	--model_base_path $(BASE_PATH)/$(MODEL) --monitoring_config_file serving/monitoring.config \
 	$(if $(BATCHING),--enable_batching --batching_parameters_file $(BATCHING))
 
-.PHONY: venv test export explain demo bench gpu-check clean
+.PHONY: venv test export explain demo bench web gpu-check clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -75,6 +75,21 @@ bench: venv
 		server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT; \
 		$(PY) -m bench --server localhost:$(PORT) --rest localhost:$(REST_PORT) --model $(MODEL) \
 			--model-dir $(BASE_PATH)/$(MODEL) $(BENCH_ARGS); \
+	fi
+
+# The explain page (python -m client web) on http://127.0.0.1:$(WEB_PORT)/, against SERVER when given
+# (any TF Serving that hosts the model), else against the embedded server started here on the
+# exported model. Ctrl-C stops both.
+WEB_PORT   ?= 8080
+web: venv
+	@if [ -n "$(SERVER)" ]; then \
+		$(PY) -m client web --server $(SERVER) --model $(MODEL) --port $(WEB_PORT); \
+	else \
+		test -n "$$(ls $(BASE_PATH)/$(MODEL) 2>/dev/null)" || $(MAKE) --no-print-directory export; \
+		$(EMBEDDED) & \
+		server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT INT TERM; \
+		$(PY) -m client wait --server localhost:$(PORT) --model $(MODEL) --timeout 300 && \
+		$(PY) -m client web --server localhost:$(PORT) --model $(MODEL) --port $(WEB_PORT); \
 	fi
 
 # On a GPU machine: device placement of the explain path, predict vs gradcam at batch 1/8/64,

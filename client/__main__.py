@@ -1,4 +1,5 @@
-"""Command line: `python -m client explain|predict IMAGE ... --server HOST:PORT --model NAME`.
+"""Command line: `python -m client explain|predict IMAGE ... --server HOST:PORT --model NAME`, and
+`python -m client web`, a page that explains the images dropped on it.
 
 explain prints each image's top-k (rank, class, probability, as keras `decode_predictions`) and the
 explained class, and writes `<out>/<stem>_<method>_overlay.png` (heatmap over the photo, at the
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .api import CamClient, CamServingError, Prediction, tls_credentials
+from .web import PageLimits  # the CLI's defaults; `import client` itself stays free of the page
 
 
 def _credentials(args):
@@ -109,6 +113,24 @@ def cmd_wait(args) -> int:
     return 0
 
 
+def cmd_web(args) -> int:
+    from . import web
+
+    limits = web.PageLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+                            max_concurrent=args.max_concurrent)
+    with CamClient(args.server, model=args.model, timeout=args.timeout, version=args.version,
+                   credentials=_credentials(args)) as client:
+        server = web.make_server(web.ExplainPage(client, limits), args.host, args.port)
+        host, port = server.server_address[:2]
+        print(f"Explain page for model {args.model} at {args.server}: http://{host}:{port}/ (Ctrl-C stops it)",
+              flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # also when started where SIGINT is ignored (`cmd &`)
+            signal.signal(sig, lambda *_: threading.Thread(target=server.shutdown).start())
+        server.serve_forever()
+        server.server_close()
+    return 0
+
+
 SERVER_HELP = ("gRPC address: HOST:PORT, replicas as HOST:PORT,HOST:PORT,... or dns:///NAME:PORT (calls spread "
                "round-robin, retried on another replica when one is unavailable); default $CAMSERVE_SERVER "
                "or localhost:8500")
@@ -159,6 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
     _add_tls_flags(wait)
     wait.set_defaults(func=cmd_wait, version=None)
+    web = sub.add_parser("web", help="a page on 127.0.0.1 that explains the images dropped on it")
+    web.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"), help=SERVER_HELP)
+    web.add_argument("--model", default="resnet50_cam", help="model name on the server")
+    web.add_argument("--version", type=int, default=None, help="model version (default: latest)")
+    web.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
+    web.add_argument("--host", default="127.0.0.1",
+                     help="address the page listens on; it has no login: see README before widening it")
+    web.add_argument("--port", type=int, default=8080, help="the page's port (0: any free port)")
+    limits = PageLimits()
+    web.add_argument("--max-upload-mb", type=float, default=limits.max_upload_bytes / 2**20,
+                     help="largest file accepted, MiB (default %(default)g)")
+    web.add_argument("--max-pixels", type=int, default=limits.max_pixels,
+                     help="largest image accepted, in pixels, read from its header before decoding "
+                     "(default %(default)d)")
+    web.add_argument("--max-concurrent", type=int, default=limits.max_concurrent,
+                     help="explanations running at once; more get 429 (default %(default)d)")
+    _add_tls_flags(web)
+    web.set_defaults(func=cmd_web)
     return parser
 
 

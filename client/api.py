@@ -168,8 +168,7 @@ class CamClient:
         """Block until the server answers for this model: a server that is still starting or
         loading (UNAVAILABLE, NOT_FOUND) is retried until `timeout` seconds have passed."""
         deadline = time.monotonic() + timeout
-        request = protos.GetModelMetadataRequest(metadata_field=["signature_def"])
-        request.model_spec.CopyFrom(self._spec(""))
+        request = self._metadata_request()
         while True:
             try:
                 self._call(self._metadata, request, "GetModelMetadata", retry=NO_RETRY)  # retried below
@@ -180,17 +179,21 @@ class CamClient:
                     raise
             time.sleep(interval)
 
+    def explain_methods(self) -> list[str]:
+        """The methods this model explains with (gradcam, cam, ...), from its signature metadata:
+        each `<method>_bytes` signature that takes a `class_index` and returns a heatmap PNG."""
+        return sorted(name.removesuffix("_bytes") for name, sig in self._signature_defs().items()
+                      if name.endswith("_bytes") and "class_index" in sig.inputs
+                      and "heatmap_png_bytes" in sig.outputs)
+
     def model_image_size(self, signature: str = "predict") -> tuple[int, int]:
         """(height, width) of the `images` input, from the server's signature metadata."""
         if self._image_size is None:
-            request = protos.GetModelMetadataRequest(metadata_field=["signature_def"])
-            request.model_spec.CopyFrom(self._spec(""))
             try:
-                any_msg = self._call(self._metadata, request, "GetModelMetadata").metadata["signature_def"]
+                signatures = self._signature_defs()
             except CamServingError as err:
                 raise CamServingError(err.code, f"{err.details}; cannot learn the input size of {self.model!r}: "
                                       "pass image_size=(H, W) (CLI: --image-size)") from None
-            signatures = protos.SignatureDefMap.FromString(any_msg.value).signature_def
             if signature not in signatures or "images" not in signatures[signature].inputs:
                 raise CamServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                       f"model {self.model!r} has no signature {signature!r} with an 'images' input")
@@ -202,6 +205,16 @@ class CamClient:
         return self._image_size
 
     # -- internals -------------------------------------------------------------------------------
+    def _metadata_request(self):
+        request = protos.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.CopyFrom(self._spec(""))
+        return request
+
+    def _signature_defs(self):
+        """name -> SignatureDef of the served model (GetModelMetadata)."""
+        any_msg = self._call(self._metadata, self._metadata_request(), "GetModelMetadata").metadata["signature_def"]
+        return protos.SignatureDefMap.FromString(any_msg.value).signature_def
+
     def _spec(self, signature: str):
         spec = protos.ModelSpec(name=self.model, signature_name=signature)
         if self.version is not None:
