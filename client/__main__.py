@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from .api import CamClient, CamServingError, Prediction, tls_credentials
-from .web import PageLimits  # the CLI's defaults; `import client` itself stays free of the page
+from . import web  # the page's HTTP side: the CLI's, while `import client` stays free of it
 
 
 def _credentials(args):
@@ -114,8 +114,6 @@ def cmd_wait(args) -> int:
 
 
 def cmd_web(args) -> int:
-    from . import web
-
     limits = web.PageLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                             max_concurrent=args.max_concurrent)
     with CamClient(args.server, model=args.model, timeout=args.timeout, version=args.version,
@@ -181,24 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
     _add_tls_flags(wait)
     wait.set_defaults(func=cmd_wait, version=None)
-    web = sub.add_parser("web", help="a page on 127.0.0.1 that explains the images dropped on it")
-    web.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"), help=SERVER_HELP)
-    web.add_argument("--model", default="resnet50_cam", help="model name on the server")
-    web.add_argument("--version", type=int, default=None, help="model version (default: latest)")
-    web.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
-    web.add_argument("--host", default="127.0.0.1",
+    page = sub.add_parser("web", help="a page on 127.0.0.1 that explains the images dropped on it")
+    page.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"), help=SERVER_HELP)
+    page.add_argument("--model", default="resnet50_cam", help="model name on the server")
+    page.add_argument("--version", type=int, default=None, help="model version (default: latest)")
+    page.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
+    page.add_argument("--host", default="127.0.0.1",
                      help="address the page listens on; it has no login: see README before widening it")
-    web.add_argument("--port", type=int, default=8080, help="the page's port (0: any free port)")
-    limits = PageLimits()
-    web.add_argument("--max-upload-mb", type=float, default=limits.max_upload_bytes / 2**20,
+    page.add_argument("--port", type=int, default=8080, help="the page's port (0: any free port)")
+    limits = web.PageLimits()
+    page.add_argument("--max-upload-mb", type=float, default=limits.max_upload_bytes / 2**20,
                      help="largest file accepted, MiB (default %(default)g)")
-    web.add_argument("--max-pixels", type=int, default=limits.max_pixels,
+    page.add_argument("--max-pixels", type=int, default=limits.max_pixels,
                      help="largest image accepted, in pixels, read from its header before decoding "
                      "(default %(default)d)")
-    web.add_argument("--max-concurrent", type=int, default=limits.max_concurrent,
+    page.add_argument("--max-concurrent", type=int, default=limits.max_concurrent,
                      help="explanations running at once; more get 429 (default %(default)d)")
-    _add_tls_flags(web)
-    web.set_defaults(func=cmd_web)
+    _add_tls_flags(page)
+    page.set_defaults(func=cmd_web)
     return parser
 
 
