@@ -118,7 +118,7 @@ class ExplainPage:
         try:
             width, height = declared_size(image)
         except ValueError as err:
-            raise PageError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"{err}: this page takes JPEG, PNG or BMP") from None
+            raise PageError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"the file is {err}") from None
         if width * height > self.limits.max_pixels:
             raise PageError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                             f"the image is {width}×{height} = {width * height / 1e6:.1f} million pixels, more than "
