@@ -17,6 +17,8 @@ serve demo bench web: export MALLOC_ARENA_MAX := $(MALLOC_ARENA_MAX)
 # when a GPU is found, else serving/batching_cpu.config; BATCHING= turns batching off.
 BATCHING   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),serving/batching.config,serving/batching_cpu.config)
 HOST       ?= 127.0.0.1
+# The embedded server in the background of a recipe's shell, stopped when that shell ends or is interrupted.
+WITH_EMBEDDED = $(EMBEDDED) & server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT INT TERM;
 EMBEDDED    = $(PY) -m serving --port $(PORT) --rest_api_port $(REST_PORT) --host $(HOST) --model_name $(MODEL) \
 	--model_base_path $(BASE_PATH)/$(MODEL) --monitoring_config_file serving/monitoring.config \
 	$(if $(BATCHING),--enable_batching --batching_parameters_file $(BATCHING))
@@ -55,8 +57,7 @@ explain: venv
 # explain the sample photos into out/, stop the server.
 demo: venv
 	@test -n "$$(ls $(BASE_PATH)/$(MODEL) 2>/dev/null)" || $(MAKE) --no-print-directory export
-	@$(EMBEDDED) & \
-	server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT; \
+	@$(WITH_EMBEDDED) \
 	$(PY) -m client wait --server localhost:$(PORT) --model $(MODEL) --timeout 300 && \
 	$(PY) -m client explain samples/*.png samples/*.jpg --server localhost:$(PORT) --model $(MODEL) \
 		--method gradcam --out out && \
@@ -71,8 +72,7 @@ bench: venv
 	@if [ -n "$(SERVER)" ]; then \
 		$(PY) -m bench --server $(SERVER) --model $(MODEL) --model-dir $(BASE_PATH)/$(MODEL) $(BENCH_ARGS); \
 	else \
-		$(EMBEDDED) & \
-		server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT; \
+		$(WITH_EMBEDDED) \
 		$(PY) -m bench --server localhost:$(PORT) --rest localhost:$(REST_PORT) --model $(MODEL) \
 			--model-dir $(BASE_PATH)/$(MODEL) $(BENCH_ARGS); \
 	fi
@@ -86,8 +86,7 @@ web: venv
 		$(PY) -m client web --server $(SERVER) --model $(MODEL) --port $(WEB_PORT); \
 	else \
 		test -n "$$(ls $(BASE_PATH)/$(MODEL) 2>/dev/null)" || $(MAKE) --no-print-directory export; \
-		$(EMBEDDED) & \
-		server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT INT TERM; \
+		$(WITH_EMBEDDED) \
 		$(PY) -m client wait --server localhost:$(PORT) --model $(MODEL) --timeout 300 && \
 		$(PY) -m client web --server localhost:$(PORT) --model $(MODEL) --port $(WEB_PORT); \
 	fi

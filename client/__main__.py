@@ -116,8 +116,7 @@ def cmd_wait(args) -> int:
 def cmd_web(args) -> int:
     limits = web.PageLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                             max_concurrent=args.max_concurrent)
-    with CamClient(args.server, model=args.model, timeout=args.timeout, version=args.version,
-                   credentials=_credentials(args)) as client:
+    with _client(args) as client:
         server = web.make_server(web.ExplainPage(client, limits), args.host, args.port)
         host, port = server.server_address[:2]
         print(f"Explain page for model {args.model} at {args.server}: http://{host}:{port}/ (Ctrl-C stops it)",
@@ -134,27 +133,26 @@ SERVER_HELP = ("gRPC address: HOST:PORT, replicas as HOST:PORT,HOST:PORT,... or 
                "or localhost:8500")
 
 
-def _add_tls_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ca-cert", default=None, help="PEM root certificate that signed the server's: use TLS")
-    parser.add_argument("--client-cert", default=None, help="PEM client certificate, for a server that requires one "
-                        "(mutual TLS); with --client-key")
-    parser.add_argument("--client-key", default=None, help="PEM private key of --client-cert")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    # Every command talks to one model on one server; those that explain also pin a version and a deadline.
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"),
+                            help=SERVER_HELP)
+    connection.add_argument("--model", default="resnet50_cam", help="model name on the server")
+    connection.add_argument("--ca-cert", default=None, help="PEM root certificate that signed the server's: use TLS")
+    connection.add_argument("--client-cert", default=None, help="PEM client certificate, for a server that requires "
+                            "one (mutual TLS); with --client-key")
+    connection.add_argument("--client-key", default=None, help="PEM private key of --client-cert")
+    calls = argparse.ArgumentParser(add_help=False, parents=[connection])
+    calls.add_argument("--version", type=int, default=None, help="model version (default: latest)")
+    calls.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
+    common = argparse.ArgumentParser(add_help=False, parents=[calls])
     common.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/BMP files")
-    common.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"),
-                        help=SERVER_HELP)
-    common.add_argument("--model", default="resnet50_cam", help="model name on the server")
-    common.add_argument("--version", type=int, default=None, help="model version (default: latest)")
-    common.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
     common.add_argument("--top-k", type=int, default=5, help="classes to print")
     common.add_argument("--raw", action="store_true",
                         help="decode here and send uint8 tensors instead of the encoded files")
     common.add_argument("--image-size", default=None, metavar="H[,W]",
                         help="model input size for --raw (default: asked from the server)")
-    _add_tls_flags(common)
 
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,30 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--methods", default="gradcam,cam", help="comma list of explain signatures")
     evaluate.add_argument("--steps", type=int, default=10, help="deletion/insertion steps")
     evaluate.set_defaults(func=cmd_evaluate)
-    wait = sub.add_parser("wait", help="wait until the server serves the model")
-    wait.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"), help=SERVER_HELP)
-    wait.add_argument("--model", default="resnet50_cam")
+    wait = sub.add_parser("wait", parents=[connection], help="wait until the server serves the model")
     wait.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
-    _add_tls_flags(wait)
-    wait.set_defaults(func=cmd_wait, version=None)
-    page = sub.add_parser("web", help="a page on 127.0.0.1 that explains the images dropped on it")
-    page.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"), help=SERVER_HELP)
-    page.add_argument("--model", default="resnet50_cam", help="model name on the server")
-    page.add_argument("--version", type=int, default=None, help="model version (default: latest)")
-    page.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
+    wait.set_defaults(func=cmd_wait)
+    page = sub.add_parser("web", parents=[calls], help="a page on 127.0.0.1 that explains the images dropped on it")
     page.add_argument("--host", default="127.0.0.1",
-                     help="address the page listens on; it has no login: see README before widening it")
+                      help="address the page listens on; it has no login: see README before widening it")
     page.add_argument("--port", type=int, default=8080, help="the page's port (0: any free port)")
     limits = web.PageLimits()
     page.add_argument("--max-upload-mb", type=float, default=limits.max_upload_bytes / 2**20,
-                     help="largest file accepted, MiB (default %(default)g)")
+                      help="largest file accepted, MiB (default %(default)g)")
     page.add_argument("--max-pixels", type=int, default=limits.max_pixels,
-                     help="largest image accepted, in pixels, read from its header before decoding "
-                     "(default %(default)d)")
+                      help="largest image accepted, in pixels, read from its header before decoding "
+                      "(default %(default)d)")
     page.add_argument("--max-concurrent", type=int, default=limits.max_concurrent,
-                     help="explanations running at once; more get 429 (default %(default)d)")
-    _add_tls_flags(page)
-    page.set_defaults(func=cmd_web)
+                      help="explanations running at once; more get 429 (default %(default)d)")
+    page.set_defaults(func=cmd_web, image_size=None)
     return parser
 
 

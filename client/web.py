@@ -12,6 +12,7 @@ the explanations running at once (more get 429). It binds 127.0.0.1: the page ha
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import threading
 import time
@@ -73,11 +74,7 @@ class ExplainPage:
     def model(self) -> dict:
         """The model's explain methods (from GetModelMetadata), the limits and the JET palette the
         browser colours maps with (OpenCV's, as the CLI's overlays)."""
-        self._methods = self._ask(self.client.explain_methods)
-        if not self._methods:
-            raise PageError(HTTPStatus.NOT_FOUND, f"model {self.client.model!r} at {self.client.target} has no "
-                            "explain signatures (<method>_bytes with a class_index input)")
-        return {"model": self.client.model, "server": self.client.target, "methods": self._methods,
+        return {"model": self.client.model, "server": self.client.target, "methods": self._ask_methods(),
                 "max_upload_bytes": self.limits.max_upload_bytes, "max_pixels": self.limits.max_pixels,
                 "jet": jet_palette()}
 
@@ -87,7 +84,7 @@ class ExplainPage:
         started = time.perf_counter()
         width, height = self.check(image)
         if method not in self._methods:
-            self.model()  # the model may have gained methods since the page asked
+            self._ask_methods()  # the model may have gained methods since the page asked
             if method not in self._methods:
                 raise PageError(HTTPStatus.BAD_REQUEST, f"model {self.client.model!r} has no method {method!r}; "
                                 f"it has {', '.join(self._methods)}")
@@ -125,6 +122,13 @@ class ExplainPage:
                             f"this page accepts ({self.limits.max_pixels / 1e6:.1f} million, --max-pixels)")
         return width, height
 
+    def _ask_methods(self) -> list[str]:
+        self._methods = self._ask(self.client.explain_methods)
+        if not self._methods:
+            raise PageError(HTTPStatus.NOT_FOUND, f"model {self.client.model!r} at {self.client.target} has no "
+                            "explain signatures (<method>_bytes with a class_index input)")
+        return self._methods
+
     def _ask(self, call):
         """`call()`, its gRPC failure turned into a sentence about the model server."""
         try:
@@ -140,8 +144,9 @@ class ExplainPage:
             raise PageError(_HTTP_STATUS.get(err.code, HTTPStatus.BAD_GATEWAY), message[0].upper() + message[1:])
 
 
+@functools.cache
 def jet_palette() -> list[int]:
-    """OpenCV's COLORMAP_JET as 256 RGB triples, flattened."""
+    """OpenCV's COLORMAP_JET as 256 RGB triples, flattened (computed once)."""
     import cv2
 
     bgr = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0, ::-1]
