@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbone", default="resnet50", help="for the seed notebook's way")
     p.add_argument("--target-layer", default="conv5_block3_out")
     p.add_argument("--weights", default="auto", help="for the seed's way (timing does not depend on values)")
-    p.add_argument("--methods", default="gradcam,cam")
+    p.add_argument("--methods", default="", help="comma list of explain methods (default: every one the model has)")
     p.add_argument("--repeats", type=int, default=12, help="in-process calls per configuration and batch")
     p.add_argument("--seconds", type=float, default=2.5,
                    help="duration of each gRPC configuration; x (images in flight / 4), up to x4, when more")
@@ -206,34 +206,37 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.skip_inprocess and not args.server:
         p.error("--skip-inprocess needs --server: there would be nothing to measure")
-    methods = [m for m in args.methods.split(",") if m]
     version_dir = latest_version(pathlib.Path(args.model_dir))
     jpeg = SAMPLE.read_bytes()
-    configs = [c for c in grpc_configs(methods, args.max_in_flight) if args.only in config_name(c)] if args.server else []
     if args.skip_inprocess:
         args.skip_seed = True
-    total = (0 if args.skip_inprocess else 2) + (0 if args.skip_seed else 2) + len(configs) + bool(args.rest)
-    done = 0
-    rows: list[dict] = []
 
     def payload(config: dict) -> bytes:
         uint8 = config["signature"] in methods
         return predict_request(args.model, config["signature"], config["batch"], None if uint8 else jpeg,
                                image if uint8 else None, config["outputs"])
 
+    from client.api import CamClient, explain_methods
+
     if not args.skip_inprocess:
         from export.tfs_loader import SavedModelSession
 
         model = SavedModelSession(version_dir)  # once, while the server loads too
     if args.server:
-        progress(done, total, f"waiting for {args.model} at {args.server}")
-        from client.api import CamClient
-
+        progress(0, 1, f"waiting for {args.model} at {args.server}")
         with CamClient(args.server, args.model) as client:
             client.wait_until_ready(args.wait)
             height, width = client.model_image_size()
+            available = client.explain_methods()
     else:
         height, width = (d.size for d in model.signature_defs["predict"].inputs["images"].tensor_shape.dim[1:3])
+        available = explain_methods(model.signature_defs)
+    # gradcam first where there is one: the configurations beyond one call per method use the first.
+    methods = [m for m in args.methods.split(",") if m] or sorted(available, key=lambda m: (m != "gradcam", m))
+    configs = [c for c in grpc_configs(methods, args.max_in_flight) if args.only in config_name(c)] if args.server else []
+    total = (0 if args.skip_inprocess else 2) + (0 if args.skip_seed else 2) + len(configs) + bool(args.rest)
+    done = 0
+    rows: list[dict] = []
     import cv2
 
     image = cv2.cvtColor(cv2.resize(cv2.imread(str(SAMPLE)), (width, height)), cv2.COLOR_BGR2RGB)

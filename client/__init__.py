@@ -7,6 +7,6 @@ Needs only grpcio, protobuf, numpy and OpenCV: importing it does not import Tens
         e = c.explain("samples/chelsea.png", method="gradcam")
         print(e.top_k, e.class_label, e.heatmap.shape)
 """
-from .api import CamClient, CamServingError, Explanation, Prediction, RetryPolicy, tls_credentials
+from .api import GUIDED_PNG, CamClient, CamServingError, Explanation, Prediction, RetryPolicy, tls_credentials
 
-__all__ = ["CamClient", "CamServingError", "Explanation", "Prediction", "RetryPolicy", "tls_credentials"]
+__all__ = ["GUIDED_PNG", "CamClient", "CamServingError", "Explanation", "Prediction", "RetryPolicy", "tls_credentials"]

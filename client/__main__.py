@@ -3,7 +3,8 @@
 
 explain prints each image's top-k (rank, class, probability, as keras `decode_predictions`) and the
 explained class, and writes `<out>/<stem>_<method>_overlay.png` (heatmap over the photo, at the
-photo's size) and `<out>/<stem>_<method>_heatmap.png` (the heatmap alone, same size).
+photo's size) and `<out>/<stem>_<method>_heatmap.png` (the heatmap alone, same size); with
+guided_gradcam also `<out>/<stem>_guided_gradcam_guided.png` (Guided Grad-CAM's picture, same size).
 Exit status: 0 ok, 1 the server refused or failed, 2 bad arguments or unreadable files.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .api import CamClient, CamServingError, Prediction, tls_credentials
+from .api import GUIDED_PNG, CamClient, CamServingError, Prediction, tls_credentials
 from . import web  # the page's HTTP side: the CLI's, while `import client` stays free of it
 
 
@@ -60,7 +61,8 @@ def cmd_explain(args) -> int:
 
     with _client(args) as client:
         results = client.explain(_inputs(args), method=args.method, class_index=args.class_index,
-                                 top_k=args.top_k, heatmap="float" if args.float_heatmap else "png")
+                                 top_k=args.top_k, heatmap="float" if args.float_heatmap else "png",
+                                 outputs=[GUIDED_PNG] if args.method == "guided_gradcam" else [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stems: set[str] = set()
@@ -81,6 +83,10 @@ def cmd_explain(args) -> int:
         overlay.write_png(blend_path, overlay.overlay(image, result.heatmap, args.alpha))
         overlay.write_png(heat_path, overlay.colorize(result.heatmap, size))
         print(f"  -> {blend_path}  {heat_path}")
+        if result.guided is not None:
+            guided_path = out / f"{stem}_{args.method}_guided.png"
+            overlay.write_png(guided_path, overlay.resized(result.guided[:, :, ::-1], size))
+            print(f"  -> {guided_path}")
         if args.feature_grid:
             with _client(args) as client:
                 maps, channels = client.feature_maps(Path(path).read_bytes())
@@ -157,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     explain = sub.add_parser("explain", parents=[common], help="top-k, heatmap and overlay pictures")
-    explain.add_argument("--method", default="gradcam", help="gradcam, cam, ... (a signature of the model)")
+    explain.add_argument("--method", default="gradcam",
+                         help="gradcam, cam, gradcampp, hirescam, layercam, xgradcam, eigencam, guided_gradcam, "
+                              "scorecam, ablationcam, <method>_fused: any the model was exported with")
     explain.add_argument("--class-index", type=int, default=None, help="class to explain (default: top-1)")
     explain.add_argument("--out", default="out", help="directory for the PNGs")
     explain.add_argument("--alpha", type=float, default=0.4, help="heatmap weight in the overlay")

@@ -10,7 +10,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import grpc
 import numpy as np
@@ -22,6 +22,7 @@ Image = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's 4 MiB default fails at ~80 float heatmaps
 _SUMMARY = ["class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels", "error"]
 _HEATMAP_OUTPUT = {"png": "heatmap_png_bytes", "uint8": "heatmap_uint8", "float": "heatmap", "none": None}
+GUIDED_PNG = "guided_png_bytes"  # guided_gradcam's 8-bit picture of its `guided` output
 
 
 class CamServingError(RuntimeError):
@@ -46,8 +47,10 @@ class Prediction:
 @dataclass
 class Explanation(Prediction):
     """A prediction plus the heatmap of `class_index`: float32 H×W in [0, 1] at the model input
-    size (None when not requested)."""
+    size (None when not requested); for guided_gradcam with `outputs=[GUIDED_PNG]`, also its
+    picture, uint8 RGB H×W×3 (Grad-CAM times guided backpropagation)."""
     heatmap: np.ndarray | None = field(default=None, repr=False)
+    guided: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -180,11 +183,8 @@ class CamClient:
             time.sleep(interval)
 
     def explain_methods(self) -> list[str]:
-        """The methods this model explains with (gradcam, cam, ...), from its signature metadata:
-        each `<method>_bytes` signature that takes a `class_index` and returns a heatmap PNG."""
-        return sorted(name.removesuffix("_bytes") for name, sig in self._signature_defs().items()
-                      if name.endswith("_bytes") and "class_index" in sig.inputs
-                      and "heatmap_png_bytes" in sig.outputs)
+        """The methods this model explains with (gradcam, cam, ...), from its signature metadata."""
+        return explain_methods(self._signature_defs())
 
     def model_image_size(self, signature: str = "predict") -> tuple[int, int]:
         """(height, width) of the `images` input, from the server's signature metadata."""
@@ -283,6 +283,13 @@ class CamClient:
         return results[0] if single else results
 
 
+def explain_methods(signature_defs: Mapping) -> list[str]:
+    """The explain methods among SignatureDefs (name -> SignatureDef): each `<method>_bytes`
+    signature that takes a `class_index` and returns a heatmap PNG, sorted."""
+    return sorted(name.removesuffix("_bytes") for name, sig in signature_defs.items()
+                  if name.endswith("_bytes") and "class_index" in sig.inputs and "heatmap_png_bytes" in sig.outputs)
+
+
 def tls_credentials(ca_cert: str | os.PathLike | None = None, client_cert: str | os.PathLike | None = None,
                     client_key: str | os.PathLike | None = None) -> grpc.ChannelCredentials:
     """TLS channel credentials from PEM files: `ca_cert` verifies the server (None: the system's
@@ -346,8 +353,13 @@ def _parse(out: dict[str, np.ndarray], top_k: int | None, kind):
         elif "heatmap_uint8" in out:
             result.heatmap = out["heatmap_uint8"].astype(np.float32) / np.float32(255.0)
         elif "heatmap_png_bytes" in out:
-            import cv2  # only decoded heatmaps need it; `import client` stays light
-
-            png = np.frombuffer(bytes(out["heatmap_png_bytes"]), np.uint8)
-            result.heatmap = cv2.imdecode(png, cv2.IMREAD_UNCHANGED).astype(np.float32) / np.float32(255.0)
+            result.heatmap = _png(out["heatmap_png_bytes"]).astype(np.float32) / np.float32(255.0)
+        if GUIDED_PNG in out:
+            result.guided = _png(out[GUIDED_PNG])[:, :, ::-1]  # OpenCV's BGR -> RGB
     return result
+
+
+def _png(data) -> np.ndarray:
+    import cv2  # only decoded pictures need it; `import client` stays light
+
+    return cv2.imdecode(np.frombuffer(bytes(data), np.uint8), cv2.IMREAD_UNCHANGED)

@@ -46,6 +46,11 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.nd
     return cv2.addWeighted(color, alpha, image, 1.0 - alpha, 0.0)
 
 
+def resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`image` at `size` = (width, height), bilinear: Guided Grad-CAM's picture at the photo's size."""
+    return cv2.resize(image, tuple(size), interpolation=cv2.INTER_LINEAR)
+
+
 def feature_grid(image: np.ndarray, maps: np.ndarray, channels: np.ndarray, tile: int = 160,
                  alpha: float = 0.5) -> np.ndarray:
     """The seed notebook's 6×6 view: each feature map over the image, labelled with its channel."""

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 import grpc
 import numpy as np
 
-from .api import CamClient, CamServingError
+from .api import GUIDED_PNG, CamClient, CamServingError
 from .image_header import declared_size
 
 PAGE = Path(__file__).with_name("web.html")
@@ -80,7 +80,8 @@ class ExplainPage:
 
     def explain(self, image: bytes, method: str, class_index: int | None = None) -> dict:
         """One image explained by `method` (the top-1 class, or `class_index`): its top-k, the
-        server's 8-bit heatmap PNG at model size (base64) and how long the gRPC call took."""
+        server's 8-bit heatmap PNG at model size (base64; with guided_gradcam also its RGB picture)
+        and how long the gRPC call took."""
         started = time.perf_counter()
         width, height = self.check(image)
         if method not in self._methods:
@@ -93,8 +94,9 @@ class ExplainPage:
                             "explanations are running already (--max-concurrent); try again in a moment")
         try:
             call = time.perf_counter()
+            outputs = ["heatmap_png_bytes", *([GUIDED_PNG] if method == "guided_gradcam" else [])]
             result = self._ask(lambda: self.client.explain(image, method=method, class_index=class_index,
-                                                           heatmap="none", outputs=["heatmap_png_bytes"]))
+                                                           heatmap="none", outputs=outputs))
             server_ms = (time.perf_counter() - call) * 1e3
         finally:
             self._slots.release()
@@ -106,6 +108,8 @@ class ExplainPage:
                       for i, (label, p) in zip(indices, result.top_k)],
             "heatmap_png": base64.b64encode(bytes(result.outputs["heatmap_png_bytes"])).decode("ascii"),
             "server_ms": server_ms, "backend_ms": (time.perf_counter() - started) * 1e3,
+            **({"guided_png": base64.b64encode(bytes(result.outputs[GUIDED_PNG])).decode("ascii")}
+               if GUIDED_PNG in result.outputs else {}),
         }
 
     def check(self, image: bytes) -> tuple[int, int]:

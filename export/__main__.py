@@ -13,11 +13,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     p.add_argument("--backbone", required=True, help="keras.applications name (resnet50, vgg16, ...) or a .keras file")
     p.add_argument("--weights", default="imagenet", help="imagenet, auto (imagenet, else random when offline), none (random) or a weights file")
-    p.add_argument("--methods", default="gradcam", help=f"comma list from {', '.join(METHODS)}; the first is serving_default")
+    p.add_argument("--methods", default="gradcam",
+                   help=f"comma list from {', '.join(METHODS)}, or all; the first is serving_default")
     p.add_argument("--model-name", required=True)
     p.add_argument("--base-path", default="models")
     p.add_argument("--version", type=int, help="version number (default: the next one)")
     p.add_argument("--target-layer", help="layer to explain (default: the last 4-D layer, found automatically)")
+    p.add_argument("--target-layers", default="",
+                   help="comma list of layers whose maps are fused (LayerCAM's fusion) in <method>_fused signatures")
+    p.add_argument("--scorecam-channels", type=int, default=64,
+                   help="scorecam scores the N most activated channels, one forward pass each (0: all)")
+    p.add_argument("--ablationcam-channels", type=int, default=64,
+                   help="ablationcam ablates the N most activated channels, one pass through the head each (0: all)")
     p.add_argument("--image-size", type=int, help="input size (default: the model's own)")
     p.add_argument("--preprocess", default="auto", help="auto, none, or a keras.applications name")
     p.add_argument("--labels", help="class names file, one per line")
@@ -40,11 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         export_savedmodel(
             backbone=args.backbone,
             weights=args.weights,
-            methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+            methods=list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()],
             model_name=args.model_name,
             base_path=args.base_path,
             version=args.version,
             target_layer=args.target_layer,
+            target_layers=[layer.strip() for layer in args.target_layers.split(",") if layer.strip()],
+            scorecam_channels=args.scorecam_channels,
+            ablationcam_channels=args.ablationcam_channels,
             image_size=args.image_size,
             preprocess=args.preprocess,
             labels=args.labels,

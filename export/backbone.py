@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 import keras
 import tensorflow as tf
@@ -37,6 +37,10 @@ class Backbone:
     preprocess: Callable[[tf.Tensor], tf.Tensor]
     cam_kernel: tf.Variable | None  # [K, C] when the head is global average pooling + dense
     notes: list[str]
+    # --target-layers: the layers whose maps are fused, shallow to deep, and the network cut at
+    # each of them: input -> A_1, A_1 -> A_2, ..., A_L -> logits (empty without --target-layers).
+    fusion_layers: tuple[str, ...] = ()
+    fusion_segments: tuple[keras.Model, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -199,14 +203,45 @@ def _gap_dense_kernel(head: keras.Model) -> tf.Variable | None:
     return None
 
 
+def _cut(inputs, outputs, name: str, after: str) -> keras.Model:
+    """The part of the flat graph from `inputs` to `outputs`; refuses a cut that a skip connection crosses."""
+    try:
+        return keras.Model(inputs, outputs, name=name)
+    except ValueError as error:
+        raise ValueError(
+            f"the output does not depend on {after!r} alone (a skip connection goes around it): "
+            "choose a later layer (a block's output)"
+        ) from error
+
+
+def fusion_chain(flat: keras.Model, produced: dict, layers: list[str]) -> tuple[tuple[str, ...], tuple[keras.Model, ...]]:
+    """The --target-layers, shallow to deep, and the segments between them (input, A_1, ..., logits)."""
+    depth = {op.name: i for i, op in enumerate(flat.operations)}
+    for name in layers:
+        if name not in produced:
+            raise ValueError(f"--target-layers: no layer {name!r} in {flat.name!r}")
+        if len(produced[name].shape) != 4:
+            raise ValueError(f"--target-layers: {name!r} has output shape {produced[name].shape}; it needs [N, h, w, channels]")
+    ordered = sorted(dict.fromkeys(layers), key=depth.__getitem__)
+    if len(ordered) < 2:
+        raise ValueError("--target-layers needs at least two layers to fuse (one layer: --target-layer)")
+    ends = [flat.input, *(produced[name] for name in ordered), flat.output]
+    segments = tuple(
+        _cut(start, end, f"segment_{i}", ordered[i - 1] if i else "the input") for i, (start, end) in enumerate(zip(ends, ends[1:]))
+    )
+    return tuple(ordered), segments
+
+
 def load_backbone(
     backbone: str,
     weights: str = "imagenet",
     target_layer: str | None = None,
     image_size: int | None = None,
     preprocess: str = "auto",
+    target_layers: Sequence[str] = (),
 ) -> Backbone:
-    """Load `backbone`, strip its output activation and split it at the target layer."""
+    """Load `backbone`, strip its output activation and split it at the target layer (and at each
+    of `target_layers`, for fused maps)."""
     model, own_preprocess = load_model(backbone, weights, image_size)
     notes = []
     model, stripped = strip_output_activation(model)
@@ -220,13 +255,8 @@ def load_backbone(
     if len(activations.shape) != 4:
         raise ValueError(f"target layer {target!r} has output shape {activations.shape}; it needs [N, h, w, channels]")
     features = keras.Model(flat.input, activations, name="features")
-    try:
-        head = keras.Model(activations, flat.output, name="head")
-    except ValueError as error:
-        raise ValueError(
-            f"the output does not depend on {target!r} alone (a skip connection goes around it): "
-            "choose a later layer with --target-layer"
-        ) from error
+    head = _cut(activations, flat.output, "head", target)
+    fusion_layers, fusion_segments = fusion_chain(flat, produced, list(target_layers)) if target_layers else ((), ())
     if preprocess == "auto":
         preprocess_fn = own_preprocess or _identity
         if own_preprocess is None:
@@ -245,4 +275,6 @@ def load_backbone(
         preprocess=preprocess_fn,
         cam_kernel=_gap_dense_kernel(head),
         notes=notes,
+        fusion_layers=fusion_layers,
+        fusion_segments=fusion_segments,
     )

@@ -7,6 +7,8 @@ Read top to bottom, one request goes:
          -> dy_c/dA (backward through the head only, never the backbone)
          -> method: raw map from A, dy_c/dA (and w_c for CAM)
          -> ReLU -> divide by the per-image max -> bilinear resize to the input size.
+Guided Grad-CAM adds a guided backward pass through the whole network (export/guided.py); the
+fused maps of --target-layers (`<method>_fused`) take dy_c/dA_l at every layer in one backward pass.
 Around it, outside any XLA cluster: the checks of the request, decoding, names, PNG, `error`.
 """
 
@@ -18,7 +20,12 @@ import tensorflow as tf
 
 from export.backbone import Backbone
 from export.decode import DEFAULT_MAX_PIXELS, decode_images
-from export.methods import Evidence, Method
+from export.guided import guided_relus
+from export.methods import Evidence, Method, top_channels
+
+# LayerCAM (Jiang et al. 2021, eq. 9): each layer's normalised map M is scaled to tanh(γ M) before
+# the element-wise max, which lifts the weaker maps of shallow layers; γ = 2 as in the paper.
+FUSION_GAMMA = 2.0
 
 
 def normalise(raw_maps: tf.Tensor) -> tf.Tensor:
@@ -31,6 +38,22 @@ def normalise(raw_maps: tf.Tensor) -> tf.Tensor:
 def resize_maps(maps: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
     """Bilinear (half-pixel centres, as cv2.resize) resize of [N,h,w] maps to [N,H,W]."""
     return tf.image.resize(maps[..., tf.newaxis], size, method="bilinear")[..., 0]
+
+
+def fuse(maps: list[tf.Tensor]) -> tf.Tensor:
+    """LayerCAM's fusion of normalised maps [N,h_l,w_l]: tanh(γ M_l), resized to the finest map's
+    size, element-wise max, normalised again."""
+    size = max((tuple(m.shape[1:]) for m in maps), key=lambda hw: hw[0] * hw[1])
+    scaled = [resize_maps(tf.tanh(FUSION_GAMMA * m), size) for m in maps]
+    return normalise(tf.reduce_max(tf.stack(scaled), axis=0))
+
+
+def guided_image(guided: tf.Tensor) -> tf.Tensor:
+    """The usual picture of a gradient image [N,H,W,3] as uint8: each image standardised, scaled
+    to a standard deviation of 0.1 around grey (0.5), clipped."""
+    mean, variance = tf.nn.moments(guided, axes=(1, 2, 3), keepdims=True)
+    picture = (guided - mean) / (tf.sqrt(variance) + 1e-5) * 0.1 + 0.5
+    return tf.cast(tf.round(tf.clip_by_value(picture, 0.0, 1.0) * 255.0), tf.uint8)
 
 
 class Explainer(tf.Module):
@@ -47,6 +70,8 @@ class Explainer(tf.Module):
         jit_compile: bool = False,
         top_k_maps: int = 0,
         feature_maps: int = 36,
+        scorecam_channels: int = 64,
+        ablationcam_channels: int = 64,
     ):
         super().__init__(name="explainer")
         if len(labels) != backbone.num_classes:
@@ -58,8 +83,16 @@ class Explainer(tf.Module):
                     f"after {backbone.target_layer!r}; this model has "
                     f"{[layer.name for layer in backbone.head.layers[1:]]}: use gradcam instead"
                 )
+        fused = [m.name for m in methods if m.fusable]
+        if backbone.fusion_layers and not fused:
+            raise ValueError(
+                "--target-layers fuses the maps of gradient methods (gradcam, layercam, ...): none is in --methods"
+            )
         self.features = backbone.features
         self.head = backbone.head
+        self.fusion_segments = list(backbone.fusion_segments)
+        self.fused_methods = fused if backbone.fusion_layers else []
+        self.channels = {"scorecam": scorecam_channels, "ablationcam": ablationcam_channels}
         self.cam_kernel = backbone.cam_kernel
         self.labels = tf.constant(labels)
         self.methods = {m.name: m for m in methods}
@@ -95,35 +128,70 @@ class Explainer(tf.Module):
         return self._prediction(logits, tf.argmax(logits, axis=-1, output_type=tf.int32))
 
     def _explain(self, method: Method, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
-        activations = self._forward(pixels)
+        x = self._preprocess(pixels)
+        activations = self.features(x, training=False)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(activations)
             logits = self.head(activations, training=False)
-            predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-            target = tf.where(class_index < 0, predicted, class_index)
+            target = self._target(logits, class_index)
             # Column 0: the class explained; then the top classes when --top-k-maps asks for them.
             targets = target[:, tf.newaxis]
             if self.top_k_maps:
                 top = tf.math.top_k(logits, k=self.top_k_maps).indices
                 targets = tf.concat([targets, top], axis=1)
             scores = tf.gather(logits, targets, batch_dims=1)  # [N, T]
-        maps = normalise(self._saliency(method, activations, targets, tape, scores))
-        heatmap = resize_maps(maps[:, 0], self.image_size)
-        heatmap_uint8 = tf.cast(tf.round(heatmap * 255.0), tf.uint8)
-        outputs = {
-            **self._prediction(logits, target),
-            "heatmap": heatmap,
-            "heatmap_uint8": heatmap_uint8,
-            "heatmap_lowres": maps[:, 0],
-        }
+        maps = normalise(self._saliency(method, x, activations, targets, tape, scores))
+        outputs = {**self._prediction(logits, target), **self._heatmaps(maps[:, 0])}
         if self.top_k_maps:
             n, t, h, w = tf.unstack(tf.shape(maps))
             extra = resize_maps(tf.reshape(maps[:, 1:], [n * (t - 1), h, w]), self.image_size)
             outputs["heatmaps"] = tf.reshape(extra, [n, t - 1, *self.image_size])
             outputs["heatmaps_class_index"] = targets[:, 1:]
+        if method.guided:
+            outputs["guided"] = outputs["heatmap"][..., tf.newaxis] * self._guided_backprop(pixels, target)
         return outputs
 
-    def _saliency(self, method: Method, activations, targets, tape, scores) -> tf.Tensor:
+    def _explain_fused(self, method: Method, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The method at every --target-layers layer from one backward pass, maps fused (`fuse`)."""
+        first, *links, head = self.fusion_segments
+        activations = [first(self._preprocess(pixels), training=False)]
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(activations[0])
+            for link in links:
+                activations.append(link(activations[-1], training=False))
+            logits = head(activations[-1], training=False)
+            target = self._target(logits, class_index)
+            score = tf.gather(logits, target, batch_dims=1)
+        gradients = tape.gradient(score, activations)
+        maps = [normalise(method.saliency(Evidence(a, g, None))) for a, g in zip(activations, gradients)]
+        return {**self._prediction(logits, target), **self._heatmaps(fuse(maps))}
+
+    @staticmethod
+    def _target(logits: tf.Tensor, class_index: tf.Tensor) -> tf.Tensor:
+        """The class each image explains: class_index, or the predicted class where it is -1."""
+        return tf.where(class_index < 0, tf.argmax(logits, axis=-1, output_type=tf.int32), class_index)
+
+    def _heatmaps(self, maps: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The map of each image [N,h,w] at the input size, as float and 8-bit, and as it was."""
+        heatmap = resize_maps(maps, self.image_size)
+        return {
+            "heatmap": heatmap,
+            "heatmap_uint8": tf.cast(tf.round(heatmap * 255.0), tf.uint8),
+            "heatmap_lowres": maps,
+        }
+
+    def _guided_backprop(self, pixels: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
+        """dy_c/d(pixels) [N,H,W,3] with guided ReLUs: a second forward pass, recorded, and a
+        backward pass through the whole network. With respect to the RGB pixels, so that the picture
+        keeps its colours whatever channel order the preprocessing uses."""
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(pixels)
+            with guided_relus(self.features, self.head):
+                logits = self.head(self.features(self._preprocess(pixels), training=False), training=False)
+            score = tf.gather(logits, target, batch_dims=1)
+        return tape.gradient(score, pixels)
+
+    def _saliency(self, method: Method, x, activations, targets, tape, scores) -> tf.Tensor:
         """Raw maps [N, T, h, w], one per target class: the method applied to each (image, class)."""
         n, t = tf.shape(targets)[0], targets.shape[1]
         gradients = class_weights = None
@@ -138,14 +206,20 @@ class Explainer(tf.Module):
             class_weights = tf.transpose(tf.gather(self.cam_kernel, tf.reshape(targets, [-1]), axis=1))
         if t > 1:
             activations = tf.repeat(activations, t, axis=0)
-        raw = method.saliency(Evidence(activations, gradients, class_weights))
+            x = tf.repeat(x, t, axis=0)
+        evidence = Evidence(
+            activations, gradients, class_weights, targets=tf.reshape(targets, [-1]), inputs=x,
+            features=lambda inputs: self.features(inputs, training=False),
+            head=lambda a: self.head(a, training=False),
+            channels=self.channels.get(method.name, 0),
+        )
+        raw = method.saliency(evidence)
         return tf.reshape(raw, tf.concat([[n, t], tf.shape(raw)[1:]], 0))
 
     def _feature_maps(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         """The seed's debug view: the most activated channels of the target layer, each max-normalised."""
         activations = self._forward(pixels)
-        strength = tf.reduce_mean(activations, axis=(1, 2))
-        channels = tf.math.top_k(strength, k=self.feature_maps).indices  # [N, F]
+        channels = top_channels(activations, self.feature_maps)  # [N, F]
         chosen = tf.transpose(tf.gather(activations, channels, axis=3, batch_dims=1), [0, 3, 1, 2])
         return {"feature_maps": normalise(chosen), "feature_channels": channels}
 
@@ -163,6 +237,9 @@ class Explainer(tf.Module):
             outputs["heatmap_png_bytes"] = tf.map_fn(
                 lambda m: tf.io.encode_png(m[..., tf.newaxis]), outputs["heatmap_uint8"], fn_output_signature=tf.string
             )
+        if "guided" in outputs:  # Guided Grad-CAM's picture, 8-bit RGB
+            outputs["guided_png_bytes"] = tf.map_fn(tf.io.encode_png, guided_image(outputs["guided"]),
+                                                    fn_output_signature=tf.string)
         return outputs
 
     # --- the input contract (outside any XLA cluster, so it always runs) ----------------------
@@ -236,7 +313,8 @@ class Explainer(tf.Module):
     # --- signatures ---------------------------------------------------------------------------
 
     def signatures(self, default_method: str) -> dict[str, tf.types.experimental.ConcreteFunction]:
-        """predict, <method> for each method, feature_maps, each also as _bytes; serving_default."""
+        """predict, <method> for each method, <method>_fused with --target-layers, feature_maps, each
+        also as _bytes; serving_default."""
         height, width = self.image_size
         images_spec = tf.TensorSpec([None, height, width, 3], tf.uint8, name="images")
         bytes_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
@@ -271,6 +349,9 @@ class Explainer(tf.Module):
             for name, method in self.methods.items():
                 explain = lambda pixels, c, method=method: self._explain(method, pixels, c)  # noqa: E731
                 sigs[f"{name}{suffix}"] = signature(explain, to_pixels, spec, explains=True)
+            for name in self.fused_methods:
+                explain = lambda pixels, c, method=self.methods[name]: self._explain_fused(method, pixels, c)  # noqa: E731
+                sigs[f"{name}_fused{suffix}"] = signature(explain, to_pixels, spec, explains=True)
             if self.feature_maps:
                 sigs[f"feature_maps{suffix}"] = signature(self._feature_maps, to_pixels, spec, explains=False)
         sigs["serving_default"] = sigs[f"{default_method}_bytes"]

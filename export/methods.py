@@ -2,7 +2,9 @@
 
 A method maps the evidence of one batch (activations `A` [N,h,w,K], the gradient of the target
 class's logit `dy_c/dA` [N,h,w,K], and for CAM the dense kernel column `w_c` [N,K]) to a raw map
-[N,h,w]. The shared pipeline in `explainer.py` applies ReLU, normalisation and resize to all.
+[N,h,w]. Score-CAM and Ablation-CAM find their weights by running the model again on changed inputs
+or activations, so the evidence also carries the model's two halves. The shared pipeline in
+`explainer.py` applies ReLU, normalisation and resize to all.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ class Evidence:
     activations: tf.Tensor  # A: [N, h, w, K]
     gradients: tf.Tensor | None  # dy_c/dA: [N, h, w, K]
     class_weights: tf.Tensor | None  # w_c: [N, K]
+    targets: tf.Tensor | None = None  # c: [N], the class each row explains
+    inputs: tf.Tensor | None = None  # the model's input x (preprocessed): [N, H, W, 3]
+    features: Callable[[tf.Tensor], tf.Tensor] | None = None  # x -> A
+    head: Callable[[tf.Tensor], tf.Tensor] | None = None  # A -> logits
+    channels: int = 0  # how many of the most activated channels Score-/Ablation-CAM score; 0: all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +35,8 @@ class Method:
     saliency: Callable[[Evidence], tf.Tensor]  # -> raw map [N, h, w], before ReLU
     needs_gradient: bool = True
     needs_gap_dense_head: bool = False
+    guided: bool = False  # also returns guided backpropagation times the map (Guided Grad-CAM)
+    fusable: bool = True  # uses A and dy_c/dA only, so it can be fused over several layers
 
 
 def weighted_channel_sum(activations: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
@@ -107,21 +116,88 @@ def eigencam(e: Evidence) -> tf.Tensor:
     return tf.reshape(projection * sign, [n, h, w])
 
 
+def top_channels(activations: tf.Tensor, count: int) -> tf.Tensor:
+    """Indices [N, M] of the `count` channels with the largest mean activation (all when count is 0)."""
+    channels = int(activations.shape[-1])
+    count = channels if count <= 0 else min(count, channels)
+    return tf.math.top_k(tf.reduce_mean(activations, axis=(1, 2)), k=count).indices
+
+
+def scorecam(e: Evidence) -> tf.Tensor:
+    """Score-CAM (Wang et al. 2020, arXiv 1910.01279, eq. 5-8): each channel weighted by how much
+    the input, masked by that channel, alone raises the class score.
+
+    The variant of the authors' code and pytorch-grad-cam: a mask is channel k of A upsampled
+    (bilinear) to the input size and min-max normalised to [0, 1]; it multiplies the model's input x
+    (after preprocessing, so a masked-out pixel is 0 there, the mean colour for mean-subtracted
+    models); the score is the class logit y_c(x ⊙ H_k); the weights are the softmax over channels
+    of the scores, which equals the softmax of the increases over any baseline. Only the
+    `channels` most activated channels are scored (the rest weigh 0): M forward passes per image,
+    run as one batch of M masked images per image.
+    """
+    chosen = top_channels(e.activations, e.channels)  # [N, M]
+    selected = tf.gather(e.activations, chosen, axis=3, batch_dims=1)  # [N, h, w, M]
+    masks = tf.image.resize(selected, e.inputs.shape[1:3], method="bilinear")  # [N, H, W, M]
+    low = tf.reduce_min(masks, axis=(1, 2), keepdims=True)
+    high = tf.reduce_max(masks, axis=(1, 2), keepdims=True)
+    masks = tf.math.divide_no_nan(masks - low, high - low)
+
+    def masked_scores(row):
+        x, mask, target = row  # [H, W, 3], [H, W, M], class
+        masked = x[tf.newaxis] * tf.transpose(mask, [2, 0, 1])[..., tf.newaxis]  # [M, H, W, 3]
+        return e.head(e.features(masked))[:, target]
+
+    scores = tf.map_fn(masked_scores, (e.inputs, masks, e.targets), fn_output_signature=tf.float32,
+                       parallel_iterations=1)  # one image's M passes at a time bounds the memory
+    return weighted_channel_sum(selected, tf.nn.softmax(scores, axis=-1))
+
+
+def ablationcam(e: Evidence) -> tf.Tensor:
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020, eq. 3): w_k = (y_c - y_c^k) / y_c, where y_c^k is the
+    class logit with channel k of A set to zero.
+
+    Each ablation runs through the head only (A -> logits), never the backbone, as one batch of M
+    ablated copies per image; only the `channels` most activated channels are ablated (the rest
+    weigh 0). As in the paper, the drop is divided by y_c: a class with a negative logit has its
+    map's sign turned, so explain classes the model scores positively.
+    """
+    chosen = top_channels(e.activations, e.channels)  # [N, M]
+    selected = tf.gather(e.activations, chosen, axis=3, batch_dims=1)  # [N, h, w, M]
+    score = tf.gather(e.head(e.activations), e.targets, batch_dims=1)  # y_c: [N]
+    channels = int(e.activations.shape[-1])
+
+    def ablated_scores(row):
+        activations, ablate, target = row  # [h, w, K], [M], class
+        keep = 1.0 - tf.one_hot(ablate, channels, dtype=activations.dtype)  # [M, K]
+        return e.head(activations[tf.newaxis] * keep[:, tf.newaxis, tf.newaxis, :])[:, target]
+
+    ablated = tf.map_fn(ablated_scores, (e.activations, chosen, e.targets), fn_output_signature=tf.float32,
+                        parallel_iterations=1)  # [N, M]
+    weights = tf.math.divide_no_nan(score[:, tf.newaxis] - ablated, score[:, tf.newaxis])
+    return weighted_channel_sum(selected, weights)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("gradcam", gradcam),
-        Method("cam", cam, needs_gradient=False, needs_gap_dense_head=True),
+        Method("cam", cam, needs_gradient=False, needs_gap_dense_head=True, fusable=False),
         Method("gradcampp", gradcam_plus_plus),
         Method("hirescam", hirescam),
         Method("layercam", layercam),
         Method("xgradcam", xgradcam),
         Method("eigencam", eigencam, needs_gradient=False),
+        # Guided Grad-CAM (arXiv 1610.02391, section 3): the Grad-CAM map, upsampled, times guided
+        # backpropagation at input resolution (export/guided.py); the explainer adds the product.
+        Method("guided_gradcam", gradcam, guided=True, fusable=False),
+        Method("scorecam", scorecam, needs_gradient=False, fusable=False),
+        Method("ablationcam", ablationcam, needs_gradient=False, fusable=False),
     )
 }
 
 
 def get_method(name: str) -> Method:
+    """The method called `name`; raises ValueError naming the choices."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
     return METHODS[name]

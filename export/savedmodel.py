@@ -20,6 +20,7 @@ import tensorflow as tf
 from export.backbone import load_backbone
 from export.decode import DEFAULT_MAX_PIXELS
 from export.explainer import Explainer
+from export.guided import survey
 from export.methods import get_method
 from export.tfs_loader import WARMUP_FILE
 from export.verify import verify
@@ -94,6 +95,7 @@ def export_savedmodel(
     base_path: str,
     version: int | None = None,
     target_layer: str | None = None,
+    target_layers: Sequence[str] = (),
     image_size: int | None = None,
     preprocess: str = "auto",
     labels: str | None = None,
@@ -104,6 +106,8 @@ def export_savedmodel(
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     top_k_maps: int = 0,
     feature_maps: int = 36,
+    scorecam_channels: int = 64,
+    ablationcam_channels: int = 64,
     log: Callable[[str], None] = print,
 ) -> pathlib.Path:
     """Export `backbone` with the given CAM methods; returns `<base_path>/<model_name>/<version>`."""
@@ -122,7 +126,7 @@ def export_savedmodel(
         raise FileExistsError(f"{final_dir} exists: choose another --version")
 
     step(f"loading {backbone} (weights: {weights})")
-    split = load_backbone(backbone, weights, target_layer, image_size, preprocess)
+    split = load_backbone(backbone, weights, target_layer, image_size, preprocess, target_layers)
     for note in split.notes:
         step(note)
     step(
@@ -139,7 +143,15 @@ def export_savedmodel(
         jit_compile=jit_compile,
         top_k_maps=top_k_maps,
         feature_maps=feature_maps,
+        scorecam_channels=scorecam_channels,
+        ablationcam_channels=ablationcam_channels,
     )
+    if split.fusion_layers:
+        step(f"fused maps ({', '.join(explainer.fused_methods)}) over {', '.join(split.fusion_layers)}")
+    if any(m.guided for m in method_objects):
+        swaps = survey(split.features, split.head)
+        step(f"guided backpropagation through {len(swaps.guided)} ReLU layers"
+             + (f"; gradients pass unchanged through {', '.join(sorted(swaps.unguided))}" if swaps.unguided else ""))
     step("tracing signatures")
     signatures = explainer.signatures(default_method=method_objects[0].name)
     for name, signature in signatures.items():

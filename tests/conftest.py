@@ -50,7 +50,8 @@ def resnet50(models_dir):
 
 @pytest.fixture(scope="session")
 def vgg16(models_dir):
-    return _application_export(models_dir, "vgg16", ["gradcam"])
+    """VGG16 (ReLUs in its dense head too) with gradcam and guided_gradcam."""
+    return _application_export(models_dir, "vgg16", ["gradcam", "guided_gradcam"])
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +94,17 @@ def transfer_export(models_dir):
         return cache[kind]
 
     return export
+
+
+@pytest.fixture(scope="session")
+def fused_export(shapes_model, models_dir) -> pathlib.Path:
+    """The shapes model with maps fused over conv2 (32x32) and last_conv (16x16): layercam_fused, gradcam_fused."""
+    from export.savedmodel import export_savedmodel
+
+    return export_savedmodel(
+        str(shapes_model), "none", ["layercam", "gradcam"], "fused", str(models_dir), target_layers=["last_conv", "conv2"],
+        warmup_batch_sizes=(1, 2), feature_maps=0, log=synthetic.quiet,
+    )
 
 
 @pytest.fixture(scope="session")

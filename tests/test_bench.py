@@ -49,3 +49,15 @@ def test_bench_runs_every_configuration(shapes_export, tmp_path):
     assert rest["response_bytes"] > grpc_["response_bytes"] > compact
     assert len(results["ratios"]) == 11  # 13 with the seed notebook's way
     assert all(math.isfinite(v) and v > 0 for v in results["ratios"].values()), results["ratios"]
+
+
+def test_bench_measures_every_method_of_the_model_by_default(fused_export, tmp_path, capsys):
+    """Without --methods, the cost of every explain method the model has, against predict, at batch 1 and 8."""
+    assert bench.main(["--server", "", "--model-dir", str(fused_export.parent), "--skip-seed", "--repeats", "2",
+                       "--out", str(tmp_path)]) == 0
+    ratios = json.loads((tmp_path / "results.json").read_text())["ratios"]
+    printed = capsys.readouterr().out
+    for method in ("gradcam", "layercam", "gradcam_fused", "layercam_fused"):
+        for batch in (1, 8):
+            name = f"in-process {method}/predict b{batch}"
+            assert ratios[name] > 0 and name in printed

@@ -444,7 +444,7 @@ def served_tiny(tmp_path_factory):
         x = keras.layers.Conv2D(16, 3, activation="relu", name="features")(x)
         outputs = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(x))
         keras.Model(inputs, outputs).save(base.parent / "tiny.keras")
-        export_savedmodel(str(base.parent / "tiny.keras"), "none", ["gradcam", "cam"], base.name,
+        export_savedmodel(str(base.parent / "tiny.keras"), "none", ["gradcam", "cam", "guided_gradcam"], base.name,
                           str(base.parent), warmup_batch_sizes=(1,), log=synthetic.quiet)
         address, deadline = f"127.0.0.1:{port}", time.monotonic() + 120
         with CamClient(address, model=base.name, timeout=5) as client:
@@ -490,3 +490,7 @@ def test_end_to_end_with_embedded_server(served_tiny, tmp_path):
     assert cli_main(["explain", str(path), "--server", address, "--model", model, "--out", str(tmp_path)]) == 0
     for kind in ("overlay", "heatmap"):
         assert cv2.imread(str(tmp_path / f"noise_gradcam_{kind}.png")).shape == (100, 150, 3)
+    # Guided Grad-CAM: its picture too, at the photo's size
+    assert cli_main(["explain", str(path), "--server", address, "--model", model, "--out", str(tmp_path),
+                     "--method", "guided_gradcam"]) == 0
+    assert cv2.imread(str(tmp_path / "noise_guided_gradcam_guided.png")).shape == (100, 150, 3)

@@ -299,3 +299,23 @@ def test_versions_increase_and_no_staging_directory_remains(shapes_model, tmp_pa
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]
     with pytest.raises(FileExistsError):
         export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), version=2, log=synthetic.quiet)
+
+
+def test_target_layers_refusals_are_clear(shapes_model, tmp_path):
+    """--target-layers: an unknown layer, a single layer, no method to fuse and a cut that a skip
+    connection crosses are refused in words before anything is written."""
+    from export.backbone import load_backbone
+    from export.savedmodel import export_savedmodel
+
+    cases = {
+        ("gradcam",): (["nope", "last_conv"], "no layer 'nope'"),
+        ("layercam",): (["last_conv"], "at least two layers"),
+        ("cam", "scorecam"): (["conv2", "last_conv"], "none is in --methods"),
+    }
+    for methods, (layers, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            export_savedmodel(str(shapes_model), "none", list(methods), "refused", str(tmp_path),
+                              target_layers=layers, log=synthetic.quiet)
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ValueError, match="skip connection goes around it"):  # inside a residual block
+        load_backbone("resnet50", "none", target_layers=["conv5_block3_1_conv", "conv5_block3_out"])

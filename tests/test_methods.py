@@ -1,4 +1,5 @@
-"""Every CAM method against its paper's formula written here in numpy, and the known relations."""
+"""Every CAM method against its paper's formula written here (numpy, or eager Keras where the method
+runs the model again), and the known relations."""
 
 from __future__ import annotations
 
@@ -66,13 +67,31 @@ REFERENCES = {
 }
 
 
+def _normalised(raw: np.ndarray) -> np.ndarray:
+    heat = np.maximum(raw, 0)
+    return heat / heat.max() if heat.max() > 0 else heat
+
+
+def _resized(heat: np.ndarray, size: int = 64) -> np.ndarray:
+    return cv2.resize(heat.astype(np.float32), (size, size))  # bilinear, half-pixel centres
+
+
 @pytest.fixture(scope="module")
-def shapes_evidence(shapes_model):
-    """Activations, gradients of the target logit and dense kernel, computed eagerly with Keras."""
+def shapes_keras(shapes_model):
+    """The trained shapes model, eager Keras, with logits as its output."""
     import keras
 
     model = keras.models.load_model(shapes_model)
     model.get_layer("predictions").activation = keras.activations.linear
+    return model
+
+
+@pytest.fixture(scope="module")
+def shapes_evidence(shapes_keras):
+    """Activations, gradients of the target logit and dense kernel, computed eagerly with Keras."""
+    import keras
+
+    model = shapes_keras
     grad_model = keras.Model(model.inputs, [model.get_layer("last_conv").output, model.output])
     images, labels, _ = synthetic.dataset(6, seed=21)
     class_index = np.array([-1, 0, 1, 2, -1, 1], np.int32)
@@ -91,13 +110,144 @@ def test_method_matches_numpy_formula(shapes_export, load, shapes_evidence, meth
     out = load(shapes_export).signatures[method](images=images, class_index=class_index)
     np.testing.assert_array_equal(out["class_index"].numpy(), targets)
     for i in range(len(images)):
-        raw = REFERENCES[method](a[i], g[i], kernel[:, targets[i]])
-        heat = np.maximum(raw, 0)
-        heat = heat / heat.max() if heat.max() > 0 else heat
+        heat = _normalised(REFERENCES[method](a[i], g[i], kernel[:, targets[i]]))
         np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], heat, atol=MAP_TOLERANCE, err_msg=method)
-        np.testing.assert_allclose(
-            out["heatmap"].numpy()[i], cv2.resize(heat.astype(np.float32), (64, 64)), atol=MAP_TOLERANCE
-        )
+        np.testing.assert_allclose(out["heatmap"].numpy()[i], _resized(heat), atol=MAP_TOLERANCE)
+
+
+def _most_activated(a: np.ndarray, count: int) -> np.ndarray:
+    return np.argsort(-a.mean(axis=(0, 1)))[:count]
+
+
+def test_scorecam_matches_its_formula(shapes_export, load, shapes_keras, shapes_evidence):
+    """Wang et al. eq. 5-8: masks H_k = minmax(upsample(A_k)), weights softmax_k y_c(x ⊙ H_k), scored here
+    with the eager Keras model, one masked image at a time."""
+    images, class_index, targets, a, _, _ = shapes_evidence
+    out = load(shapes_export).signatures["scorecam"](images=images, class_index=class_index)
+    for i in range(len(images)):
+        channels = _most_activated(a[i], 64)
+        masks = np.stack([_resized(a[i][:, :, k]) for k in channels]).astype(np.float64)
+        low, high = masks.min(axis=(1, 2), keepdims=True), masks.max(axis=(1, 2), keepdims=True)
+        masks = np.divide(masks - low, high - low, out=np.zeros_like(masks), where=high > low)
+        scores = np.array([shapes_keras(images[i][None].astype(np.float64) * m[..., None], training=False)[0, targets[i]]
+                           for m in masks], np.float64)
+        weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+        heat = _normalised(np.einsum("hwk,k->hw", a[i][:, :, channels], weights))
+        np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], heat, atol=MAP_TOLERANCE)
+
+
+def test_ablationcam_matches_its_formula(shapes_export, load, shapes_evidence):
+    """Desai & Ramaswamy eq. 3: w_k = (y_c - y_c^k) / y_c, the head (GAP + dense) written in numpy."""
+    images, class_index, targets, a, _, kernel = shapes_evidence
+    out = load(shapes_export).signatures["ablationcam"](images=images, class_index=class_index)
+    bias = out["logits"].numpy() - a.mean(axis=(1, 2)) @ kernel  # the dense bias, per image (all equal)
+    for i in range(len(images)):
+        c = targets[i]
+        y = a[i].mean(axis=(0, 1)) @ kernel[:, c] + bias[i, c]
+        weights = {}
+        for k in _most_activated(a[i], 64):
+            ablated = a[i].copy()
+            ablated[:, :, k] = 0
+            weights[k] = (y - (ablated.mean(axis=(0, 1)) @ kernel[:, c] + bias[i, c])) / y
+        heat = _normalised(sum(w * a[i][:, :, k] for k, w in weights.items()))
+        np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], heat, atol=MAP_TOLERANCE)
+
+
+def _backprop_by_hand(model, images: np.ndarray, targets: np.ndarray, guided: bool = True) -> np.ndarray:
+    """dy_c/d(pixels) with the shapes model's layers written out in TF ops; with `guided`, through a
+    guided ReLU of this test's own (Springenberg et al.: gradient only where input and gradient are > 0)."""
+
+    @tf.custom_gradient
+    def guided_relu(x):
+        return tf.nn.relu(x), lambda dy: dy * tf.cast(x > 0, tf.float32) * tf.cast(dy > 0, tf.float32)
+
+    def conv(x, name):
+        layer = model.get_layer(name)
+        return (guided_relu if guided else tf.nn.relu)(tf.nn.conv2d(x, layer.kernel, 1, "SAME") + layer.bias)
+
+    pixels = tf.constant(images, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(pixels)
+        x = tf.nn.max_pool2d(conv(pixels / 255.0, "conv1"), 2, 2, "VALID")
+        x = tf.nn.max_pool2d(conv(x, "conv2"), 2, 2, "VALID")
+        x = tf.reduce_mean(conv(x, "last_conv"), axis=(1, 2))
+        dense = model.get_layer("predictions")
+        score = tf.gather(x @ dense.kernel + dense.bias, targets, batch_dims=1)
+    return tape.gradient(score, pixels).numpy()
+
+
+def test_guided_gradcam_is_gradcam_times_guided_backprop(shapes_export, load, shapes_keras, shapes_evidence):
+    """Selvaraju et al. section 3: the upsampled Grad-CAM map times guided backpropagation, pixel by pixel."""
+    images, class_index, targets, a, g, _ = shapes_evidence
+    out = load(shapes_export).signatures["guided_gradcam"](images=images, class_index=class_index)
+    guided = _backprop_by_hand(shapes_keras, images, targets)
+    plain = _backprop_by_hand(shapes_keras, images, targets, guided=False)
+    assert np.abs(guided - plain).max() > 0.1 * np.abs(plain).max()  # the gating changes the gradient
+    for i in range(len(images)):
+        heatmap = _resized(_normalised(np_gradcam(a[i], g[i], None)))
+        np.testing.assert_allclose(out["heatmap"].numpy()[i], heatmap, atol=MAP_TOLERANCE)  # Grad-CAM's own map
+        expected = heatmap[..., None] * guided[i]
+        np.testing.assert_allclose(out["guided"].numpy()[i], expected, atol=1e-4 * np.abs(expected).max())
+    picture = cv2.imdecode(np.frombuffer(out["guided_png_bytes"].numpy()[0], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert picture.shape == (64, 64, 3) and picture.std() > 0
+
+
+def test_guided_relus_gate_relu_layers_only_while_traced():
+    """ReLU activations and ReLU(6) layers are guided (same forward values), other activations are named
+    as unguided, and everything is restored after the block."""
+    import keras
+
+    from export.guided import guided_relus, survey
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(16, activation="relu", name="dense_relu")(inputs)
+    x = keras.layers.ReLU(6.0, name="relu6")(keras.layers.Dense(16, name="wide")(x))
+    x = keras.layers.Dense(16, activation="swish", name="dense_swish")(x)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(x))
+    swaps = survey(model)
+    assert swaps.guided == ["dense_relu", "relu6"] and swaps.unguided == {"silu"}  # Keras names swish silu
+    x = tf.constant(np.random.default_rng(0).standard_normal((32, 4)) * 3, tf.float32)
+
+    def forward_and_gradient():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = model(x)
+        return y.numpy(), tape.gradient(y, x).numpy()
+
+    plain_y, plain_g = forward_and_gradient()
+    with guided_relus(model):
+        guided_y, guided_g = forward_and_gradient()
+    np.testing.assert_array_equal(guided_y, plain_y)
+    assert np.abs(guided_g - plain_g).max() > 1e-3
+    _, after_g = forward_and_gradient()
+    np.testing.assert_array_equal(after_g, plain_g)
+    assert model.get_layer("dense_relu").activation is keras.activations.relu and "call" not in vars(model.get_layer("relu6"))
+
+
+def test_fused_layercam_matches_the_papers_fusion(fused_export, load, shapes_keras):
+    """LayerCAM (Jiang et al. 2021) at conv2 and last_conv, each map normalised and scaled by tanh(2 M),
+    then the element-wise max at the finer layer's size, normalised."""
+    import keras
+
+    images, _, _ = synthetic.dataset(4, seed=25)
+    class_index = np.array([-1, 0, 1, 2], np.int32)
+    layers = ("conv2", "last_conv")
+    grad_model = keras.Model(shapes_keras.inputs, [shapes_keras.get_layer(n).output for n in layers] + [shapes_keras.output])
+    with tf.GradientTape() as tape:
+        *activations, logits = grad_model(images.astype(np.float32), training=False)
+        targets = np.where(class_index < 0, np.argmax(logits, axis=1), class_index)
+        score = tf.reduce_sum(tf.gather(logits, targets, batch_dims=1))
+    gradients = tape.gradient(score, activations)
+    out = load(fused_export).signatures["layercam_fused"](images=images, class_index=class_index)
+    for i in range(len(images)):
+        scaled = [np.tanh(2 * _normalised(np_layercam(a[i].numpy().astype(np.float64), g[i].numpy(), None)))
+                  for a, g in zip(activations, gradients)]
+        fused = _normalised(np.maximum(scaled[0], _resized(scaled[1], 32)))
+        np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], fused, atol=MAP_TOLERANCE)
+        np.testing.assert_allclose(out["heatmap"].numpy()[i], _resized(fused), atol=MAP_TOLERANCE)
+    single = load(fused_export).signatures["layercam"](images=images, class_index=class_index)
+    assert np.abs(single["heatmap"].numpy() - out["heatmap"].numpy()).max() > 0.1  # conv2 adds detail
 
 
 def test_hirescam_equals_gradcam_for_gap_head(shapes_export, load):
@@ -122,16 +272,18 @@ def test_layercam_equals_hirescam_for_nonnegative_gradients():
     assert np.abs(layercam(Evidence(a, signed, None)) - hirescam(Evidence(a, signed, None))).max() > 0.1
 
 
-@pytest.mark.parametrize("method", list(REFERENCES))
-def test_pointing_game_per_method(shapes_export, load, method):
+@pytest.mark.parametrize("method", [*REFERENCES, "guided_gradcam", "scorecam", "ablationcam", "layercam_fused",
+                                    "gradcam_fused"])
+def test_pointing_game_per_method(shapes_export, fused_export, load, method):
     images, labels, boxes = synthetic.dataset(100, seed=99)
-    out = load(shapes_export).signatures[method](images=images, class_index=labels.astype(np.int32))
+    model = load(fused_export if method.endswith("_fused") else shapes_export)
+    out = model.signatures[method](images=images, class_index=labels.astype(np.int32))
     hit_rate = synthetic.pointing_hits(out["heatmap"].numpy(), boxes).mean()
     print(f"pointing game {method}: {hit_rate:.0%}")
     assert hit_rate >= 0.9
 
 
-@pytest.mark.parametrize("method", ["gradcam", "cam", "gradcampp"])
+@pytest.mark.parametrize("method", ["gradcam", "cam", "gradcampp", "scorecam", "ablationcam", "guided_gradcam"])
 def test_top_k_maps_equal_single_class_calls(shapes_export, load, method):
     model = load(shapes_export)
     images, _, _ = synthetic.dataset(3, seed=23)

@@ -28,6 +28,7 @@ EXPORTS = {
     "nested_mobilenet_v2": lambda request: request.getfixturevalue("transfer_export")("functional")[1],
     "shapes_all_methods": lambda request: request.getfixturevalue("shapes_export"),
     "shapes_jit_compile": lambda request: request.getfixturevalue("jit_export"),
+    "shapes_fused_layers": lambda request: request.getfixturevalue("fused_export"),
 }
 
 

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from client import CamClient, overlay
+from client import GUIDED_PNG, CamClient, overlay
 from client.image_header import declared_size
 from client.web import PAGE, ExplainPage, PageError, PageLimits, make_server
 from rest_helpers import http, start
@@ -114,6 +114,16 @@ def test_explain_returns_the_servers_map_and_timing(page, served):
     heat = cv2.imdecode(np.frombuffer(base64.b64decode(body["heatmap_png"]), np.uint8), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(heat.astype(np.float32) / 255, direct.heatmap)
     assert 0 < body["server_ms"] <= body["backend_ms"]
+    assert "guided_png" not in body
+
+
+def test_guided_gradcam_also_returns_its_picture(page, served):
+    status, _, text = http(page, "/api/explain?method=guided_gradcam", CHELSEA.read_bytes())
+    assert status == 200, text
+    with CamClient(f"127.0.0.1:{served.port}", model="shapes") as client:
+        direct = client.explain(str(CHELSEA), method="guided_gradcam", outputs=[GUIDED_PNG])
+    guided = cv2.imdecode(np.frombuffer(base64.b64decode(json.loads(text)["guided_png"]), np.uint8), cv2.IMREAD_COLOR)
+    assert np.array_equal(guided[:, :, ::-1], direct.guided) and direct.guided.shape == (64, 64, 3)
 
 
 REFUSALS = {  # what the page answers, before the model server or from it
@@ -121,7 +131,7 @@ REFUSALS = {  # what the page answers, before the model server or from it
     "empty": ("/api/explain", b"", 400, "the file is empty"),
     "too many pixels": ("/api/explain", _png(6000, 5000), 413,
                         "6000×5000 = 30.0 million pixels, more than this page accepts"),
-    "unknown method": ("/api/explain?method=nope", _png(8, 8), 400, "has no method 'nope'; it has cam, eigencam"),
+    "unknown method": ("/api/explain?method=nope", _png(8, 8), 400, "has no method 'nope'; it has ablationcam, cam, eigencam"),
     "class not a number": ("/api/explain?class_index=x", _png(8, 8), 400, "class_index must be a class number"),
     "class out of range": ("/api/explain?class_index=7", _png(8, 8), 400,
                            "refused: assertion failed: class_index 7 is out of range: this model has 3 classes"),
@@ -260,6 +270,16 @@ def test_uploaded_image_gets_an_overlay_of_its_own_size(browser, page, served):
     slider = row.find_element("css selector", ".opacity")
     browser.execute_script("arguments[0].value = 0; arguments[0].dispatchEvent(new Event('input'))", slider)
     assert np.array_equal(_pixels(browser, canvas), overlay.read_image(CHELSEA))
+
+
+def test_guided_gradcam_shows_its_picture_under_the_overlay(browser, page):
+    _open(browser, page, "guided_gradcam")
+    [panel] = _explain(browser, CHELSEA)
+    assert not panel.get_attribute("data-error")
+    picture = panel.find_element("css selector", "img.guided")
+    browser.execute_script("return arguments[0].decode()", picture)
+    assert picture.is_displayed()
+    assert browser.execute_script("return [arguments[0].width, arguments[0].naturalWidth]", picture) == [451, 64]
 
 
 def test_downloads_are_the_overlay_and_the_heatmap_at_the_image_size(browser, page):
