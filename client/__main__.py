@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .api import GUIDED_PNG, CamClient, CamServingError, Prediction, tls_credentials
+from .api import GUIDED_METHOD, GUIDED_PNG, CamClient, CamServingError, Prediction, tls_credentials
 from . import web  # the page's HTTP side: the CLI's, while `import client` stays free of it
 
 
@@ -62,7 +62,7 @@ def cmd_explain(args) -> int:
     with _client(args) as client:
         results = client.explain(_inputs(args), method=args.method, class_index=args.class_index,
                                  top_k=args.top_k, heatmap="float" if args.float_heatmap else "png",
-                                 outputs=[GUIDED_PNG] if args.method == "guided_gradcam" else [])
+                                 outputs=[GUIDED_PNG] if args.method == GUIDED_METHOD else [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stems: set[str] = set()

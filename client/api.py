@@ -22,7 +22,7 @@ Image = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's 4 MiB default fails at ~80 float heatmaps
 _SUMMARY = ["class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels", "error"]
 _HEATMAP_OUTPUT = {"png": "heatmap_png_bytes", "uint8": "heatmap_uint8", "float": "heatmap", "none": None}
-GUIDED_PNG = "guided_png_bytes"  # guided_gradcam's 8-bit picture of its `guided` output
+GUIDED_METHOD, GUIDED_PNG = "guided_gradcam", "guided_png_bytes"  # the method with a picture of its own
 
 
 class CamServingError(RuntimeError):

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 import grpc
 import numpy as np
 
-from .api import GUIDED_PNG, CamClient, CamServingError
+from .api import GUIDED_METHOD, GUIDED_PNG, CamClient, CamServingError
 from .image_header import declared_size
 
 PAGE = Path(__file__).with_name("web.html")
@@ -94,7 +94,7 @@ class ExplainPage:
                             "explanations are running already (--max-concurrent); try again in a moment")
         try:
             call = time.perf_counter()
-            outputs = ["heatmap_png_bytes", *([GUIDED_PNG] if method == "guided_gradcam" else [])]
+            outputs = ["heatmap_png_bytes", *([GUIDED_PNG] if method == GUIDED_METHOD else [])]
             result = self._ask(lambda: self.client.explain(image, method=method, class_index=class_index,
                                                            heatmap="none", outputs=outputs))
             server_ms = (time.perf_counter() - call) * 1e3
