@@ -7,13 +7,15 @@ Read top to bottom, one request goes:
          -> dy_c/dA (backward through the head only, never the backbone)
          -> method: raw map from A, dy_c/dA (and w_c for CAM)
          -> ReLU -> divide by the per-image max -> bilinear resize to the input size.
-Guided Grad-CAM adds a guided backward pass through the whole network (export/guided.py); the
-fused maps of --target-layers (`<method>_fused`) take dy_c/dA_l at every layer in one backward pass.
+Guided Grad-CAM runs the backbone with guided ReLUs (same forward values) and adds a guided backward
+pass through the whole network down to the pixels (export/guided.py); the fused maps of
+--target-layers (`<method>_fused`) take dy_c/dA_l at every layer in one backward pass.
 Around it, outside any XLA cluster: the checks of the request, decoding, names, PNG, `error`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import tensorflow as tf
@@ -128,8 +130,13 @@ class Explainer(tf.Module):
         return self._prediction(logits, tf.argmax(logits, axis=-1, output_type=tf.int32))
 
     def _explain(self, method: Method, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
-        x = self._preprocess(pixels)
-        activations = self.features(x, training=False)
+        # Guided Grad-CAM differentiates this forward pass down to the pixels, through guided ReLUs
+        # (same forward values): the pixel tape records it; for other methods it records nothing used.
+        with tf.GradientTape(watch_accessed_variables=False) as pixel_tape, \
+                guided_relus(self.features) if method.guided else contextlib.nullcontext():
+            pixel_tape.watch(pixels)
+            x = self._preprocess(pixels)
+            activations = self.features(x, training=False)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(activations)
             logits = self.head(activations, training=False)
@@ -148,7 +155,8 @@ class Explainer(tf.Module):
             outputs["heatmaps"] = tf.reshape(extra, [n, t - 1, *self.image_size])
             outputs["heatmaps_class_index"] = targets[:, 1:]
         if method.guided:
-            outputs["guided"] = outputs["heatmap"][..., tf.newaxis] * self._guided_backprop(pixels, target)
+            guided = self._guided_backprop(pixel_tape, pixels, activations, target)
+            outputs["guided"] = outputs["heatmap"][..., tf.newaxis] * guided
         return outputs
 
     def _explain_fused(self, method: Method, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -180,16 +188,13 @@ class Explainer(tf.Module):
             "heatmap_lowres": maps,
         }
 
-    def _guided_backprop(self, pixels: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
-        """dy_c/d(pixels) [N,H,W,3] with guided ReLUs: a second forward pass, recorded, and a
-        backward pass through the whole network. With respect to the RGB pixels, so that the picture
-        keeps its colours whatever channel order the preprocessing uses."""
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(pixels)
-            with guided_relus(self.features, self.head):
-                logits = self.head(self.features(self._preprocess(pixels), training=False), training=False)
-            score = tf.gather(logits, target, batch_dims=1)
-        return tape.gradient(score, pixels)
+    def _guided_backprop(self, pixel_tape, pixels, activations, target) -> tf.Tensor:
+        """dy_c/d(pixels) [N,H,W,3] with guided ReLUs: the head once more, guided, then a backward pass
+        through the whole network along the forward pass `pixel_tape` recorded. With respect to the RGB
+        pixels, so that the picture keeps its colours whatever channel order the preprocessing uses."""
+        with pixel_tape, guided_relus(self.head):
+            score = tf.gather(self.head(activations, training=False), target, batch_dims=1)
+        return pixel_tape.gradient(score, pixels)
 
     def _saliency(self, method: Method, x, activations, targets, tape, scores) -> tf.Tensor:
         """Raw maps [N, T, h, w], one per target class: the method applied to each (image, class)."""
