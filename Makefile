@@ -14,8 +14,9 @@ REST_PORT  ?= 8501
 MALLOC_ARENA_MAX ?= 2
 serve demo bench web: export MALLOC_ARENA_MAX := $(MALLOC_ARENA_MAX)
 # Server-side batching for the embedded server of serve, demo and bench: serving/batching.config
-# when a GPU is found, else serving/batching_cpu.config; BATCHING= turns batching off.
-BATCHING   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),serving/batching.config,serving/batching_cpu.config)
+# when TensorFlow sees a GPU (asked only where nvidia-smi exists: serving/gpu.py), else
+# serving/batching_cpu.config; BATCHING= turns batching off.
+BATCHING   ?= $(if $(shell command -v nvidia-smi >/dev/null 2>&1 && $(PY) -m serving.gpu >/dev/null 2>&1 && echo gpu),serving/batching.config,serving/batching_cpu.config)
 HOST       ?= 127.0.0.1
 # The embedded server in the background of a recipe's shell, stopped when that shell ends or is interrupted.
 WITH_EMBEDDED = $(EMBEDDED) & server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT INT TERM;
@@ -93,10 +94,13 @@ web: venv
 		$(PY) -m client web --server localhost:$(PORT) --model $(MODEL) --port $(WEB_PORT); \
 	fi
 
-# On a GPU machine: device placement of the explain path, predict vs gradcam at batch 1/8/64,
-# float32 and XLA (bench/gpu_check.json). Install tensorflow[and-cuda]==2.21.0 there first.
+# On a GPU machine (install tensorflow[and-cuda]==2.21.0 there first): through TF Serving's loader,
+# the device of every explain-path op, and predict vs gradcam at batch 1/8/64 in float32, bfloat16
+# and float16, with and without XLA (bench/gpu_check.json, .png). GPU_CHECK_ARGS="--short --backbone
+# m.keras" is the small run the tests make on a CPU.
+GPU_CHECK_ARGS ?=
 gpu-check: venv
-	$(PY) -m bench.gpu_check --out bench
+	$(PY) -m bench.gpu_check --out bench $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(BASE_PATH) out .pytest_cache

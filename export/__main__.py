@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from export.backbone import PRECISIONS
 from export.decode import DEFAULT_MAX_PIXELS
 from export.methods import METHODS
 
@@ -31,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--top-k-maps", type=int, default=0, help="also return heatmaps of the K top classes")
     p.add_argument("--feature-maps", type=int, default=36, help="most activated channels in feature_maps (0: no such signature)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="float32",
+                   help="type the backbone and head compute in (variables, explanation and outputs stay float32)")
     p.add_argument("--jit-compile", action="store_true", help="compile the signatures with XLA")
     p.add_argument("--warmup-batch-sizes", default="1,8", help="comma list of batch sizes for the warm-up records")
     p.add_argument("--max-batch-size", type=int, default=128, help="larger requests are refused")
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             max_image_pixels=args.max_image_pixels,
             top_k_maps=args.top_k_maps,
             feature_maps=args.feature_maps,
+            precision=args.precision,
         )
     except (ValueError, FileNotFoundError, FileExistsError, VerificationError) as error:
         print(f"export: error: {error}", file=sys.stderr)

@@ -23,6 +23,8 @@ POOLING_LAYERS = (
 )
 SOFTMAX_ACTIVATIONS = {"softmax", "sigmoid"}
 NAMED_WEIGHTS = ("imagenet", "auto", "none")
+# --precision -> the Keras dtype policy of every layer: compute in that type, variables in float32.
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 @dataclasses.dataclass
@@ -41,6 +43,7 @@ class Backbone:
     # each of them: input -> A_1, A_1 -> A_2, ..., A_L -> logits (empty without --target-layers).
     fusion_layers: tuple[str, ...] = ()
     fusion_segments: tuple[keras.Model, ...] = ()
+    precision: str = "float32"  # the type the layers compute in (--precision)
 
     @property
     def num_classes(self) -> int:
@@ -232,6 +235,17 @@ def fusion_chain(flat: keras.Model, produced: dict, layers: list[str]) -> tuple[
     return tuple(ordered), segments
 
 
+def set_precision(model: keras.Model, precision: str) -> None:
+    """Make every layer compute in `precision` (Keras mixed precision: variables stay float32 and are
+    cast where they are read). The policy is read when a layer is called, so this holds for every
+    graph traced afterwards, and `set_precision(model, "float32")` undoes it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.InputLayer):
+            layer.dtype_policy = PRECISIONS[precision]
+
+
 def load_backbone(
     backbone: str,
     weights: str = "imagenet",
@@ -239,9 +253,10 @@ def load_backbone(
     image_size: int | None = None,
     preprocess: str = "auto",
     target_layers: Sequence[str] = (),
+    precision: str = "float32",
 ) -> Backbone:
-    """Load `backbone`, strip its output activation and split it at the target layer (and at each
-    of `target_layers`, for fused maps)."""
+    """Load `backbone`, strip its output activation, make it compute in `precision` and split it at
+    the target layer (and at each of `target_layers`, for fused maps)."""
     model, own_preprocess = load_model(backbone, weights, image_size)
     notes = []
     model, stripped = strip_output_activation(model)
@@ -249,6 +264,7 @@ def load_backbone(
         notes.append(stripped)
     target = target_layer or find_target_layer(model)
     flat, produced = flatten(model)
+    set_precision(flat, precision)
     if target not in produced:
         raise ValueError(f"--target-layer {target!r}: no such layer in {model.name!r}")
     activations = produced[target]
@@ -277,4 +293,5 @@ def load_backbone(
         notes=notes,
         fusion_layers=fusion_layers,
         fusion_segments=fusion_segments,
+        precision=precision,
     )

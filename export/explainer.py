@@ -10,6 +10,8 @@ Read top to bottom, one request goes:
 Guided Grad-CAM runs the backbone with guided ReLUs (same forward values) and adds a guided backward
 pass through the whole network down to the pixels (export/guided.py); the fused maps of
 --target-layers (`<method>_fused`) take dy_c/dA_l at every layer in one backward pass.
+With --precision bfloat16 or float16 the layers of the backbone and head compute in that type
+(`run`); A, dy_c/dA, the logits and everything the explanation computes from them stay float32.
 Around it, outside any XLA cluster: the checks of the request, decoding, names, PNG, `error`.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import keras
 import tensorflow as tf
 
 from export.backbone import Backbone
@@ -28,6 +31,12 @@ from export.methods import Evidence, Method, top_channels
 # LayerCAM (Jiang et al. 2021, eq. 9): each layer's normalised map M is scaled to tanh(γ M) before
 # the element-wise max, which lifts the weaker maps of shallow layers; γ = 2 as in the paper.
 FUSION_GAMMA = 2.0
+
+
+def run(model: keras.Model, x: tf.Tensor) -> tf.Tensor:
+    """`model(x)` in inference mode, as float32. With --precision the layers compute in bfloat16 or
+    float16; the cast back makes the gradient that reaches A float32 too, before pooling and weighting."""
+    return tf.cast(model(x, training=False), tf.float32)
 
 
 def normalise(raw_maps: tf.Tensor) -> tf.Tensor:
@@ -111,7 +120,7 @@ class Explainer(tf.Module):
     # --- the pipeline -------------------------------------------------------------------------
 
     def _forward(self, pixels: tf.Tensor) -> tf.Tensor:
-        return self.features(self._preprocess(pixels), training=False)
+        return run(self.features, self._preprocess(pixels))
 
     def _prediction(self, logits: tf.Tensor, target: tf.Tensor) -> dict[str, tf.Tensor]:
         probabilities = tf.nn.softmax(logits)
@@ -126,20 +135,21 @@ class Explainer(tf.Module):
         }
 
     def _predict(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        logits = self.head(self._forward(pixels), training=False)
+        logits = run(self.head, self._forward(pixels))
         return self._prediction(logits, tf.argmax(logits, axis=-1, output_type=tf.int32))
 
-    def _explain(self, method: Method, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
+    def explain(self, method: Method, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The numeric core of a method's signature: pixels [N,H,W,3] float32, class_index [N] (-1 = top-1)."""
         # Guided Grad-CAM differentiates this forward pass down to the pixels, through guided ReLUs
         # (same forward values): the pixel tape records it; for other methods it records nothing used.
         with tf.GradientTape(watch_accessed_variables=False) as pixel_tape, \
                 guided_relus(self.features) if method.guided else contextlib.nullcontext():
             pixel_tape.watch(pixels)
             x = self._preprocess(pixels)
-            activations = self.features(x, training=False)
+            activations = run(self.features, x)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(activations)
-            logits = self.head(activations, training=False)
+            logits = run(self.head, activations)
             target = self._target(logits, class_index)
             # Column 0: the class explained; then the top classes when --top-k-maps asks for them.
             targets = target[:, tf.newaxis]
@@ -162,12 +172,12 @@ class Explainer(tf.Module):
     def _explain_fused(self, method: Method, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
         """The method at every --target-layers layer from one backward pass, maps fused (`fuse`)."""
         first, *links, head = self.fusion_segments
-        activations = [first(self._preprocess(pixels), training=False)]
+        activations = [run(first, self._preprocess(pixels))]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(activations[0])
             for link in links:
-                activations.append(link(activations[-1], training=False))
-            logits = head(activations[-1], training=False)
+                activations.append(run(link, activations[-1]))
+            logits = run(head, activations[-1])
             target = self._target(logits, class_index)
             score = tf.gather(logits, target, batch_dims=1)
         gradients = tape.gradient(score, activations)
@@ -193,7 +203,7 @@ class Explainer(tf.Module):
         through the whole network along the forward pass `pixel_tape` recorded. With respect to the RGB
         pixels, so that the picture keeps its colours whatever channel order the preprocessing uses."""
         with pixel_tape, guided_relus(self.head):
-            score = tf.gather(self.head(activations, training=False), target, batch_dims=1)
+            score = tf.gather(run(self.head, activations), target, batch_dims=1)
         return pixel_tape.gradient(score, pixels)
 
     def _saliency(self, method: Method, x, activations, targets, tape, scores) -> tf.Tensor:
@@ -214,8 +224,8 @@ class Explainer(tf.Module):
             x = tf.repeat(x, t, axis=0)
         evidence = Evidence(
             activations, gradients, class_weights, targets=tf.reshape(targets, [-1]), inputs=x,
-            features=lambda inputs: self.features(inputs, training=False),
-            head=lambda a: self.head(a, training=False),
+            features=lambda inputs: run(self.features, inputs),
+            head=lambda a: run(self.head, a),
             channels=self.channels.get(method.name, 0),
         )
         raw = method.saliency(evidence)
@@ -352,7 +362,7 @@ class Explainer(tf.Module):
         for suffix, to_pixels, spec in (("", from_images, images_spec), ("_bytes", from_bytes, bytes_spec)):
             sigs[f"predict{suffix}"] = signature(self._predict, to_pixels, spec, explains=False)
             for name, method in self.methods.items():
-                explain = lambda pixels, c, method=method: self._explain(method, pixels, c)  # noqa: E731
+                explain = lambda pixels, c, method=method: self.explain(method, pixels, c)  # noqa: E731
                 sigs[f"{name}{suffix}"] = signature(explain, to_pixels, spec, explains=True)
             for name in self.fused_methods:
                 explain = lambda pixels, c, method=self.methods[name]: self._explain_fused(method, pixels, c)  # noqa: E731

@@ -22,6 +22,7 @@ from export.decode import DEFAULT_MAX_PIXELS
 from export.explainer import Explainer
 from export.guided import survey
 from export.methods import get_method
+from export.precision import check as check_precision
 from export.tfs_loader import WARMUP_FILE
 from export.verify import verify
 
@@ -108,6 +109,7 @@ def export_savedmodel(
     feature_maps: int = 36,
     scorecam_channels: int = 64,
     ablationcam_channels: int = 64,
+    precision: str = "float32",
     log: Callable[[str], None] = print,
 ) -> pathlib.Path:
     """Export `backbone` with the given CAM methods; returns `<base_path>/<model_name>/<version>`."""
@@ -125,8 +127,8 @@ def export_savedmodel(
     if final_dir.exists():
         raise FileExistsError(f"{final_dir} exists: choose another --version")
 
-    step(f"loading {backbone} (weights: {weights})")
-    split = load_backbone(backbone, weights, target_layer, image_size, preprocess, target_layers)
+    step(f"loading {backbone} (weights: {weights}, computing in {precision})")
+    split = load_backbone(backbone, weights, target_layer, image_size, preprocess, target_layers, precision)
     for note in split.notes:
         step(note)
     step(
@@ -152,6 +154,10 @@ def export_savedmodel(
         swaps = survey(split.features, split.head)
         step(f"guided backpropagation through {len(swaps.guided)} ReLU layers"
              + (f"; gradients pass unchanged through {', '.join(sorted(swaps.unguided))}" if swaps.unguided else ""))
+    if precision != "float32":
+        step(f"{precision} maps vs float32 on the same weights (probe images: samples/ and noise):")
+        for drift in check_precision(explainer, split.image_size, precision):
+            step(f"  {drift}")
     step("tracing signatures")
     signatures = explainer.signatures(default_method=method_objects[0].name)
     for name, signature in signatures.items():

@@ -19,7 +19,7 @@ import threading
 from typing import Mapping, Sequence
 
 import numpy as np
-from tensorflow.core.protobuf import error_codes_pb2, meta_graph_pb2
+from tensorflow.core.protobuf import config_pb2, error_codes_pb2, meta_graph_pb2
 
 SERVE_TAG = "serve"
 TSTRING_BYTES = 24  # sizeof(TF_TString)
@@ -74,6 +74,7 @@ _SIGNATURES = {
     "TF_DeleteGraph": ("cc", None, [_P]),
     "TF_NewSessionOptions": ("cc", _P, []),
     "TF_DeleteSessionOptions": ("cc", None, [_P]),
+    "TF_SetConfig": ("cc", None, [_P, ctypes.c_char_p, ctypes.c_size_t, _P]),
     "TF_LoadSessionFromSavedModel": (
         "cc", _P, [_P, _P, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, _P, ctypes.POINTER(_Buffer), _P]
     ),
@@ -185,7 +186,9 @@ class SavedModelSession:
     TensorFlow runs.
     """
 
-    def __init__(self, export_dir: str | pathlib.Path, tags: Sequence[str] = (SERVE_TAG,)):
+    def __init__(self, export_dir: str | pathlib.Path, tags: Sequence[str] = (SERVE_TAG,), config: bytes = b""):
+        """`config`: a serialized tensorflow.ConfigProto for the session (TF Serving builds one from its
+        flags, e.g. --per_process_gpu_memory_fraction), such as log_device_placement=True."""
         api = self.api = c_api()
         self.export_dir = str(export_dir)
         self.graph = api.TF_NewGraph()
@@ -193,6 +196,10 @@ class SavedModelSession:
         meta_graph = api.TF_NewBuffer()
         self.session = None
         try:
+            if config:
+                with _Status(api) as status:
+                    api.TF_SetConfig(options, config, len(config), status)
+                    api.check(status)
             with _Status(api) as status:
                 tag_array = (ctypes.c_char_p * len(tags))(*[t.encode() for t in tags])
                 self.session = api.TF_LoadSessionFromSavedModel(
@@ -225,8 +232,10 @@ class SavedModelSession:
                 self._outputs[tensor_name] = _Output(operation, int(index))
             return self._outputs[tensor_name]
 
-    def run(self, feeds: Mapping[str, np.ndarray], fetches: Sequence[str]) -> list[np.ndarray]:
-        """One Session::Run: feed tensors by name ("op:0"), return the fetched ones as numpy arrays."""
+    def run(self, feeds: Mapping[str, np.ndarray], fetches: Sequence[str],
+            options: config_pb2.RunOptions | None = None, metadata: config_pb2.RunMetadata | None = None) -> list[np.ndarray]:
+        """One Session::Run: feed tensors by name ("op:0"), return the fetched ones as numpy arrays.
+        As tf.compat.v1.Session.run: `options` (e.g. a trace) for this run, `metadata` filled in."""
         if self.session is None:
             raise SessionError(9, "the session is closed")
         api = self.api
@@ -236,21 +245,30 @@ class SavedModelSession:
         keep: list = []
         input_values = (_P * len(names))()
         output_values = (_P * len(fetches))()
+        serialized = options.SerializeToString() if options is not None else b""
+        options_buffer = _Buffer(ctypes.cast(ctypes.c_char_p(serialized), _P), len(serialized), None)
+        metadata_buffer = api.TF_NewBuffer() if metadata is not None else None
         try:
             for i, name in enumerate(names):
                 input_values[i] = _to_tensor(api, feeds[name], keep)
             with _Status(api) as status:
-                api.TF_SessionRun(self.session, None, inputs, input_values, len(names), outputs, output_values,
-                                  len(fetches), None, 0, None, status)
+                api.TF_SessionRun(self.session, ctypes.addressof(options_buffer) if serialized else None, inputs,
+                                  input_values, len(names), outputs, output_values, len(fetches), None, 0,
+                                  ctypes.cast(metadata_buffer, _P) if metadata_buffer else None, status)
                 api.check(status)
+            if metadata_buffer:
+                metadata.MergeFromString(ctypes.string_at(metadata_buffer.contents.data, metadata_buffer.contents.length))
             return [_from_tensor(api, output_values[i]) for i in range(len(fetches))]
         finally:
+            if metadata_buffer:
+                api.TF_DeleteBuffer(metadata_buffer)
             for tensor in (*input_values, *output_values):
                 if tensor:
                     api.TF_DeleteTensor(tensor)
 
-    def run_signature(self, name: str, inputs: Mapping[str, np.ndarray],
-                      output_filter: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    def run_signature(self, name: str, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str] = (),
+                      options: config_pb2.RunOptions | None = None,
+                      metadata: config_pb2.RunMetadata | None = None) -> dict[str, np.ndarray]:
         """Run a signature the way TF Serving's Predict does: inputs by alias, outputs by alias
         (all of them, or the output_filter)."""
         if name not in self.signature_defs:
@@ -261,7 +279,7 @@ class SavedModelSession:
             raise SessionError(3, f"inputs of signature {name!r} are {sorted(signature.inputs)}; got {sorted(inputs)}")
         aliases = list(output_filter) or list(signature.outputs)
         fetched = self.run({signature.inputs[k].name: v for k, v in inputs.items()},
-                           [signature.outputs[a].name for a in aliases])
+                           [signature.outputs[a].name for a in aliases], options, metadata)
         return dict(zip(aliases, fetched))
 
     def close(self) -> None:

@@ -34,6 +34,12 @@ IMAGE = "tensorflow/serving:2.21.0-gpu"
 CONTAINER_MODELS = configs.CONTAINER_MODELS
 CONTAINER_CONFIG = "/config"
 LOCAL_CONFIG_NAME = "tfserving.models.config"
+# --per_process_gpu_memory_fraction of the image (serving/Dockerfile) and of the Docker runtime here:
+# TF Serving takes this share of the GPU's memory at start, one replica per GPU. TensorFlow's own
+# choice (0) takes nearly all of it; 0.9 leaves a tenth outside TensorFlow's allocator for the CUDA
+# context, cuDNN/cuBLAS workspaces and XLA's autotuning. Not measured on a GPU yet. Two replicas
+# on one GPU: 0.45 each (a later flag wins: `docker run IMAGE --per_process_gpu_memory_fraction=0.45`).
+GPU_MEMORY_FRACTION = 0.9
 
 
 def check_configs(model_config: pathlib.Path, batching_config: pathlib.Path | None,
@@ -96,8 +102,11 @@ def build_command(args: argparse.Namespace, runtime: str) -> list[str]:
         print(f"serving.tfserving: {', '.join(needing)} compiled with XLA (--jit-compile): XLA flag added",
               file=sys.stderr)
     xla = ("gpu" if runtime == "docker" else "cpu") if args.xla or needing else None
+    fraction = args.gpu_memory_fraction
+    if fraction is None and runtime == "docker":
+        fraction = GPU_MEMORY_FRACTION
     options = dict(port=args.port, rest_port=args.rest_port, poll_seconds=args.poll_seconds,
-                   gpu_memory_fraction=args.gpu_memory_fraction, xla=xla)
+                   gpu_memory_fraction=fraction, xla=xla)
     if runtime == "binary":
         base_path.mkdir(parents=True, exist_ok=True)
         local = base_path / LOCAL_CONFIG_NAME
@@ -129,7 +138,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rest-port", type=int, default=8501, help="REST and Prometheus port")
     p.add_argument("--no-batching", dest="batching", action="store_false", help="serve without batching.config")
     p.add_argument("--poll-seconds", type=int, default=1, help="--file_system_poll_wait_seconds")
-    p.add_argument("--gpu-memory-fraction", type=float, default=None, help="--per_process_gpu_memory_fraction")
+    p.add_argument("--gpu-memory-fraction", type=float, default=None,
+                   help=f"--per_process_gpu_memory_fraction (default: {GPU_MEMORY_FRACTION} in Docker, TF's choice for the binary)")
     p.add_argument("--xla", action="store_true",
                    help="keep XLA on (--xla_gpu_compilation_enabled in Docker, --xla_cpu_compilation_enabled for the "
                         "binary) even when no model under --base-path needs it")

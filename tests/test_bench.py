@@ -15,6 +15,7 @@ from serving import configs
 from serving.server import EmbeddedServer, ServerOptions
 
 import bench.__main__ as bench
+from bench import gpu_check
 
 
 def test_bench_runs_every_configuration(shapes_export, tmp_path):
@@ -61,3 +62,39 @@ def test_bench_measures_every_method_of_the_model_by_default(fused_export, tmp_p
         for batch in (1, 8):
             name = f"in-process {method}/predict b{batch}"
             assert ratios[name] > 0 and name in printed
+
+
+def test_gpu_check_runs_to_completion_on_a_cpu(shapes_model, tmp_path):
+    """`make gpu-check` in its short mode on the small model: every precision with and without XLA is
+    exported and timed through TF Serving's loader, and the explain path's ops are listed with their
+    device (on this machine, the CPU)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from serving.gpu import tensorflow_gpus
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    args = f"--short --backbone {shapes_model} --out {tmp_path}"
+    run = subprocess.run(["make", "-s", "-o", "venv", "gpu-check", f"GPU_CHECK_ARGS={args}"],
+                         cwd=bench.SAMPLE.parent.parent, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert (tmp_path / "gpu_check.png").stat().st_size > 0
+    configs_run = [f"{p}{x} b{b}" for p in ("float32", "bfloat16", "float16") for x in ("", " xla") for b in (1, 2)]
+    assert list(results["timings"]) == configs_run
+    for medians in results["timings"].values():
+        assert set(medians) == {"predict", "gradcam"} and all(ms > 0 for ms in medians.values())
+    device = "GPU" if tensorflow_gpus() else "CPU"
+    for precision in ("float32", "bfloat16", "float16"):
+        path = gpu_check.explain_path(results["placement"][precision])
+        # The shapes model's head is global average pooling + dense: its explain path has each of these.
+        assert {"MatMul", "Mean", "Einsum", "Relu", "Max", "DivNoNan", "ResizeBilinear", "Cast", "EncodePng"} <= set(path)
+        if device == "CPU":
+            assert all(set(found) == {"CPU:0"} for found in path.values()), path
+    # The session ran with log_device_placement (its log names the signature's function calls), kept in a file.
+    assert "(StatefulPartitionedCall): /job:localhost/replica:0/task:0/device:" in (
+        tmp_path / "gpu_check_placement.log").read_text()
+    assert "/job:localhost" not in run.stdout

@@ -188,7 +188,7 @@ def test_dockerfile_runs_tf_serving_with_the_serving_configs(dockerfile):
     expected = _flags(tfserving.server_flags(inside + "models.config", inside + "batching.config",
                                              inside + "monitoring.config", port=8500, rest_port=8501,
                                              poll_seconds=int(flags["file_system_poll_wait_seconds"]),
-                                             gpu_memory_fraction=None, xla="gpu"))
+                                             gpu_memory_fraction=tfserving.GPU_MEMORY_FRACTION, xla="gpu"))
     extra = {name: flags.pop(name) for name in set(flags) - set(expected)}
     assert flags == expected
     assert set(extra) == {"grpc_channel_arguments"}

@@ -7,6 +7,7 @@ MonitoringConfig; `serving.configs` declares those two with TF Serving's field n
 from __future__ import annotations
 
 import inspect
+import os
 import pathlib
 import shlex
 import shutil
@@ -18,6 +19,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving import configs, tfserving
 from serving.__main__ import options_from_args, parser as embedded_parser
+from serving.gpu import tensorflow_gpus
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVING = ROOT / "serving"
@@ -189,7 +191,7 @@ def test_make_serve_targets_dry_run(tmp_path):
         p = embedded_parser()
         _, options = options_from_args(p.parse_args(batched[3:]), p)
         assert options.rest_api_port == 8501 and options.monitoring.prometheus_config.enable
-        gpu = shutil.which("nvidia-smi") is not None
+        gpu = shutil.which("nvidia-smi") is not None and bool(tensorflow_gpus())  # what TensorFlow sees decides
         expected = configs.read_batching_parameters(SERVING / ("batching.config" if gpu else "batching_cpu.config"))
         assert options.batching == expected
 
@@ -208,3 +210,19 @@ def test_the_xla_flag_is_added_for_a_model_that_needs_it(capsys, tmp_path, jit_e
                         "--base-path", str(jit_export.parent.parent))
         flags = _flags(argv[argv.index(tfserving.IMAGE) + 1:] if runtime == "docker" else argv[1:])
         assert flags.get(flag) == ("true" if served == "jit" else None), served
+
+
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("tensorflow_model_server") is not None,
+                    reason="needs make, and the embedded server as `make serve`'s")
+@pytest.mark.skipif(bool(tensorflow_gpus()), reason="needs a TensorFlow that sees no GPU")
+def test_a_gpu_host_whose_tensorflow_sees_no_gpu_gets_the_cpu_batching_config(tmp_path):
+    """nvidia-smi on PATH (a GPU host) is not enough: a CPU-only TensorFlow there serves on the CPU."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100'\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["make", "-s", "-o", "venv", "serve", "DRY_RUN=1", f"BASE_PATH={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "--batching_parameters_file serving/batching_cpu.config" in result.stdout

@@ -1,0 +1,108 @@
+"""How far a reduced --precision moves the explanation from float32, measured at export.
+
+With `--precision bfloat16` or `float16` the backbone and head compute in that type, while the
+explanation math stays float32 (explainer.py). Rounding still moves the activations and gradients the
+maps are made of. So the exporter runs every method on probe images (the sample photos shipped with
+the repository, and noise) twice, on the same weights: once as exported, and once traced again with
+every layer computing in float32. It compares the maps of the same class (float32's top-1), and the
+top-1 classes. A map that drifts past the tolerance below gets a `PrecisionWarning`.
+
+The tolerances are ~5-10x the drift measured on the synthetic shapes model and on ResNet50 (README,
+"Reduced precision"); tests/test_precision.py checks them independently, through TF Serving's loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from export.backbone import set_precision
+
+SAMPLES = pathlib.Path(__file__).resolve().parent.parent / "samples"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    heatmap_max: float  # largest |map - float32 map| over all pixels of the probes (maps are 0..1)
+    heatmap_mean: float  # mean |map - float32 map|
+
+
+TOLERANCES = {
+    "bfloat16": Tolerance(heatmap_max=0.1, heatmap_mean=0.01),  # 8-bit significand
+    "float16": Tolerance(heatmap_max=0.02, heatmap_mean=0.002),  # 11-bit significand
+}
+
+
+class PrecisionWarning(UserWarning):
+    """A reduced-precision export whose maps drift from float32 past the tolerance."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Drift:
+    method: str
+    heatmap_max: float
+    heatmap_mean: float
+    top1_agreement: float  # share of probes whose top-1 class is float32's
+
+    def within(self, tolerance: Tolerance) -> bool:
+        # NaN (an overflow in float16) is never within.
+        return self.heatmap_max <= tolerance.heatmap_max and self.heatmap_mean <= tolerance.heatmap_mean
+
+    def __str__(self) -> str:
+        return (f"{self.method}: heatmap max {self.heatmap_max:.4f}, mean {self.heatmap_mean:.5f}; "
+                f"top-1 agreement {self.top1_agreement:.0%}")
+
+
+def probe_images(image_size: tuple[int, int], noise: int = 1) -> np.ndarray:
+    """The shipped sample photos resized to the model's input, and `noise` seeded noise images: uint8 [N,H,W,3]."""
+    photos = [tf.image.decode_image(path.read_bytes(), channels=3, expand_animations=False)
+              for path in sorted(SAMPLES.glob("*")) if path.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    resized = [tf.cast(tf.round(tf.image.resize(p, image_size)), tf.uint8).numpy() for p in photos]
+    rng = np.random.default_rng(0)
+    resized += [rng.integers(0, 256, (*image_size, 3), dtype=np.uint8) for _ in range(noise)]
+    return np.stack(resized)
+
+
+def _run(explainer, method, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, np.ndarray]:
+    """One method's outputs, traced now (so under the layers' current dtype policy)."""
+    explain = tf.function(lambda p, c: explainer.explain(method, p, c))
+    return {k: v.numpy() for k, v in explain(pixels, class_index).items() if k in ("heatmap", "logits")}
+
+
+def measure(explainer, images: np.ndarray, precision: str) -> list[Drift]:
+    """Drift of every method of `explainer` (computing in `precision`) from float32, on `images`."""
+    pixels = tf.constant(images, tf.float32)
+    models = (explainer.features, explainer.head)
+    for model in models:
+        set_precision(model, "float32")
+    try:
+        reference = {name: _run(explainer, m, pixels, tf.fill([len(images)], -1)) for name, m in explainer.methods.items()}
+    finally:
+        for model in models:
+            set_precision(model, precision)
+    drifts = []
+    for name, method in explainer.methods.items():
+        expected = reference[name]
+        top1 = expected["logits"].argmax(axis=1).astype(np.int32)
+        got = _run(explainer, method, pixels, tf.constant(top1))  # the same class as float32's map
+        diff = np.abs(got["heatmap"].astype(np.float64) - expected["heatmap"])
+        drifts.append(Drift(name, float(diff.max()), float(diff.mean()), float(np.mean(got["logits"].argmax(axis=1) == top1))))
+    return drifts
+
+
+def check(explainer, image_size: tuple[int, int], precision: str) -> list[Drift]:
+    """Measure the drift of a reduced-precision explainer on the probe images; warn past the tolerance."""
+    drifts = measure(explainer, probe_images(image_size), precision)
+    beyond = [d for d in drifts if not d.within(TOLERANCES[precision])]
+    if beyond:
+        tolerance = TOLERANCES[precision]
+        warnings.warn(
+            f"--precision {precision}: the maps drift from float32 past the tolerance (max {tolerance.heatmap_max}, "
+            f"mean {tolerance.heatmap_mean}): {'; '.join(map(str, beyond))}. Check the maps, or export in float32.",
+            PrecisionWarning, stacklevel=2,
+        )
+    return drifts

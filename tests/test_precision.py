@@ -1,0 +1,146 @@
+"""--precision bfloat16 / float16: the layers compute in that type, the explanation stays float32.
+
+Each reduced-precision export is compared with the float32 export of the same weights, both run through
+TF Serving's loader (LoadSavedModel + Session::Run), on 100 held-out synthetic images: the heatmap
+differences must stay within the published tolerances (export/precision.py, README "Reduced
+precision"), the top-1 class must agree, and the pointing game must still be won.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import synthetic
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import saved_model_pb2
+
+from export.methods import METHODS
+from export.precision import TOLERANCES, PrecisionWarning
+from export.tfs_loader import SavedModelSession
+
+PRECISIONS = ("bfloat16", "float16")
+TYPES = {"bfloat16": types_pb2.DT_BFLOAT16, "float16": types_pb2.DT_HALF}
+
+
+@pytest.fixture(scope="session")
+def precision_exports(shapes_model, models_dir):
+    """precision -> (exported dir, warnings the export raised): the shapes model with every method."""
+    from export.savedmodel import export_savedmodel
+
+    exports = {}
+    for precision in PRECISIONS:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PrecisionWarning)
+            path = export_savedmodel(str(shapes_model), "none", list(METHODS), f"shapes_{precision}", str(models_dir),
+                                     precision=precision, warmup_batch_sizes=(1, 2), feature_maps=0, log=synthetic.quiet)
+        exports[precision] = path, [w for w in caught if issubclass(w.category, PrecisionWarning)]
+    return exports
+
+
+def _heatmaps(session: SavedModelSession, method: str, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    return session.run_signature(method, {"images": images, "class_index": labels.astype(np.int32)},
+                                 ["heatmap", "logits", "probabilities"])
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_reduced_precision_stays_within_the_published_tolerance(precision_exports, shapes_export, precision):
+    images, labels, boxes = synthetic.dataset(100, seed=99)
+    path, raised = precision_exports[precision]
+    tolerance = TOLERANCES[precision]
+    assert not raised, [str(w.message) for w in raised]  # the exporter's own check agreed
+    with SavedModelSession(shapes_export) as reference, SavedModelSession(path) as reduced:
+        for method in METHODS:
+            expected = _heatmaps(reference, method, images, labels)
+            got = _heatmaps(reduced, method, images, labels)
+            for name in ("heatmap", "logits", "probabilities"):  # the signature contract: float32 on the wire
+                assert got[name].dtype == np.float32 and got[name].shape == expected[name].shape
+            diff = np.abs(got["heatmap"].astype(np.float64) - expected["heatmap"])
+            top1 = np.mean(got["logits"].argmax(1) == expected["logits"].argmax(1))
+            hits, hits32 = (synthetic.pointing_hits(m["heatmap"], boxes).mean() for m in (got, expected))
+            print(f"{precision} {method:15s} heatmap max {diff.max():.4f} mean {diff.mean():.5f} "
+                  f"top-1 agreement {top1:.0%} pointing {hits:.0%} (float32 {hits32:.0%})")
+            assert diff.max() <= tolerance.heatmap_max, method
+            assert diff.mean() <= tolerance.heatmap_mean, method
+            assert top1 >= 0.99, method
+            assert hits >= 0.9 and abs(hits - hits32) <= 0.02, method
+            # Reduced precision does change the numbers: the comparison is not of two float32 graphs.
+            assert np.abs(got["logits"] - expected["logits"]).max() > 1e-6
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_layers_compute_in_the_reduced_type_and_variables_stay_float32(precision_exports, precision):
+    import tensorflow as tf
+
+    path, _ = precision_exports[precision]
+    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    graph = saved.meta_graphs[0].graph_def
+    convolutions = [n for f in graph.library.function for n in f.node_def if n.op == "Conv2D"]
+    assert convolutions and all(n.attr["T"].type == TYPES[precision] for n in convolutions)
+    dtypes = tf.train.load_checkpoint(str(path / "variables" / "variables")).get_variable_to_dtype_map()
+    weights = {name: dtype for name, dtype in dtypes.items() if "kernel" in name or "bias" in name}
+    assert weights and set(weights.values()) == {tf.float32}
+
+
+def _cancellation_model(path) -> None:
+    """A map made of the difference of two large activations: A_0 = 1000 + brightness, A_1 = 1000.
+    In float32 the map is the image's brightness; bfloat16 (4 apart near 1000) rounds it away."""
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    conv = keras.layers.Conv2D(2, 1, name="conv")
+    dense = keras.layers.Dense(2, name="predictions")
+    model = keras.Model(inputs, dense(keras.layers.GlobalAveragePooling2D()(conv(inputs))))
+    kernel = np.zeros((1, 1, 3, 2), np.float32)
+    kernel[..., 0] = 1 / (3 * 255)
+    conv.set_weights([kernel, np.full(2, 1000, np.float32)])
+    dense.set_weights([np.array([[1, -1], [-1, 1]], np.float32), np.zeros(2, np.float32)])
+    model.save(path)
+
+
+def test_the_exporter_warns_when_the_maps_drift(models_dir, tmp_path):
+    from export.savedmodel import export_savedmodel
+
+    path = tmp_path / "cancellation.keras"
+    _cancellation_model(path)
+    log: list[str] = []
+    with pytest.warns(PrecisionWarning, match=r"--precision bfloat16: the maps drift .* gradcam: heatmap max"):
+        export_savedmodel(str(path), "none", ["gradcam"], "cancellation", str(models_dir), precision="bfloat16",
+                          warmup_batch_sizes=(1,), feature_maps=0, log=log.append)
+    assert any("bfloat16 maps vs float32" in line for line in log)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)  # float32 is not checked, so it cannot warn
+        export_savedmodel(str(path), "none", ["gradcam"], "cancellation", str(models_dir),
+                          warmup_batch_sizes=(1,), feature_maps=0, log=synthetic.quiet)
+
+
+def test_batch_normalised_nested_backbone_in_bfloat16(models_dir, tmp_path):
+    """MobileNetV2 (batch normalisation, depthwise convolutions, ReLU6) nested in a transfer model. Not float16:
+    with random weights its activations shrink to ~1e-11, below float16's range, and the exporter warns (rightly)."""
+    from export.savedmodel import export_savedmodel
+
+    path = tmp_path / "transfer.keras"
+    synthetic.transfer_model("functional").save(path)
+    log: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)
+        export_savedmodel(str(path), "none", ["gradcam", "cam"], "transfer_bfloat16", str(models_dir),
+                          precision="bfloat16", warmup_batch_sizes=(1,), feature_maps=0, log=log.append)
+    assert any("verified with TensorFlow Serving's loader" in line for line in log)
+    assert sum("heatmap max" in line for line in log) == 2
+
+
+def test_the_cli_passes_the_precision_and_refuses_others(monkeypatch, capsys):
+    import export.savedmodel
+    from export.__main__ import main
+
+    calls = []
+    monkeypatch.setattr(export.savedmodel, "export_savedmodel", lambda **kwargs: calls.append(kwargs))
+    assert main(["--backbone", "resnet50", "--model-name", "m", "--precision", "bfloat16"]) == 0
+    assert calls[0]["precision"] == "bfloat16"
+    assert main(["--backbone", "resnet50", "--model-name", "m"]) == 0
+    assert calls[1]["precision"] == "float32"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--backbone", "resnet50", "--model-name", "m", "--precision", "float8"])
+    assert exit_info.value.code == 2 and "invalid choice: 'float8'" in capsys.readouterr().err
