@@ -137,6 +137,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    # TensorFlow takes nearly all of a GPU's memory at its first op unless told to grow: this process
+    # and the placement child both need some.
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
     import keras
     import tensorflow as tf
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.backbone, weights, ["gradcam"], name.replace(" ", "_"), str(work), jit_compile=jit,
                 precision=precision, warmup_batch_sizes=(1,), feature_maps=0, log=lambda message: None,
             )
+            print(f"[{time.perf_counter() - started:5.0f}s] exported {name}", flush=True)
             with SavedModelSession(model_dir) as session:
                 size = session.signature_defs["predict"].inputs["images"].tensor_shape.dim[1].size
                 if not jit:
