@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-PRECISIONS = ("float32", "bfloat16", "float16")
+from export.backbone import PRECISIONS
 # Op types of the explain path (after the backbone) -> what they do there. CPU kernels of oneDNN
 # builds carry a _Mkl / _MklNative prefix, removed before the lookup.
 EXPLAIN_OPS = {

@@ -43,7 +43,6 @@ class Backbone:
     # each of them: input -> A_1, A_1 -> A_2, ..., A_L -> logits (empty without --target-layers).
     fusion_layers: tuple[str, ...] = ()
     fusion_segments: tuple[keras.Model, ...] = ()
-    precision: str = "float32"  # the type the layers compute in (--precision)
 
     @property
     def num_classes(self) -> int:
@@ -293,5 +292,4 @@ def load_backbone(
         notes=notes,
         fusion_layers=fusion_layers,
         fusion_segments=fusion_segments,
-        precision=precision,
     )

@@ -16,11 +16,16 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
 
 from export.backbone import set_precision
+
+if TYPE_CHECKING:
+    from export.explainer import Explainer
+    from export.methods import Method
 
 SAMPLES = pathlib.Path(__file__).resolve().parent.parent / "samples"
 
@@ -67,13 +72,13 @@ def probe_images(image_size: tuple[int, int], noise: int = 1) -> np.ndarray:
     return np.stack(resized)
 
 
-def _run(explainer, method, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, np.ndarray]:
+def _run(explainer: Explainer, method: Method, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, np.ndarray]:
     """One method's outputs, traced now (so under the layers' current dtype policy)."""
     explain = tf.function(lambda p, c: explainer.explain(method, p, c))
     return {k: v.numpy() for k, v in explain(pixels, class_index).items() if k in ("heatmap", "logits")}
 
 
-def measure(explainer, images: np.ndarray, precision: str) -> list[Drift]:
+def measure(explainer: Explainer, images: np.ndarray, precision: str) -> list[Drift]:
     """Drift of every method of `explainer` (computing in `precision`) from float32, on `images`."""
     pixels = tf.constant(images, tf.float32)
     models = (explainer.features, explainer.head)
@@ -94,7 +99,7 @@ def measure(explainer, images: np.ndarray, precision: str) -> list[Drift]:
     return drifts
 
 
-def check(explainer, image_size: tuple[int, int], precision: str) -> list[Drift]:
+def check(explainer: Explainer, image_size: tuple[int, int], precision: str) -> list[Drift]:
     """Measure the drift of a reduced-precision explainer on the probe images; warn past the tolerance."""
     drifts = measure(explainer, probe_images(image_size), precision)
     beyond = [d for d in drifts if not d.within(TOLERANCES[precision])]
