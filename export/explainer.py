@@ -223,7 +223,8 @@ class Explainer(tf.Module):
             activations = tf.repeat(activations, t, axis=0)
             x = tf.repeat(x, t, axis=0)
         evidence = Evidence(
-            activations, gradients, class_weights, targets=tf.reshape(targets, [-1]), inputs=x,
+            activations, gradients, class_weights, targets=tf.reshape(targets, [-1]),
+            scores=tf.reshape(scores, [-1]), inputs=x,
             features=lambda inputs: run(self.features, inputs),
             head=lambda a: run(self.head, a),
             channels=self.channels.get(method.name, 0),

@@ -23,6 +23,7 @@ class Evidence:
     gradients: tf.Tensor | None  # dy_c/dA: [N, h, w, K]
     class_weights: tf.Tensor | None  # w_c: [N, K]
     targets: tf.Tensor | None = None  # c: [N], the class each row explains
+    scores: tf.Tensor | None = None  # y_c: [N], each row's class logit (the head's output, already computed)
     inputs: tf.Tensor | None = None  # the model's input x (preprocessed): [N, H, W, 3]
     features: Callable[[tf.Tensor], tf.Tensor] | None = None  # x -> A
     head: Callable[[tf.Tensor], tf.Tensor] | None = None  # A -> logits
@@ -163,7 +164,6 @@ def ablationcam(e: Evidence) -> tf.Tensor:
     """
     chosen = top_channels(e.activations, e.channels)  # [N, M]
     selected = tf.gather(e.activations, chosen, axis=3, batch_dims=1)  # [N, h, w, M]
-    score = tf.gather(e.head(e.activations), e.targets, batch_dims=1)  # y_c: [N]
     channels = int(e.activations.shape[-1])
 
     def ablated_scores(row):
@@ -173,7 +173,7 @@ def ablationcam(e: Evidence) -> tf.Tensor:
 
     ablated = tf.map_fn(ablated_scores, (e.activations, chosen, e.targets), fn_output_signature=tf.float32,
                         parallel_iterations=1)  # [N, M]
-    weights = tf.math.divide_no_nan(score[:, tf.newaxis] - ablated, score[:, tf.newaxis])
+    weights = tf.math.divide_no_nan(e.scores[:, tf.newaxis] - ablated, e.scores[:, tf.newaxis])
     return weighted_channel_sum(selected, weights)
 
 

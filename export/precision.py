@@ -101,10 +101,10 @@ def measure(explainer: Explainer, images: np.ndarray, precision: str) -> list[Dr
 
 def check(explainer: Explainer, image_size: tuple[int, int], precision: str) -> list[Drift]:
     """Measure the drift of a reduced-precision explainer on the probe images; warn past the tolerance."""
+    tolerance = TOLERANCES[precision]
     drifts = measure(explainer, probe_images(image_size), precision)
-    beyond = [d for d in drifts if not d.within(TOLERANCES[precision])]
+    beyond = [d for d in drifts if not d.within(tolerance)]
     if beyond:
-        tolerance = TOLERANCES[precision]
         warnings.warn(
             f"--precision {precision}: the maps drift from float32 past the tolerance (max {tolerance.heatmap_max}, "
             f"mean {tolerance.heatmap_mean}): {'; '.join(map(str, beyond))}. Check the maps, or export in float32.",

@@ -245,14 +245,14 @@ class SavedModelSession:
         keep: list = []
         input_values = (_P * len(names))()
         output_values = (_P * len(fetches))()
-        serialized = options.SerializeToString() if options is not None else b""
-        options_buffer = _Buffer(ctypes.cast(ctypes.c_char_p(serialized), _P), len(serialized), None)
+        serialized = options.SerializeToString() if options is not None else None  # kept alive for the run
+        options_buffer = _Buffer(ctypes.cast(ctypes.c_char_p(serialized), _P), len(serialized), None) if serialized else None
         metadata_buffer = api.TF_NewBuffer() if metadata is not None else None
         try:
             for i, name in enumerate(names):
                 input_values[i] = _to_tensor(api, feeds[name], keep)
             with _Status(api) as status:
-                api.TF_SessionRun(self.session, ctypes.addressof(options_buffer) if serialized else None, inputs,
+                api.TF_SessionRun(self.session, ctypes.addressof(options_buffer) if options_buffer is not None else None, inputs,
                                   input_values, len(names), outputs, output_values, len(fetches), None, 0,
                                   ctypes.cast(metadata_buffer, _P) if metadata_buffer else None, status)
                 api.check(status)
