@@ -10,7 +10,7 @@ BASE_PATH  ?= models
 PORT       ?= 8500
 REST_PORT  ?= 8501
 # glibc malloc arenas of the servers these targets start: 2 instead of 8 per core keeps the
-# embedded server's RSS ~100 MB lower and flat under load (README "Running it safely").
+# embedded server's RSS ~100 MB lower and flat under load (docs/OPERATIONS.md "Memory").
 MALLOC_ARENA_MAX ?= 2
 serve demo bench web: export MALLOC_ARENA_MAX := $(MALLOC_ARENA_MAX)
 # Server-side batching for the embedded server of serve, demo and bench: serving/batching.config
@@ -24,7 +24,7 @@ EMBEDDED    = $(PY) -m serving --port $(PORT) --rest_api_port $(REST_PORT) --hos
 	--model_base_path $(BASE_PATH)/$(MODEL) --monitoring_config_file serving/monitoring.config \
 	$(if $(BATCHING),--enable_batching --batching_parameters_file $(BATCHING))
 
-.PHONY: venv test export explain demo bench web gpu-check clean
+.PHONY: venv test lint certs export explain demo bench web gpu-check clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -36,8 +36,19 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
+# One pytest process per core, at most 4 (each holds TensorFlow and its models: ~1-2 GB); a test file
+# runs whole in one of them. TEST_WORKERS=0: everything in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 test: venv
-	$(PY) -m pytest -q -m "not load" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not load" tests
+
+# ruff (pinned in requirements.txt, configured in pyproject.toml): pyflakes, import order, 120 columns.
+lint: venv
+	$(PY) -m ruff check .
+
+# A test CA, server and client certificates and the servers' ssl.config in certs/ (python -m serving.certs).
+certs: venv
+	$(PY) -m serving.certs certs
 
 # The load test (tests/test_load.py): 32 callers for LOAD_SECONDS of mixed valid and hostile requests.
 LOAD_SECONDS ?= 60
@@ -103,7 +114,7 @@ gpu-check: venv
 	$(PY) -m bench.gpu_check --out bench $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(BASE_PATH) out .pytest_cache
+	rm -rf $(BASE_PATH) out certs .pytest_cache
 
 # --- serving ---------------------------------------------------------------------------------
 DRY_RUN    ?=
@@ -124,7 +135,7 @@ serve: venv
 serve-tfserving: venv
 	$(PY) -m serving.tfserving --base-path $(BASE_PATH) --port $(PORT) $(if $(DRY_RUN),--dry-run)
 
-# --- deployment (see README "Deploying") -------------------------------------------------------
+# --- deployment (see docs/DEPLOYING.md) --------------------------------------------------------------
 IMAGE      ?= camserve:latest
 TF_SERVING_VERSION ?=
 

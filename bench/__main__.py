@@ -21,12 +21,12 @@ import pathlib
 import platform
 import sys
 import time
-from typing import Callable
 
 import numpy as np
 
-from bench.grpc_load import SUMMARY, closed_loop, predict_request, raw_predict
+from bench.grpc_load import SUMMARY, closed_loop, raw_predict, serialised_request
 from bench.inprocess import round_robin, seed_gradcam, signature_calls
+from serving.versions import numeric_versions
 
 SAMPLE = pathlib.Path(__file__).resolve().parent.parent / "samples" / "rocket.jpg"
 
@@ -60,17 +60,17 @@ def progress(done: int, total: int, label: str) -> None:
 
 
 def latest_version(model_dir: pathlib.Path) -> pathlib.Path:
-    versions = sorted((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    versions = numeric_versions(str(model_dir))
     if not versions:
         raise SystemExit(f"no exported version under {model_dir}: run make export")
-    return versions[-1]
+    return model_dir / versions[max(versions)]
 
 
 def grpc_configs(methods: list[str], max_in_flight: int = 32) -> list[dict]:
     """The gRPC configurations: each varies one thing from the headline (bytes, compact, b1, c1).
 
     Configurations with more than `max_in_flight` images in flight (batch x concurrency) are left
-    out: batch 8 at concurrency 16 takes ~10 s per call on 2 cores, too long for a short run.
+    out: batch 8 at concurrency 16 is too slow per call on a small CPU for a short run (docs/BENCHMARKS.md).
     """
     compact = ["heatmap_png_bytes"]
     configs = [dict(signature="predict_bytes", batch=1, concurrency=1, outputs=SUMMARY)]
@@ -99,7 +99,8 @@ def machine() -> dict:
     import grpc
     import tensorflow as tf
 
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    with open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
     return {
         "platform": platform.platform(),
         "cpu": cpu,
@@ -132,26 +133,34 @@ def chart(rows: list[dict], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def summary_ratios(by_name: dict, rows: list[dict], methods: list[str], configs: list[dict]) -> dict[str, float]:
-    """The headline ratios: explain vs predict, gRPC vs in-process, concurrent vs best throughput."""
+def paired(a: dict, b: dict) -> dict:
+    """A headline ratio of two rows timed in turn, with the figures it is made of."""
+    return {"value": paired_ratio(a, b),
+            "figures": f"p50 {a['p50_ms']:.1f} / {b['p50_ms']:.1f} ms; median of {a['n']} per-round ratios"}
+
+
+def summary_ratios(by_name: dict, rows: list[dict], methods: list[str], configs: list[dict]) -> dict[str, dict]:
+    """The headline ratios (explain vs predict, gRPC vs in-process, concurrent vs best throughput),
+    each as {"value", "figures"}: the numbers it divides, as printed beside it."""
     ratios = {}
     for batch in (1, 8):
         base = by_name[f"in-process predict b{batch}"]
         for method in methods:
-            ratios[f"in-process {method}/predict b{batch}"] = paired_ratio(by_name[f"in-process {method} b{batch}"], base)
+            ratios[f"in-process {method}/predict b{batch}"] = paired(by_name[f"in-process {method} b{batch}"], base)
         if f"seed-eager gradcam b{batch}" in by_name:
             seed = by_name[f"seed-eager gradcam b{batch}"]["p50_ms"]
-            ratios[f"seed-eager gradcam / in-process predict b{batch}"] = seed / base["p50_ms"]
+            ratios[f"seed-eager gradcam / in-process predict b{batch}"] = {
+                "value": seed / base["p50_ms"], "figures": f"p50 {seed:.1f} / {base['p50_ms']:.1f} ms"}
     if not configs:
         return ratios
     compact = ["heatmap_png_bytes"]
-    interleaved = {c["signature"]: by_name.get(config_name(c) + " interleaved") for c in configs[:1 + len(methods)]}
+    interleaved = {c["signature"]: by_name.get(config_name(c) + " interleaved") for c in configs[: 1 + len(methods)]}
     if all(interleaved.values()):
         for method in methods:
-            ratios[f"grpc {method}_bytes/predict_bytes b1 c1, interleaved"] = paired_ratio(
+            ratios[f"grpc {method}_bytes/predict_bytes b1 c1, interleaved"] = paired(
                 interleaved[f"{method}_bytes"], interleaved["predict_bytes"])
         for signature in ("predict_bytes", f"{methods[0]}_bytes"):
-            ratios[f"grpc/in-process {signature} b1 c1, interleaved"] = paired_ratio(
+            ratios[f"grpc/in-process {signature} b1 c1, interleaved"] = paired(
                 interleaved[signature], by_name[f"in-process {signature} b1"])
     for signature, outputs in (("predict_bytes", SUMMARY), (f"{methods[0]}_bytes", compact)):
         c16 = by_name.get(config_name(dict(signature=signature, batch=1, concurrency=16, outputs=outputs)))
@@ -159,30 +168,17 @@ def summary_ratios(by_name: dict, rows: list[dict], methods: list[str], configs:
             continue
         # Batch 8 is the best in-process throughput on any machine we have seen; the one measured
         # around the c16 run (bracket) shares its moment, the one of the in-process phase does not.
-        best = c16.get("in_process_b8_images_per_s") or max(
-            r["images_per_s"] for r in rows if r["kind"] == "in-process" and r["signature"] == signature)
-        ratios[f"grpc {signature} c16 b1 throughput / in-process b8 throughput"] = c16.get("images_per_s", 0) / best
+        best, where = c16.get("in_process_b8_images_per_s"), "in-process b8 timed just before and after the c16 run"
+        if not best:
+            best = max(r["images_per_s"] for r in rows if r["kind"] == "in-process" and r["signature"] == signature)
+            where = "the best in-process row"
+        got = c16.get("images_per_s", 0)
+        ratios[f"grpc {signature} c16 b1 throughput / in-process b8 throughput"] = {
+            "value": got / best, "figures": f"{got:.1f} / {best:.1f} images/s ({where})"}
     return ratios
 
 
-def rest_vs_grpc(args: argparse.Namespace, signature: str, payload: Callable[[dict], bytes], jpeg: bytes) -> list[dict]:
-    """One image, every output (REST has no output_filter), over REST (JSON, b64) and gRPC in turn."""
-    from bench.rest import rest_predict
-
-    config = dict(signature=signature, batch=1, concurrency=1, outputs=[])
-    body = payload(config)
-    channel, grpc_call = raw_predict(args.server)
-    rest_call, rest_bytes = rest_predict(args.rest, args.model, signature, jpeg)
-    sizes = {"grpc": (len(body), len(grpc_call(body, timeout=60))), "rest": (rest_bytes, len(rest_call()))}
-    calls = {"grpc": lambda: grpc_call(body, timeout=60), "rest": rest_call}
-    times = round_robin(calls, args.repeats, warmup=1)
-    channel.close()
-    return [{"name": f"{kind} {signature} b1 c1 all outputs interleaved", "kind": kind, **config,
-             "request_bytes": sizes[kind][0], "response_bytes": sizes[kind][1], **stats(times[kind], 1)}
-            for kind in calls]
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--server", default="localhost:8500", help="gRPC address; empty: in-process only")
     p.add_argument("--model", default="resnet50_cam")
@@ -203,127 +199,189 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="run only the gRPC configurations whose name contains this")
     p.add_argument("--out", default="bench")
     args = p.parse_args(argv)
-
     if args.skip_inprocess and not args.server:
         p.error("--skip-inprocess needs --server: there would be nothing to measure")
-    version_dir = latest_version(pathlib.Path(args.model_dir))
-    jpeg = SAMPLE.read_bytes()
-    if args.skip_inprocess:
-        args.skip_seed = True
+    args.skip_seed = args.skip_seed or args.skip_inprocess
+    return args
 
-    def payload(config: dict) -> bytes:
-        uint8 = config["signature"] in methods
-        return predict_request(args.model, config["signature"], config["batch"], None if uint8 else jpeg,
-                               image if uint8 else None, config["outputs"])
 
-    from client.api import CamClient, explain_methods
+class Run:
+    """What every phase shares: the options, the model in-process, the methods, the sample image, progress."""
 
-    if not args.skip_inprocess:
-        from export.tfs_loader import SavedModelSession
+    def __init__(self, args: argparse.Namespace):
+        from client.api import CamClient, explain_methods
 
-        model = SavedModelSession(version_dir)  # once, while the server loads too
-    if args.server:
-        progress(0, 1, f"waiting for {args.model} at {args.server}")
-        with CamClient(args.server, args.model) as client:
-            client.wait_until_ready(args.wait)
-            height, width = client.model_image_size()
-            available = client.explain_methods()
-    else:
-        height, width = (d.size for d in model.signature_defs["predict"].inputs["images"].tensor_shape.dim[1:3])
-        available = explain_methods(model.signature_defs)
-    # gradcam first where there is one: the configurations beyond one call per method use the first.
-    methods = [m for m in args.methods.split(",") if m] or sorted(available, key=lambda m: (m != "gradcam", m))
-    configs = [c for c in grpc_configs(methods, args.max_in_flight) if args.only in config_name(c)] if args.server else []
-    total = (0 if args.skip_inprocess else 2) + (0 if args.skip_seed else 2) + len(configs) + bool(args.rest)
-    done = 0
-    rows: list[dict] = []
-    import cv2
+        self.args = args
+        self.version_dir = latest_version(pathlib.Path(args.model_dir))
+        self.jpeg = SAMPLE.read_bytes()
+        self.model = None
+        if not args.skip_inprocess:
+            from export.tfs_loader import SavedModelSession
 
-    image = cv2.cvtColor(cv2.resize(cv2.imread(str(SAMPLE)), (width, height)), cv2.COLOR_BGR2RGB)
-    images = np.stack([image] * 8)
-    for batch in () if args.skip_inprocess else (1, 8):
-        progress(done, total, f"in-process batch {batch}")
-        signatures = ["predict", *methods, "predict_bytes", f"{methods[0]}_bytes"]
+            self.model = SavedModelSession(self.version_dir)  # once, while the server loads too
+        if args.server:
+            progress(0, 1, f"waiting for {args.model} at {args.server}")
+            with CamClient(args.server, args.model) as client:
+                client.wait_until_ready(args.wait)
+                height, width = client.model_image_size()
+                available = client.explain_methods()
+        else:
+            dims = self.model.signature_defs["predict"].inputs["images"].tensor_shape.dim
+            height, width = dims[1].size, dims[2].size
+            available = explain_methods(self.model.signature_defs)
+        # gradcam first where there is one: the configurations beyond one call per method use the first.
+        self.methods = [m for m in args.methods.split(",") if m] or sorted(available, key=lambda m: (m != "gradcam", m))
+        self.configs = [c for c in grpc_configs(self.methods, args.max_in_flight)
+                        if args.only in config_name(c)] if args.server else []
+        import cv2
+
+        self.image = cv2.cvtColor(cv2.resize(cv2.imread(str(SAMPLE)), (width, height)), cv2.COLOR_BGR2RGB)
+        self.images = np.stack([self.image] * 8)
+        self.total = (0 if args.skip_inprocess else 2) + (0 if args.skip_seed else 2) + len(self.configs)
+        self.total += bool(args.rest)
+        self.done = 0
+
+    def step(self, label: str) -> None:
+        progress(self.done, self.total, label)
+        self.done += 1
+
+    def payload(self, config: dict) -> bytes:
+        """The serialised request of a gRPC configuration: the uint8 tensor for a method, else the JPEG."""
+        uint8 = config["signature"] in self.methods
+        return serialised_request(self.args.model, config["signature"], config["batch"],
+                                  None if uint8 else self.jpeg, self.image if uint8 else None, config["outputs"])
+
+
+def row(name: str, kind: str, signature: str, batch: int, times: list[float], **extra) -> dict:
+    return {"name": name, "kind": kind, "signature": signature, "batch": batch, "concurrency": 1, **extra,
+            **stats(times, batch)}
+
+
+def in_process_phase(run: Run) -> list[dict]:
+    """Each signature through TF Serving's loader, batch 1 and 8, round-robin; at batch 1 the headline
+    gRPC calls are interleaved with them, so that their ratio sees the same machine noise."""
+    rows = []
+    for batch in (1, 8):
+        run.step(f"in-process batch {batch}")
+        signatures = ["predict", *run.methods, "predict_bytes", f"{run.methods[0]}_bytes"]
         calls = {f"in-process {name} b{batch}": call
-                 for name, call in signature_calls(model, signatures, batch, images, [jpeg]).items()}
-        if args.server and batch == 1:
-            # The headline gRPC calls, interleaved with the in-process ones: their ratio then
-            # sees the same machine noise.
-            channel, call = raw_predict(args.server)
-            for config in grpc_configs(methods)[:1 + len(methods)]:  # predict_bytes, each <method>_bytes
-                calls[config_name(config) + " interleaved"] = lambda body=payload(config): call(body, timeout=60)
-        repeats = args.repeats if batch == 1 else max(3, args.repeats // 2)
+                 for name, call in signature_calls(run.model, signatures, batch, run.images, [run.jpeg]).items()}
+        channel = None
+        if run.args.server and batch == 1:
+            channel, call = raw_predict(run.args.server)
+            for config in grpc_configs(run.methods)[: 1 + len(run.methods)]:  # predict_bytes, each <method>_bytes
+                calls[config_name(config) + " interleaved"] = lambda body=run.payload(config): call(body, timeout=60)
+        repeats = run.args.repeats if batch == 1 else max(3, run.args.repeats // 2)
         for name, times in round_robin(calls, repeats, warmup=1).items():
-            rows.append({"name": name, "kind": name.split()[0], "signature": name.split()[1],
-                         "batch": batch, "concurrency": 1, **stats(times, batch)})
-        if args.server and batch == 1:
+            rows.append(row(name, name.split()[0], name.split()[1], batch, times))
+        if channel is not None:
             channel.close()
-        done += 1
-    if not args.skip_seed:
-        predict, explain = seed_gradcam(args.backbone, args.target_layer, args.weights)
-        for batch in (1, 8):
-            progress(done, total, f"seed notebook's way batch {batch}")
-            times = round_robin({"predict": lambda: predict(images[:batch]), "gradcam": lambda: explain(images[:batch])},
-                                max(2, args.repeats // (3 if batch == 1 else 6)),
-                                warmup=1 if batch == 1 else 0)  # eager: nothing is traced for batch 8
-            for name, t in times.items():
-                rows.append({"name": f"seed-eager {name} b{batch}", "kind": "seed", "signature": name,
-                             "batch": batch, "concurrency": 1, **stats(t, batch)})
-            done += 1
-    # Concurrency-16 throughput is compared with in-process batch-8 calls made just before and just
-    # after it, so that both see the same moment of a shared machine.
-    brackets = {} if args.skip_inprocess else signature_calls(model, ["predict_bytes", f"{methods[0]}_bytes"], 8,
-                                                              images, [jpeg])
-    for config in configs:
+    return rows
+
+
+def seed_phase(run: Run) -> list[dict]:
+    """The seed notebook's way (eager tape, numpy loop, cv2.resize), batch 1 and 8."""
+    predict, explain = seed_gradcam(run.args.backbone, run.args.target_layer, run.args.weights)
+    rows = []
+    for batch in (1, 8):
+        run.step(f"seed notebook's way batch {batch}")
+        images = run.images[:batch]
+        times = round_robin({"predict": lambda: predict(images), "gradcam": lambda: explain(images)},
+                            max(2, run.args.repeats // (3 if batch == 1 else 6)),
+                            warmup=1 if batch == 1 else 0)  # eager: nothing is traced for batch 8
+        rows += [row(f"seed-eager {name} b{batch}", "seed", name, batch, t) for name, t in times.items()]
+    return rows
+
+
+def grpc_phase(run: Run) -> list[dict]:
+    """Closed loops per gRPC configuration. Concurrency-16 throughput is compared with in-process
+    batch-8 calls made just before and just after it, so that both see the same moment of a shared machine."""
+    brackets = {} if run.model is None else signature_calls(
+        run.model, ["predict_bytes", f"{run.methods[0]}_bytes"], 8, run.images, [run.jpeg])
+    rows = []
+    for config in run.configs:
         name = config_name(config)
-        progress(done, total, name)
+        run.step(name)
         in_flight = config["batch"] * config["concurrency"]
         bracket = brackets.get(config["signature"]) if config["concurrency"] == 16 else None
         bracket_times = round_robin({"b8": bracket}, 2, warmup=0)["b8"] if bracket else []
-        result = closed_loop(args.server, payload(config), config["concurrency"],
-                             args.seconds * min(4.0, max(1.0, in_flight / 4)))
-        row = {"name": name, "kind": "grpc", **config, "errors": result["errors"],
-               "request_bytes": result["request_bytes"], "response_bytes": result["response_bytes"],
-               "load_generator_cpu": result["cpu_share"]}
+        seconds = run.args.seconds * min(4.0, max(1.0, in_flight / 4))
+        result = closed_loop(run.args.server, run.payload(config), config["concurrency"], seconds)
+        measured = {"name": name, "kind": "grpc", **config, "errors": result["errors"],
+                    "request_bytes": result["request_bytes"], "response_bytes": result["response_bytes"],
+                    "load_generator_cpu": result["cpu_share"]}
         if bracket:
-            channel, call = raw_predict(args.server)
-            call(payload(config), timeout=60)  # returns once the calls cancelled at the end have run
+            channel, call = raw_predict(run.args.server)
+            call(run.payload(config), timeout=60)  # returns once the calls cancelled at the end have run
             channel.close()
             bracket_times += round_robin({"b8": bracket}, 2, warmup=0)["b8"]
-            row["in_process_b8_images_per_s"] = 8 * len(bracket_times) / sum(bracket_times)
-        row.update(stats(result["latencies_s"], config["batch"], result["wall_s"]) if result["latencies_s"] else {})
-        rows.append(row)
-        done += 1
-    if args.rest and args.server:
-        progress(done, total, "REST vs gRPC")
-        rows += rest_vs_grpc(args, f"{methods[0]}_bytes", payload, jpeg)
-        done += 1
-    progress(done, total, "done")
+            measured["in_process_b8_images_per_s"] = 8 * len(bracket_times) / sum(bracket_times)
+        if result["latencies_s"]:
+            measured.update(stats(result["latencies_s"], config["batch"], result["wall_s"]))
+        rows.append(measured)
+    return rows
+
+
+def rest_phase(run: Run) -> list[dict]:
+    """One image, every output (REST has no output_filter), over REST (JSON, b64) and gRPC in turn."""
+    from bench.rest import rest_predict
+
+    run.step("REST vs gRPC")
+    signature = f"{run.methods[0]}_bytes"
+    config = dict(signature=signature, batch=1, concurrency=1, outputs=[])
+    body = run.payload(config)
+    channel, grpc_call = raw_predict(run.args.server)
+    rest_call, rest_bytes = rest_predict(run.args.rest, run.args.model, signature, run.jpeg)
+    sizes = {"grpc": (len(body), len(grpc_call(body, timeout=60))), "rest": (rest_bytes, len(rest_call()))}
+    calls = {"grpc": lambda: grpc_call(body, timeout=60), "rest": rest_call}
+    times = round_robin(calls, run.args.repeats, warmup=1)
+    channel.close()
+    return [{"name": f"{kind} {signature} b1 c1 all outputs interleaved", "kind": kind, **config,
+             "request_bytes": sizes[kind][0], "response_bytes": sizes[kind][1], **stats(times[kind], 1)}
+            for kind in calls]
+
+
+def print_table(rows: list[dict], ratios: dict[str, dict]) -> None:
+    print(f"\n{'configuration':<62s} {'n':>5s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'img/s':>7s} "
+          f"{'req B':>8s} {'resp B':>8s} {'gen CPU':>7s} err")
+    for r in rows:
+        cpu = f"{r['load_generator_cpu']:.0%}" if "load_generator_cpu" in r else ""
+        print(f"{r['name']:<62s} {r.get('n', 0):5d} {r.get('p50_ms', 0):8.1f} {r.get('p90_ms', 0):8.1f} "
+              f"{r.get('p99_ms', 0):8.1f} {r.get('images_per_s', 0):7.1f} {r.get('request_bytes', ''):>8} "
+              f"{r.get('response_bytes', ''):>8} {cpu:>7s} {r.get('errors', '') or ''}")
+    print("(gen CPU: the CPU time of the load generator, in cores, when it shares the machine with the server)\n")
+    for key, ratio in ratios.items():
+        print(f"{key:<72s} {ratio['value']:6.3f}  = {ratio['figures']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = Run(args)
+    rows = [] if args.skip_inprocess else in_process_phase(run)
+    rows += [] if args.skip_seed else seed_phase(run)
+    rows += grpc_phase(run)
+    rows += rest_phase(run) if args.rest and args.server else []
+    progress(run.total, run.total, "done")
     sys.stderr.write("\n")
 
     by_name = {r["name"]: r for r in rows}
-    ratios = {} if args.skip_inprocess or args.only else summary_ratios(by_name, rows, methods, configs)
+    ratios = {} if args.skip_inprocess or args.only else summary_ratios(by_name, rows, run.methods, run.configs)
     rest_rows = [r for r in rows if r["kind"] == "rest"]
     if rest_rows:
         grpc_row = by_name[rest_rows[0]["name"].replace("rest ", "grpc ")]
-        ratios[f"rest/grpc {rest_rows[0]['signature']} b1, all outputs, interleaved"] = paired_ratio(rest_rows[0], grpc_row)
-
-    print(f"\n{'configuration':<62s} {'n':>5s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'img/s':>7s} {'req B':>8s} "
-          f"{'resp B':>8s} {'gen CPU':>7s} err")
-    for r in rows:
-        cpu = f"{r['load_generator_cpu']:.0%}" if "load_generator_cpu" in r else ""
-        print(f"{r['name']:<62s} {r.get('n', 0):5d} {r.get('p50_ms', 0):8.1f} {r.get('p90_ms', 0):8.1f} {r.get('p99_ms', 0):8.1f} "
-              f"{r.get('images_per_s', 0):7.1f} {r.get('request_bytes', ''):>8} {r.get('response_bytes', ''):>8} {cpu:>7s} "
-              f"{r.get('errors', '') or ''}")
-    print("(gen CPU: the CPU time of the load generator, in cores, when it shares the machine with the server)")
-    print()
-    for key, value in ratios.items():
-        print(f"{key:<72s} {value:6.3f}")
+        ratios[f"rest/grpc {rest_rows[0]['signature']} b1, all outputs, interleaved"] = paired(rest_rows[0], grpc_row)
+    print_table(rows, ratios)
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(["python -m bench", *(argv or sys.argv[1:])]),
-               "machine": machine(), "model": str(version_dir), "rows": rows, "ratios": ratios}
+    results = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join(["python -m bench", *(argv or sys.argv[1:])]),
+        "machine": machine(),
+        "model": str(run.version_dir),
+        "rows": rows,
+        "ratios": ratios,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     chart(rows, out / "latency.png")
     print(f"\nwrote {out / 'results.json'} and {out / 'latency.png'}")

@@ -28,7 +28,8 @@ import time
 
 import numpy as np
 
-from export.backbone import PRECISIONS
+from export.options import PRECISIONS
+
 # Op types of the explain path (after the backbone) -> what they do there. CPU kernels of oneDNN
 # builds carry a _Mkl / _MklNative prefix, removed before the lookup.
 EXPLAIN_OPS = {
@@ -171,8 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         for jit in (False, True):
             name = precision + (" xla" if jit else "")
             model_dir = export_savedmodel(
-                args.backbone, weights, ["gradcam"], name.replace(" ", "_"), str(work), jit_compile=jit,
-                precision=precision, warmup_batch_sizes=(1,), feature_maps=0, log=lambda message: None,
+                backbone=args.backbone,
+                weights=weights,
+                methods=["gradcam"],
+                model_name=name.replace(" ", "_"),
+                base_path=str(work),
+                jit_compile=jit,
+                precision=precision,
+                warmup_batch_sizes=(1,),
+                feature_maps=0,
+                log=lambda message: None,
             )
             print(f"[{time.perf_counter() - started:5.0f}s] exported {name}", flush=True)
             with SavedModelSession(model_dir) as session:
@@ -189,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                     times = round_robin(calls, args.repeats, warmup=2)
                     medians = {k: float(np.median(v)) * 1000 for k, v in times.items()}
                     results["timings"][f"{name} b{batch}"] = medians
-                    print(f"{name:13s} batch {batch:3d}: predict {medians['predict']:9.2f} ms  "
-                          f"gradcam {medians['gradcam']:9.2f} ms  ({medians['gradcam'] / medians['predict']:.3f}x)",
-                          flush=True)
+                    print(
+                        f"{name:13s} batch {batch:3d}: predict {medians['predict']:9.2f} ms  "
+                        f"gradcam {medians['gradcam']:9.2f} ms  ({medians['gradcam'] / medians['predict']:.3f}x)",
+                        flush=True,
+                    )
     results["seconds"] = round(time.perf_counter() - started, 1)
     (out / "gpu_check.json").write_text(json.dumps(results, indent=1))
     chart(results["timings"], args.batches, out / "gpu_check.png")

@@ -18,20 +18,16 @@ from client.api import MAX_MESSAGE_BYTES
 SUMMARY = ["class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels"]
 
 
-def predict_request(
-    model: str, signature: str, batch: int, jpeg: bytes | None, image: np.ndarray | None, outputs: list[str]
-) -> bytes:
-    """A serialised PredictRequest: `jpeg` goes to a _bytes signature, `image` as a uint8 tensor."""
-    request = protos.PredictRequest(output_filter=outputs)
-    request.model_spec.name = model
-    request.model_spec.signature_name = signature
-    if jpeg is not None:
-        request.inputs["image_bytes"].CopyFrom(protos.make_tensor(np.array([jpeg] * batch, dtype=object)))
-    else:
-        request.inputs["images"].CopyFrom(protos.make_tensor(np.stack([image] * batch)))
-    if not signature.startswith("predict"):
-        request.inputs["class_index"].CopyFrom(protos.make_tensor(np.full(batch, -1, np.int32)))
-    return request.SerializeToString()
+def serialised_request(model: str, signature: str, batch: int, jpeg: bytes | None, image: np.ndarray | None,
+                       outputs: list[str]) -> bytes:
+    """A serialised PredictRequest of `batch` copies: `jpeg` to a _bytes signature, else `image`."""
+    return protos.predict_request(
+        protos.ModelSpec(name=model, signature_name=signature),
+        images=None if jpeg is not None else np.stack([image] * batch),
+        image_bytes=None if jpeg is None else [jpeg] * batch,
+        class_index=None if signature.startswith("predict") else np.full(batch, -1, np.int32),
+        output_filter=outputs,
+    ).SerializeToString()
 
 
 def raw_predict(target: str) -> tuple[grpc.Channel, grpc.UnaryUnaryMultiCallable]:

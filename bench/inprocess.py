@@ -52,7 +52,7 @@ def seed_gradcam(backbone: str, target_layer: str, weights: str):
     from export.backbone import load_model
 
     model, preprocess = load_model(backbone, weights, None)
-    grad_model = keras.Model(model.inputs, [model.get_layer(target_layer).output, model.output])
+    grad_model = keras.Model(model.input, [model.get_layer(target_layer).output, model.output])
 
     def explain(images: np.ndarray) -> np.ndarray:
         x = preprocess(images.astype(np.float32))

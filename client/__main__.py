@@ -16,8 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .api import GUIDED_METHOD, GUIDED_PNG, CamClient, CamServingError, Prediction, tls_credentials
 from . import web  # the page's HTTP side: the CLI's, while `import client` stays free of it
+from .api import GUIDED_METHOD, GUIDED_PNG, CamClient, CamServingError, Prediction, tls_credentials
 
 
 def _credentials(args):
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait.set_defaults(func=cmd_wait)
     page = sub.add_parser("web", parents=[calls], help="a page on 127.0.0.1 that explains the images dropped on it")
     page.add_argument("--host", default="127.0.0.1",
-                      help="address the page listens on; it has no login: see README before widening it")
+                      help="address the page listens on; it has no login: see docs/OPERATIONS.md before widening it")
     page.add_argument("--port", type=int, default=8080, help="the page's port (0: any free port)")
     limits = web.PageLimits()
     page.add_argument("--max-upload-mb", type=float, default=limits.max_upload_bytes / 2**20,

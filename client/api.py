@@ -16,7 +16,8 @@ import grpc
 import numpy as np
 
 from . import protos
-from .channel import channel_options as _channel_options, grpc_target
+from .channel import channel_options as _channel_options
+from .channel import grpc_target
 
 Image = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's 4 MiB default fails at ~80 float heatmaps
@@ -259,18 +260,13 @@ class CamClient:
         for group, raw in ((encoded, False), (arrays, True)):  # one signature each: split mixed lists
             for start in range(0, len(group), self.batch_size):
                 chunk = group[start:start + self.batch_size]
-                request = protos.PredictRequest(output_filter=wanted)
-                request.model_spec.CopyFrom(self._spec(method if raw else method + "_bytes"))
-                if raw:
-                    size = self.model_image_size(method)
-                    batch = np.stack([_sized(items[i], size) for i in chunk])
-                    request.inputs["images"].CopyFrom(protos.make_tensor(batch))
-                else:
-                    blobs = np.array([_read(items[i]) for i in chunk], dtype=object)
-                    request.inputs["image_bytes"].CopyFrom(protos.make_tensor(blobs))
-                if method != "predict":
-                    targets = np.array([classes[i] for i in chunk], np.int32)
-                    request.inputs["class_index"].CopyFrom(protos.make_tensor(targets))
+                request = protos.predict_request(
+                    self._spec(method if raw else method + "_bytes"),
+                    images=np.stack([_sized(items[i], self.model_image_size(method)) for i in chunk]) if raw else None,
+                    image_bytes=None if raw else [_read(items[i]) for i in chunk],
+                    class_index=None if method == "predict" else [classes[i] for i in chunk],
+                    output_filter=wanted,
+                )
                 response = self._call(self._predict, request, f"{request.model_spec.signature_name} of")
                 got = {name: protos.to_numpy(t) for name, t in response.outputs.items()}
                 missing = [name for name in wanted if name not in got]
@@ -290,22 +286,25 @@ def explain_methods(signature_defs: Mapping) -> list[str]:
                   if name.endswith("_bytes") and "class_index" in sig.inputs and "heatmap_png_bytes" in sig.outputs)
 
 
-def tls_credentials(ca_cert: str | os.PathLike | None = None, client_cert: str | os.PathLike | None = None,
-                    client_key: str | os.PathLike | None = None) -> grpc.ChannelCredentials:
-    """TLS channel credentials from PEM files: `ca_cert` verifies the server (None: the system's
-    roots); `client_cert` and `client_key` (both or neither) identify the client to a server that
-    requires client certificates (mutual TLS, TF Serving's `client_verify`)."""
+PEM = str | os.PathLike | bytes  # a PEM file's path, or its contents
+
+
+def tls_credentials(ca_cert: PEM | None = None, client_cert: PEM | None = None,
+                    client_key: PEM | None = None) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files or PEM bytes: `ca_cert` verifies the server (None: the
+    system's roots); `client_cert` and `client_key` (both or neither) identify the client to a server
+    that requires client certificates (mutual TLS, TF Serving's `client_verify`)."""
     if bool(client_cert) != bool(client_key):
         raise ValueError("give both a client certificate and its key, or neither")
 
-    def read(path):
-        with open(path, "rb") as f:
+    def read(pem: PEM | None) -> bytes | None:
+        if not pem or isinstance(pem, bytes):
+            return pem or None
+        with open(pem, "rb") as f:
             return f.read()
 
     return grpc.ssl_channel_credentials(
-        root_certificates=read(ca_cert) if ca_cert else None,
-        private_key=read(client_key) if client_key else None,
-        certificate_chain=read(client_cert) if client_cert else None,
+        root_certificates=read(ca_cert), private_key=read(client_key), certificate_chain=read(client_cert)
     )
 
 

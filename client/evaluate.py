@@ -31,7 +31,9 @@ class Scores:
     drop_at_20: float
 
 
-def curves(client: CamClient, image: np.ndarray, heatmap: np.ndarray, class_index: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+def curves(
+    client: CamClient, image: np.ndarray, heatmap: np.ndarray, class_index: int, steps: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Probability of `class_index` as pixels are deleted and inserted, at `steps`+1 fractions."""
     height, width = heatmap.shape
     order = np.argsort(-heatmap.ravel(), kind="stable")
@@ -64,7 +66,9 @@ def score(client: CamClient, image: np.ndarray, heatmap: np.ndarray, class_index
     )
 
 
-def evaluate(client: CamClient, paths: Sequence[str], methods: Sequence[str], steps: int = 10, seed: int = 0) -> dict[str, Scores]:
+def evaluate(
+    client: CamClient, paths: Sequence[str], methods: Sequence[str], steps: int = 10, seed: int = 0
+) -> dict[str, Scores]:
     """Mean scores per method (and `random`) over the images, each explained for its top-1 class."""
     rng = np.random.default_rng(seed)
     size = client.model_image_size()
@@ -83,7 +87,10 @@ def evaluate(client: CamClient, paths: Sequence[str], methods: Sequence[str], st
 
 
 def table(results: dict[str, Scores]) -> str:
-    lines = [f"{'method':<12s} {'deletion AUC (lower better)':>28s} {'insertion AUC (higher)':>23s} {'drop at 20% (higher)':>21s}"]
+    lines = [
+        f"{'method':<12s} {'deletion AUC (lower better)':>28s} {'insertion AUC (higher)':>23s} "
+        f"{'drop at 20% (higher)':>21s}"
+    ]
     for method, s in results.items():
         lines.append(f"{method:<12s} {s.deletion_auc:28.3f} {s.insertion_auc:23.3f} {s.drop_at_20:21.3f}")
     return "\n".join(lines)

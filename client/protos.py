@@ -10,6 +10,8 @@ also imports the official modules gets no duplicate-symbol error.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
 
@@ -163,3 +165,21 @@ def to_numpy(proto) -> np.ndarray:
     if 0 < flat.size < size:
         flat = np.concatenate([flat, np.repeat(flat[-1:], size - flat.size)])
     return flat.reshape(shape)
+
+
+def predict_request(spec, images: np.ndarray | None = None, image_bytes: Sequence[bytes] | None = None,
+                    class_index: np.ndarray | None = None, output_filter: Sequence[str] = ()):
+    """The PredictRequest of every caller here (client, benchmark, the exporter's warm-up records).
+
+    `spec` is a ModelSpec; `images` [N,H,W,3] uint8 go to a signature, `image_bytes` (N encoded
+    images) to its `_bytes` twin; `class_index` [N] int32 (-1: the predicted class) to explain ones.
+    """
+    request = PredictRequest(output_filter=list(output_filter))
+    request.model_spec.CopyFrom(spec)
+    if images is not None:
+        request.inputs["images"].CopyFrom(make_tensor(images))
+    if image_bytes is not None:
+        request.inputs["image_bytes"].CopyFrom(make_tensor(np.array(list(image_bytes), dtype=object)))
+    if class_index is not None:
+        request.inputs["class_index"].CopyFrom(make_tensor(np.asarray(class_index, np.int32)))
+    return request

@@ -17,14 +17,14 @@ from typing import Callable, Sequence
 import keras
 import tensorflow as tf
 
+from export.options import PRECISIONS
+
 POOLING_LAYERS = (
     keras.layers.MaxPooling2D,
     keras.layers.AveragePooling2D,
 )
 SOFTMAX_ACTIVATIONS = {"softmax", "sigmoid"}
 NAMED_WEIGHTS = ("imagenet", "auto", "none")
-# --precision -> the Keras dtype policy of every layer: compute in that type, variables in float32.
-PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 @dataclasses.dataclass
@@ -90,8 +90,13 @@ def _build_application(constructor: Callable, weights: str, image_size: int | No
     try:
         return constructor(**kwargs)
     except Exception as error:  # Keras raises a bare Exception when the download fails
-        if weights != "auto" or "URL fetch failure" not in str(error):
+        if "URL fetch failure" not in str(error):
             raise
+        if weights != "auto":
+            raise ValueError(
+                "--weights imagenet: the ImageNet weights are not in Keras' cache (~/.keras/models) and cannot be "
+                "downloaded (no internet?): pass --weights FILE, or auto to fall back to random weights"
+            ) from None
         print(
             "ImageNet weights could not be had (not cached, no internet; pass --weights FILE): "
             "using random weights, so the labels are meaningless"
@@ -141,7 +146,9 @@ def flatten(model: keras.Model) -> tuple[keras.Model, dict[str, keras.KerasTenso
             for layer in m.layers:
                 x = run(layer, x) if _is_model(layer) else record(layer)(x)
             return x
-        return m._run_through_graph(x, operation_fn=lambda op: (lambda *a, **k: run(op, a[0])) if _is_model(op) else record(op))
+        return m._run_through_graph(
+            x, operation_fn=lambda op: (lambda *a, **k: run(op, a[0])) if _is_model(op) else record(op)
+        )
 
     def record(layer):
         def call(*args, **kwargs):
@@ -184,7 +191,7 @@ def strip_output_activation(model: keras.Model) -> tuple[keras.Model, str | None
     """Make the model output pre-activation logits (the Grad-CAM score); says what it did."""
     last = model.layers[-1]
     if isinstance(last, keras.layers.Softmax):
-        return keras.Model(model.inputs, last.input), f"removed the final {last.name!r} Softmax layer"
+        return keras.Model(model.input, last.input), f"removed the final {last.name!r} Softmax layer"
     name = _activation_name(last)
     if name in SOFTMAX_ACTIVATIONS:
         last.activation = keras.activations.linear
@@ -194,7 +201,7 @@ def strip_output_activation(model: keras.Model) -> tuple[keras.Model, str | None
 
 def _gap_dense_kernel(head: keras.Model) -> tf.Variable | None:
     """The dense kernel when the head is global average pooling, (dropout,) dense: CAM's w."""
-    layers = [l for l in head.layers if not isinstance(l, (keras.layers.InputLayer, keras.layers.Dropout))]
+    layers = [layer for layer in head.layers if not isinstance(layer, (keras.layers.InputLayer, keras.layers.Dropout))]
     if (
         len(layers) == 2
         and isinstance(layers[0], keras.layers.GlobalAveragePooling2D)
@@ -216,20 +223,25 @@ def _cut(inputs, outputs, name: str, after: str) -> keras.Model:
         ) from error
 
 
-def fusion_chain(flat: keras.Model, produced: dict, layers: list[str]) -> tuple[tuple[str, ...], tuple[keras.Model, ...]]:
+def fusion_chain(
+    flat: keras.Model, produced: dict, layers: list[str]
+) -> tuple[tuple[str, ...], tuple[keras.Model, ...]]:
     """The --target-layers, shallow to deep, and the segments between them (input, A_1, ..., logits)."""
     depth = {op.name: i for i, op in enumerate(flat.operations)}
     for name in layers:
         if name not in produced:
             raise ValueError(f"--target-layers: no layer {name!r} in {flat.name!r}")
         if len(produced[name].shape) != 4:
-            raise ValueError(f"--target-layers: {name!r} has output shape {produced[name].shape}; it needs [N, h, w, channels]")
+            raise ValueError(
+                f"--target-layers: {name!r} has output shape {produced[name].shape}; it needs [N, h, w, channels]"
+            )
     ordered = sorted(dict.fromkeys(layers), key=depth.__getitem__)
     if len(ordered) < 2:
         raise ValueError("--target-layers needs at least two layers to fuse (one layer: --target-layer)")
     ends = [flat.input, *(produced[name] for name in ordered), flat.output]
     segments = tuple(
-        _cut(start, end, f"segment_{i}", ordered[i - 1] if i else "the input") for i, (start, end) in enumerate(zip(ends, ends[1:]))
+        _cut(start, end, f"segment_{i}", ordered[i - 1] if i else "the input")
+        for i, (start, end) in enumerate(zip(ends, ends[1:]))
     )
     return tuple(ordered), segments
 

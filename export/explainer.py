@@ -24,9 +24,10 @@ import keras
 import tensorflow as tf
 
 from export.backbone import Backbone
-from export.decode import DEFAULT_MAX_PIXELS, decode_images
+from export.decode import decode_images
 from export.guided import guided_relus
 from export.methods import Evidence, Method, top_channels
+from export.options import ExportOptions
 
 # LayerCAM (Jiang et al. 2021, eq. 9): each layer's normalised map M is scaled to tanh(γ M) before
 # the element-wise max, which lifts the weaker maps of shallow layers; γ = 2 as in the paper.
@@ -75,14 +76,7 @@ class Explainer(tf.Module):
         backbone: Backbone,
         methods: list[Method],
         labels: list[str],
-        top_k: int = 5,
-        max_batch_size: int = 128,
-        max_image_pixels: int = DEFAULT_MAX_PIXELS,
-        jit_compile: bool = False,
-        top_k_maps: int = 0,
-        feature_maps: int = 36,
-        scorecam_channels: int = 64,
-        ablationcam_channels: int = 64,
+        options: ExportOptions,
     ):
         super().__init__(name="explainer")
         if len(labels) != backbone.num_classes:
@@ -103,19 +97,19 @@ class Explainer(tf.Module):
         self.head = backbone.head
         self.fusion_segments = list(backbone.fusion_segments)
         self.fused_methods = fused if backbone.fusion_layers else []
-        self.channels = {"scorecam": scorecam_channels, "ablationcam": ablationcam_channels}
+        self.channels = options.channels
         self.cam_kernel = backbone.cam_kernel
         self.labels = tf.constant(labels)
         self.methods = {m.name: m for m in methods}
         self.image_size = backbone.image_size
         self.num_classes = backbone.num_classes
-        self.top_k = min(top_k, backbone.num_classes)
-        self.max_batch_size = max_batch_size
-        self.max_image_pixels = max_image_pixels
-        self.top_k_maps = min(top_k_maps, backbone.num_classes)
-        self.feature_maps = min(feature_maps, int(backbone.features.output.shape[-1]))
+        self.top_k = min(options.top_k, backbone.num_classes)
+        self.max_batch_size = options.max_batch_size
+        self.max_image_pixels = options.max_image_pixels
+        self.top_k_maps = min(options.top_k_maps, backbone.num_classes)
+        self.feature_maps = min(options.feature_maps, int(backbone.features.output.shape[-1]))
         self._preprocess = backbone.preprocess
-        self._jit_compile = jit_compile
+        self._jit_compile = options.jit_compile
 
     # --- the pipeline -------------------------------------------------------------------------
 
@@ -286,7 +280,8 @@ class Explainer(tf.Module):
             tf.equal(tf.size(x, out_type=tf.int64), padded[0] * math.prod(inner)),
         )
         got = tf.strings.reduce_join(tf.strings.as_string(shape), separator=",")
-        shape_check = tf.debugging.Assert(shape_ok, [tf.strings.join([f"{name}: expected shape {expected}, got [", got, "]"])])
+        message = tf.strings.join([f"{name}: expected shape {expected}, got [", got, "]"])
+        shape_check = tf.debugging.Assert(shape_ok, [message])
         with tf.control_dependencies([shape_check]):
             x = tf.reshape(x, [-1, *inner])
             batch = tf.shape(x)[0]
@@ -298,11 +293,17 @@ class Explainer(tf.Module):
             ),
         ]
         if class_index is not None:
-            checks.append(tf.debugging.Assert(
-                tf.equal(tf.size(class_index), batch),
-                [tf.strings.format("class_index needs one entry per image: {} images, class_index of shape {}",
-                                   (batch, tf.shape(class_index)))],
-            ))
+            checks.append(
+                tf.debugging.Assert(
+                    tf.equal(tf.size(class_index), batch),
+                    [
+                        tf.strings.format(
+                            "class_index needs one entry per image: {} images, class_index of shape {}",
+                            (batch, tf.shape(class_index)),
+                        )
+                    ],
+                )
+            )
         with tf.control_dependencies(checks):
             x = tf.identity(x)
             if class_index is not None:
@@ -312,10 +313,14 @@ class Explainer(tf.Module):
     def _class_errors(self, class_index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(class_index with faulty entries replaced by -1, per-row error message or "")."""
         bad = tf.logical_or(class_index < -1, class_index >= self.num_classes)
-        message = tf.strings.join([
-            "class_index ", tf.strings.as_string(class_index), " is out of range: this model has ",
-            f"{self.num_classes} classes (0..{self.num_classes - 1}; -1 = the predicted class)",
-        ])
+        message = tf.strings.join(
+            [
+                "class_index ",
+                tf.strings.as_string(class_index),
+                " is out of range: this model has ",
+                f"{self.num_classes} classes (0..{self.num_classes - 1}; -1 = the predicted class)",
+            ]
+        )
         return tf.where(bad, -1, class_index), tf.where(bad, message, "")
 
     @staticmethod

@@ -7,8 +7,8 @@ the repository, and noise) twice, on the same weights: once as exported, and onc
 every layer computing in float32. It compares the maps of the same class (float32's top-1), and the
 top-1 classes. A map that drifts past the tolerance below gets a `PrecisionWarning`.
 
-The tolerances are ~5-10x the drift measured on the synthetic shapes model and on ResNet50 (README,
-"Reduced precision"); tests/test_precision.py checks them independently, through TF Serving's loader.
+The tolerances are well above the drift measured on the synthetic shapes model and on ResNet50
+(docs/BENCHMARKS.md); tests/test_precision.py checks them independently, through TF Serving's loader.
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ def measure(explainer: Explainer, images: np.ndarray, precision: str) -> list[Dr
     for model in models:
         set_precision(model, "float32")
     try:
-        reference = {name: _run(explainer, m, pixels, tf.fill([len(images)], -1)) for name, m in explainer.methods.items()}
+        reference = {
+            name: _run(explainer, m, pixels, tf.fill([len(images)], -1)) for name, m in explainer.methods.items()
+        }
     finally:
         for model in models:
             set_precision(model, precision)
@@ -95,7 +97,9 @@ def measure(explainer: Explainer, images: np.ndarray, precision: str) -> list[Dr
         top1 = expected["logits"].argmax(axis=1).astype(np.int32)
         got = _run(explainer, method, pixels, tf.constant(top1))  # the same class as float32's map
         diff = np.abs(got["heatmap"].astype(np.float64) - expected["heatmap"])
-        drifts.append(Drift(name, float(diff.max()), float(diff.mean()), float(np.mean(got["logits"].argmax(axis=1) == top1))))
+        drifts.append(
+            Drift(name, float(diff.max()), float(diff.mean()), float(np.mean(got["logits"].argmax(axis=1) == top1)))
+        )
     return drifts
 
 
@@ -108,6 +112,7 @@ def check(explainer: Explainer, image_size: tuple[int, int], precision: str) -> 
         warnings.warn(
             f"--precision {precision}: the maps drift from float32 past the tolerance (max {tolerance.heatmap_max}, "
             f"mean {tolerance.heatmap_mean}): {'; '.join(map(str, beyond))}. Check the maps, or export in float32.",
-            PrecisionWarning, stacklevel=2,
+            PrecisionWarning,
+            stacklevel=2,
         )
     return drifts

@@ -59,7 +59,11 @@ _SIGNATURES = {
     "TF_Message": ("framework", ctypes.c_char_p, [_P]),
     "TF_NewBuffer": ("framework", ctypes.POINTER(_Buffer), []),
     "TF_DeleteBuffer": ("framework", None, [ctypes.POINTER(_Buffer)]),
-    "TF_AllocateTensor": ("framework", _P, [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_size_t]),
+    "TF_AllocateTensor": (
+        "framework",
+        _P,
+        [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_size_t],
+    ),
     "TF_DeleteTensor": ("framework", None, [_P]),
     "TF_TensorType": ("framework", ctypes.c_int, [_P]),
     "TF_NumDims": ("framework", ctypes.c_int, [_P]),
@@ -76,13 +80,28 @@ _SIGNATURES = {
     "TF_DeleteSessionOptions": ("cc", None, [_P]),
     "TF_SetConfig": ("cc", None, [_P, ctypes.c_char_p, ctypes.c_size_t, _P]),
     "TF_LoadSessionFromSavedModel": (
-        "cc", _P, [_P, _P, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, _P, ctypes.POINTER(_Buffer), _P]
+        "cc",
+        _P,
+        [_P, _P, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, _P, ctypes.POINTER(_Buffer), _P],
     ),
     "TF_GraphOperationByName": ("cc", _P, [_P, ctypes.c_char_p]),
     "TF_SessionRun": (
-        "cc", None,
-        [_P, _P, ctypes.POINTER(_Output), ctypes.POINTER(_P), ctypes.c_int, ctypes.POINTER(_Output),
-         ctypes.POINTER(_P), ctypes.c_int, _P, ctypes.c_int, _P, _P],
+        "cc",
+        None,
+        [
+            _P,
+            _P,
+            ctypes.POINTER(_Output),
+            ctypes.POINTER(_P),
+            ctypes.c_int,
+            ctypes.POINTER(_Output),
+            ctypes.POINTER(_P),
+            ctypes.c_int,
+            _P,
+            ctypes.c_int,
+            _P,
+            _P,
+        ],
     ),
     "TF_CloseSession": ("cc", None, [_P, _P]),
     "TF_DeleteSession": ("cc", None, [_P, _P]),
@@ -232,8 +251,13 @@ class SavedModelSession:
                 self._outputs[tensor_name] = _Output(operation, int(index))
             return self._outputs[tensor_name]
 
-    def run(self, feeds: Mapping[str, np.ndarray], fetches: Sequence[str],
-            options: config_pb2.RunOptions | None = None, metadata: config_pb2.RunMetadata | None = None) -> list[np.ndarray]:
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        fetches: Sequence[str],
+        options: config_pb2.RunOptions | None = None,
+        metadata: config_pb2.RunMetadata | None = None,
+    ) -> list[np.ndarray]:
         """One Session::Run: feed tensors by name ("op:0"), return the fetched ones as numpy arrays.
         As tf.compat.v1.Session.run: `options` (e.g. a trace) for this run, `metadata` filled in."""
         if self.session is None:
@@ -246,18 +270,33 @@ class SavedModelSession:
         input_values = (_P * len(names))()
         output_values = (_P * len(fetches))()
         serialized = options.SerializeToString() if options is not None else None  # kept alive for the run
-        options_buffer = _Buffer(ctypes.cast(ctypes.c_char_p(serialized), _P), len(serialized), None) if serialized else None
+        options_buffer = (
+            _Buffer(ctypes.cast(ctypes.c_char_p(serialized), _P), len(serialized), None) if serialized else None
+        )
         metadata_buffer = api.TF_NewBuffer() if metadata is not None else None
         try:
             for i, name in enumerate(names):
                 input_values[i] = _to_tensor(api, feeds[name], keep)
             with _Status(api) as status:
-                api.TF_SessionRun(self.session, ctypes.addressof(options_buffer) if options_buffer is not None else None, inputs,
-                                  input_values, len(names), outputs, output_values, len(fetches), None, 0,
-                                  ctypes.cast(metadata_buffer, _P) if metadata_buffer else None, status)
+                api.TF_SessionRun(
+                    self.session,
+                    ctypes.addressof(options_buffer) if options_buffer is not None else None,
+                    inputs,
+                    input_values,
+                    len(names),
+                    outputs,
+                    output_values,
+                    len(fetches),
+                    None,
+                    0,
+                    ctypes.cast(metadata_buffer, _P) if metadata_buffer else None,
+                    status,
+                )
                 api.check(status)
             if metadata_buffer:
-                metadata.MergeFromString(ctypes.string_at(metadata_buffer.contents.data, metadata_buffer.contents.length))
+                metadata.MergeFromString(
+                    ctypes.string_at(metadata_buffer.contents.data, metadata_buffer.contents.length)
+                )
             return [_from_tensor(api, output_values[i]) for i in range(len(fetches))]
         finally:
             if metadata_buffer:
@@ -266,9 +305,14 @@ class SavedModelSession:
                 if tensor:
                     api.TF_DeleteTensor(tensor)
 
-    def run_signature(self, name: str, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str] = (),
-                      options: config_pb2.RunOptions | None = None,
-                      metadata: config_pb2.RunMetadata | None = None) -> dict[str, np.ndarray]:
+    def run_signature(
+        self,
+        name: str,
+        inputs: Mapping[str, np.ndarray],
+        output_filter: Sequence[str] = (),
+        options: config_pb2.RunOptions | None = None,
+        metadata: config_pb2.RunMetadata | None = None,
+    ) -> dict[str, np.ndarray]:
         """Run a signature the way TF Serving's Predict does: inputs by alias, outputs by alias
         (all of them, or the output_filter)."""
         if name not in self.signature_defs:
@@ -278,8 +322,12 @@ class SavedModelSession:
         if unknown:
             raise SessionError(3, f"inputs of signature {name!r} are {sorted(signature.inputs)}; got {sorted(inputs)}")
         aliases = list(output_filter) or list(signature.outputs)
-        fetched = self.run({signature.inputs[k].name: v for k, v in inputs.items()},
-                           [signature.outputs[a].name for a in aliases], options, metadata)
+        fetched = self.run(
+            {signature.inputs[k].name: v for k, v in inputs.items()},
+            [signature.outputs[a].name for a in aliases],
+            options,
+            metadata,
+        )
         return dict(zip(aliases, fetched))
 
     def close(self) -> None:

@@ -69,7 +69,9 @@ def difference(name: str, served: np.ndarray, expected: np.ndarray) -> tuple[flo
     return 0.0, diff
 
 
-def verify(export_dir: str | pathlib.Path, signatures: Mapping[str, tf.types.experimental.ConcreteFunction]) -> Verified:
+def verify(
+    export_dir: str | pathlib.Path, signatures: Mapping[str, tf.types.experimental.ConcreteFunction]
+) -> Verified:
     """Load `export_dir` with TF Serving's loader, replay its warm-up, compare with `signatures`."""
     try:
         session = SavedModelSession(export_dir)
@@ -90,9 +92,7 @@ def verify(export_dir: str | pathlib.Path, signatures: Mapping[str, tf.types.exp
             try:
                 served = session.run_signature(name, inputs, request.output_filter)
             except SessionError as error:
-                raise VerificationError(
-                    f"TensorFlow Serving's loader cannot run signature {name!r}: {error}"
-                ) from None
+                raise VerificationError(f"TensorFlow Serving's loader cannot run signature {name!r}: {error}") from None
             expected = signatures[name](**{k: tf.constant(v) for k, v in inputs.items()})
             for alias, value in served.items():
                 f, i = difference(alias, value, expected[alias].numpy())

@@ -12,7 +12,7 @@ here; an unknown flag is an error, not silently ignored.
 Memory: start it with `MALLOC_ARENA_MAX=2` in the environment (the Makefile's serve, demo and bench
 targets do). glibc otherwise keeps up to 8 malloc arenas per core and the per-request tensors of
 the gRPC and TensorFlow threads spread over them: under 32 callers on ResNet50 with batching, RSS
-plateaus at ~1.36 GB instead of ~1.46 GB (README "Running it safely" has the figures).
+plateaus at ~1.36 GB instead of ~1.46 GB (docs/BENCHMARKS.md has the figures).
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow is imported
+# Before TensorFlow is imported: 2 keeps TensorFlow's C++ INFO and WARNING lines out of the log, among
+# them the multi-line "Local rendezvous is aborting" that every refused request would print (the
+# refusal itself is answered to the caller, and counted in the metrics).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from serving import configs
 from serving.server import MAX_MESSAGE_BYTES, ServerOptions, serve

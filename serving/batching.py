@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 
 from serving.configs import BatchingOptions
-from serving.models import ServingError
+from serving.errors import ServingError
 
 log = logging.getLogger("serving.batching")
 
@@ -78,13 +78,15 @@ class Batcher:
         self._queues: dict[Hashable, collections.deque[_Batch]] = {}
         self._stopping = False
         self._threads = [
-            threading.Thread(target=self._work, name=f"batch-{i}", daemon=True) for i in range(options.num_batch_threads)
+            threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
+            for i in range(options.num_batch_threads)
         ]
         for thread in self._threads:
             thread.start()
 
-    def submit(self, key: Hashable, run: RunFunction, inputs: Arrays, size: int,
-               is_active: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
+    def submit(
+        self, key: Hashable, run: RunFunction, inputs: Arrays, size: int, is_active: Callable[[], bool] | None = None
+    ) -> dict[str, np.ndarray]:
         """Run `run` on `inputs` (`size` rows on dimension 0) as part of a batch; blocks until done.
 
         `is_active` (the RPC's `context.is_active`) is asked again when the batch is formed: a
@@ -100,15 +102,17 @@ class Batcher:
             return self._enqueue(key, run, inputs, size, is_active).wait()
         # enable_large_batch_splitting: pieces of at most max_execution_batch_size rows.
         tasks = [
-            self._enqueue(key, run, {k: v[start:start + limit] for k, v in inputs.items()}, min(limit, size - start),
-                          is_active)
+            self._enqueue(
+                key, run, {k: v[start : start + limit] for k, v in inputs.items()}, min(limit, size - start), is_active
+            )
             for start in range(0, size, limit)
         ]
         results = [task.wait() for task in tasks]
         return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
-    def _enqueue(self, key: Hashable, run: RunFunction, inputs: Arrays, size: int,
-                 is_active: Callable[[], bool] | None = None) -> _Task:
+    def _enqueue(
+        self, key: Hashable, run: RunFunction, inputs: Arrays, size: int, is_active: Callable[[], bool] | None = None
+    ) -> _Task:
         task = _Task(inputs, size, is_active)
         limit = self.options.execution_batch_size
         with self._cond:
@@ -190,20 +194,29 @@ class Batcher:
         if len(live) < len(tasks):
             with self._cond:
                 self.abandoned += len(tasks) - len(live)
-            log.info("%d of %d requests of a batch were dropped: their callers are gone (deadline exceeded or "
-                     "cancelled)", len(tasks) - len(live), len(tasks))
+            log.info(
+                "%d of %d requests of a batch were not run: their callers had gone (deadline exceeded or cancelled, "
+                "e.g. a load generator stopping); no error was answered, nobody was waiting",
+                len(tasks) - len(live),
+                len(tasks),
+            )
             for task in tasks:
                 if task not in live:
-                    task.finish(error=ServingError(grpc.StatusCode.CANCELLED,
-                                                   "the call was cancelled or its deadline passed in the batch queue"))
+                    task.finish(
+                        error=ServingError(
+                            grpc.StatusCode.CANCELLED,
+                            "the call was cancelled or its deadline passed in the batch queue",
+                        )
+                    )
             if not live:
                 return
             tasks = live
         try:
             total = sum(t.size for t in tasks)
             padded = self._padded_size(total)
-            inputs = {name: self._merged(name, [t.inputs[name] for t in tasks], padded - total)
-                      for name in tasks[0].inputs}
+            inputs = {
+                name: self._merged(name, [t.inputs[name] for t in tasks], padded - total) for name in tasks[0].inputs
+            }
             with self._cond:
                 self.batch_sizes[padded] += 1
             if self.on_batch is not None:
@@ -228,7 +241,7 @@ class Batcher:
             return
         offset = 0
         for task in tasks:
-            task.finish({k: v[offset:offset + task.size] for k, v in outputs.items()})
+            task.finish({k: v[offset : offset + task.size] for k, v in outputs.items()})
             offset += task.size
 
     def stop(self) -> None:

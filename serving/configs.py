@@ -68,7 +68,10 @@ def _message_classes() -> dict[str, type[message.Message]]:
             if type_name:
                 f.type_name = type_name
     pool.Add(file)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.serving.{name}")) for name in _SCHEMAS}
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.serving.{name}"))
+        for name in _SCHEMAS
+    }
 
 
 _CLASSES = _message_classes()
@@ -109,8 +112,9 @@ def read_model_server_config(path: str | os.PathLike) -> model_server_config_pb2
 CONTAINER_MODELS = "/models"  # where serving/models.config expects the models (the Docker mount)
 
 
-def map_container_models(config: model_server_config_pb2.ModelServerConfig,
-                         local_root: str | os.PathLike) -> model_server_config_pb2.ModelServerConfig:
+def map_container_models(
+    config: model_server_config_pb2.ModelServerConfig, local_root: str | os.PathLike
+) -> model_server_config_pb2.ModelServerConfig:
     """A copy of the config with base paths under /models moved under the absolute `local_root`."""
     local = ModelServerConfig()
     local.CopyFrom(config)
@@ -118,12 +122,13 @@ def map_container_models(config: model_server_config_pb2.ModelServerConfig,
     for model in local.model_config_list.config:
         path = model.base_path
         if path == CONTAINER_MODELS or path.startswith(CONTAINER_MODELS + "/"):
-            model.base_path = root + path[len(CONTAINER_MODELS):]
+            model.base_path = root + path[len(CONTAINER_MODELS) :]
     return local
 
 
-def localise(config: model_server_config_pb2.ModelServerConfig,
-             models_root: str | os.PathLike) -> model_server_config_pb2.ModelServerConfig:
+def localise(
+    config: model_server_config_pb2.ModelServerConfig, models_root: str | os.PathLike
+) -> model_server_config_pb2.ModelServerConfig:
     """The config as this machine reads it: base paths under /models come from `models_root` when
     there is no /models directory (outside the container)."""
     return config if os.path.isdir(CONTAINER_MODELS) else map_container_models(config, models_root)
@@ -174,8 +179,14 @@ class BatchingOptions:
     @classmethod
     def from_proto(cls, params: message.Message) -> "BatchingOptions":
         kwargs = {}
-        for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads",
-                     "enable_large_batch_splitting", "max_execution_batch_size"):
+        for name in (
+            "max_batch_size",
+            "batch_timeout_micros",
+            "max_enqueued_batches",
+            "num_batch_threads",
+            "enable_large_batch_splitting",
+            "max_execution_batch_size",
+        ):
             if params.HasField(name):
                 kwargs[name] = getattr(params, name).value
         kwargs["allowed_batch_sizes"] = tuple(params.allowed_batch_sizes)

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from serving.models import ServingError
+from serving.errors import ServingError
 
 ROW, COLUMNAR = "instances", "inputs"
 _ANSWER_KEY = {ROW: "predictions", COLUMNAR: "outputs"}
@@ -142,7 +142,9 @@ def to_array(value: Any, info: meta_graph_pb2.TensorInfo, name: str) -> np.ndarr
     return array.astype(wanted)
 
 
-def request_arrays(document: dict, inputs: Mapping[str, meta_graph_pb2.TensorInfo]) -> tuple[str, dict[str, np.ndarray]]:
+def request_arrays(
+    document: dict, inputs: Mapping[str, meta_graph_pb2.TensorInfo]
+) -> tuple[str, dict[str, np.ndarray]]:
     """The request format and one array per signature input, from a parsed request body."""
     form = request_format(document)
     names = sorted(inputs)
@@ -150,8 +152,10 @@ def request_arrays(document: dict, inputs: Mapping[str, meta_graph_pb2.TensorInf
         given = document[COLUMNAR]
         if not isinstance(given, dict) or _is_b64(given):
             if len(names) != 1:
-                raise _invalid("inputs is a plain value/list, but expecting an object as multiple input tensors "
-                               "required as per tensorinfo_map")
+                raise _invalid(
+                    "inputs is a plain value/list, but expecting an object as multiple input tensors "
+                    "required as per tensorinfo_map"
+                )
             given = {names[0]: given}
         missing = [n for n in names if n not in given]
         if missing:
@@ -162,15 +166,19 @@ def request_arrays(document: dict, inputs: Mapping[str, meta_graph_pb2.TensorInf
         columns: dict[str, list] = {n: [] for n in names}
         for i, row in enumerate(rows):
             if set(row) != set(names):
-                raise _invalid(f"Failed to process element: {i} of 'instances' list. JSON object: {_excerpt(row)} "
-                               f"keys must be equal to: {','.join(names)}")
+                raise _invalid(
+                    f"Failed to process element: {i} of 'instances' list. JSON object: {_excerpt(row)} "
+                    f"keys must be equal to: {','.join(names)}"
+                )
             for n in names:
                 columns[n].append(row[n])
     elif any(isinstance(r, dict) and not _is_b64(r) for r in rows):
         raise _invalid("'instances' mixes objects and values: give every row as an object or every row as a value")
     elif len(names) != 1:
-        raise _invalid("instances is a plain list, but expecting list of objects as multiple input tensors "
-                       "required as per tensorinfo_map")
+        raise _invalid(
+            "instances is a plain list, but expecting list of objects as multiple input tensors "
+            "required as per tensorinfo_map"
+        )
     else:
         columns = {names[0]: rows}
     return form, {n: to_array(columns[n], inputs[n], n) for n in names}
@@ -185,6 +193,7 @@ def _text(array: np.ndarray, as_b64: bool) -> list[str]:
             return ['{"b64": "%s"}' % base64.b64encode(bytes(v)).decode() for v in flat]
         return [json.dumps(v.decode(errors="replace") if isinstance(v, bytes) else str(v)) for v in flat]
     if array.dtype.kind == "f":
+
         def number(v) -> str:
             if math.isfinite(v):
                 text = str(v)
@@ -203,7 +212,7 @@ def _nest(texts: list[str], shape: tuple[int, ...]) -> str:
     if len(shape) == 1:
         return "[" + ", ".join(texts) + "]"
     step = len(texts) // shape[0] if shape[0] else 0
-    return "[" + ", ".join(_nest(texts[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])) + "]"
+    return "[" + ", ".join(_nest(texts[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])) + "]"
 
 
 def answer_json(outputs: Mapping[str, np.ndarray], form: str) -> str:
@@ -222,13 +231,18 @@ def answer_json(outputs: Mapping[str, np.ndarray], form: str) -> str:
         if sizes[n] is None:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Tensor name: {n} has no shape information ")
         if sizes[n] != sizes[names[0]]:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Tensor name: {n} has inconsistent batch size: "
-                               f"{sizes[n]} expecting: {sizes[names[0]]}")
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Tensor name: {n} has inconsistent batch size: {sizes[n]} expecting: {sizes[names[0]]}",
+            )
     rows = []
     for i in range(sizes[names[0]] if names else 0):
+
         def row(n: str) -> str:
             step = len(texts[n]) // sizes[n]
-            return _nest(texts[n][i * step:(i + 1) * step], shapes[n][1:])
+            return _nest(texts[n][i * step : (i + 1) * step], shapes[n][1:])
 
-        rows.append(row(names[0]) if len(names) == 1 else "{" + ", ".join(f"{json.dumps(n)}: {row(n)}" for n in names) + "}")
+        rows.append(
+            row(names[0]) if len(names) == 1 else "{" + ", ".join(f"{json.dumps(n)}: {row(n)}" for n in names) + "}"
+        )
     return '{"predictions": [' + ", ".join(rows) + "]}"

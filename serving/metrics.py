@@ -69,23 +69,42 @@ class Metrics:
             "Distribution of wall time spent (in microseconds) in queuing", ["thread_pool_name"],
             buckets=_exponential(100, 1.2, 52), registry=r)
         self.input_batch_size = prometheus_client.Histogram(
-            ":tensorflow:serving:batching_session:input_batch_size", "Tracks the batch size distribution on the inputs.",
-            buckets=_exponential(1, 2, 14), registry=r)
+            ":tensorflow:serving:batching_session:input_batch_size",
+            "Tracks the batch size distribution on the inputs.",
+            buckets=_exponential(1, 2, 14),
+            registry=r,
+        )
         self.processed_batch_size = prometheus_client.Histogram(
             ":tensorflow:serving:batching_session:processed_batch_size",
-            "Tracks the batch size distribution on processing.", buckets=_exponential(1, 2, 14), registry=r)
+            "Tracks the batch size distribution on processing.",
+            buckets=_exponential(1, 2, 14),
+            registry=r,
+        )
         self.padding_size = prometheus_client.Histogram(
-            ":tensorflow:serving:batching_session:padding_size", "Tracks the padding size distribution on batches.",
-            ["execution_batch_size"], buckets=_exponential(1, 2, 14), registry=r)
+            ":tensorflow:serving:batching_session:padding_size",
+            "Tracks the padding size distribution on batches.",
+            ["execution_batch_size"],
+            buckets=_exponential(1, 2, 14),
+            registry=r,
+        )
         self.load_attempt_count = prometheus_client.Counter(
-            ":tensorflow:cc:saved_model:load_attempt_count", "The number of times a SavedModel was successfully loaded.",
-            ["model_path", "status"], registry=r)
+            ":tensorflow:cc:saved_model:load_attempt_count",
+            "The number of times a SavedModel was successfully loaded.",
+            ["model_path", "status"],
+            registry=r,
+        )
         self.heatmap_count = prometheus_client.Counter(
-            ":camserve:heatmap_count", "Images explained, per model and method (signature).",
-            ["model_name", "method"], registry=r)
+            ":camserve:heatmap_count",
+            "Images explained, per model and method (signature).",
+            ["model_name", "method"],
+            registry=r,
+        )
         r.register(_VersionStates(lambda: self._version_states()))
-        self._counters = [self.request_count.describe()[0].name, self.load_attempt_count.describe()[0].name,
-                          self.heatmap_count.describe()[0].name]
+        self._counters = [
+            self.request_count.describe()[0].name,
+            self.load_attempt_count.describe()[0].name,
+            self.heatmap_count.describe()[0].name,
+        ]
 
     def watch_states(self, states: Callable[[], Iterable[tuple[str, int, str]]]) -> None:
         """Where :camserve:model_version_state reads (model, version, state) at each scrape."""

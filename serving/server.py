@@ -35,9 +35,13 @@ from tensorflow_serving.config import model_server_config_pb2
 from serving import configs
 from serving.batching import Batcher
 from serving.configs import BatchingOptions
+from serving.errors import ServingError
+from serving.gpu import tensorflow_gpus
 from serving.metrics import DEFAULT_PATH, Metrics
-from serving.models import ModelRegistry, ModelVersion, ServingError, Signature, encode_tensor
+from serving.registry import ModelRegistry
 from serving.rest import RestApi, RestServer
+from serving.signatures import ModelVersion, Signature
+from serving.tensors import encode_tensor
 
 log = logging.getLogger("serving.server")
 
@@ -128,7 +132,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.metrics = metrics
         self.abandoned = 0  # requests whose caller was gone (deadline, cancel) before the model ran
 
-    def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
+    def Predict(
+        self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext
+    ) -> predict_pb2.PredictResponse:
         return _answer(context, "Predict", lambda: self._predict(request, context), request, self.metrics, "Predict")
 
     def _abandon_if_gone(self, context: grpc.ServicerContext) -> None:
@@ -136,9 +142,13 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         if not context.is_active():
             self.abandoned += 1
             log.info("Predict: the caller is gone (deadline exceeded or cancelled); the model is not run")
-            raise ServingError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed before the model ran")
+            raise ServingError(
+                grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed before the model ran"
+            )
 
-    def _predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
+    def _predict(
+        self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext
+    ) -> predict_pb2.PredictResponse:
         self._abandon_if_gone(context)  # it may have waited for a worker thread
         version, signature, result = self.predict(request, context.is_active, lambda: self._abandon_if_gone(context))
         response = predict_pb2.PredictResponse()
@@ -149,8 +159,12 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.outputs[name].CopyFrom(encode_tensor(value, self.tensor_content))
         return response
 
-    def predict(self, request: predict_pb2.PredictRequest, is_active: Callable[[], bool] = lambda: True,
-                before_run: Callable[[], None] = lambda: None) -> tuple[ModelVersion, Signature, dict[str, np.ndarray]]:
+    def predict(
+        self,
+        request: predict_pb2.PredictRequest,
+        is_active: Callable[[], bool] = lambda: True,
+        before_run: Callable[[], None] = lambda: None,
+    ) -> tuple[ModelVersion, Signature, dict[str, np.ndarray]]:
         """Check and run one PredictRequest (through the batcher when on): the path gRPC and REST share."""
         version = self.registry.resolve(request.model_spec)
         signature = version.signature(request.model_spec.signature_name)
@@ -160,26 +174,36 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         batched = self.batcher is not None and signature.batchable
         if batched and size is None:  # what TF Serving's batching checks before it queues a request
             scalar = any(array.ndim == 0 for array in inputs.values())
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Batching Run() input tensors must have "
-                               + ("at least one dimension" if scalar else "equal 0th-dimension size"))
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "Batching Run() input tensors must have "
+                + ("at least one dimension" if scalar else "equal 0th-dimension size"),
+            )
         if batched and size:
             key = (version.model_name, version.version, signature.name, outputs)
-            result = self.batcher.submit(key, lambda batch: signature.run(batch, outputs), inputs, size,
-                                         is_active=is_active)
+            result = self.batcher.submit(
+                key, lambda batch: signature.run(batch, outputs), inputs, size, is_active=is_active
+            )
         else:
             result = signature.run(inputs, outputs)
         if self.metrics is not None and signature.explains and size:
             self.metrics.heatmap_count.labels(version.model_name, signature.name).inc(size)
         return version, signature, result
 
-    def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
-                         context: grpc.ServicerContext) -> get_model_metadata_pb2.GetModelMetadataResponse:
-        return _answer(context, "GetModelMetadata", lambda: self.metadata(request), request, self.metrics,
-                       "GetModelMetadata")
+    def GetModelMetadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.ServicerContext
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        return _answer(
+            context, "GetModelMetadata", lambda: self.metadata(request), request, self.metrics, "GetModelMetadata"
+        )
 
-    def metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    def metadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
         if not request.metadata_field:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "GetModelMetadataRequest must specify at least one metadata_field")
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT, "GetModelMetadataRequest must specify at least one metadata_field"
+            )
         for field in request.metadata_field:
             if field != SIGNATURE_DEF:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported")
@@ -198,12 +222,14 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self.registry = registry
         self.reload = reload
 
-    def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
-                       context: grpc.ServicerContext) -> get_model_status_pb2.GetModelStatusResponse:
+    def GetModelStatus(
+        self, request: get_model_status_pb2.GetModelStatusRequest, context: grpc.ServicerContext
+    ) -> get_model_status_pb2.GetModelStatusResponse:
         return _answer(context, "GetModelStatus", lambda: model_status(self.registry, request.model_spec), request)
 
-    def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest,
-                                  context: grpc.ServicerContext) -> model_management_pb2.ReloadConfigResponse:
+    def HandleReloadConfigRequest(
+        self, request: model_management_pb2.ReloadConfigRequest, context: grpc.ServicerContext
+    ) -> model_management_pb2.ReloadConfigResponse:
         def reload() -> model_management_pb2.ReloadConfigResponse:
             self.reload(request.config)
             return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto(error_code=0))
@@ -259,7 +285,9 @@ def _credentials(ssl) -> grpc.ServerCredentials:
     if not ssl.server_key or not ssl.server_cert:
         raise ValueError("ssl config: server_key and server_cert (PEM contents) are required")
     if ssl.client_verify and not ssl.custom_ca:
-        raise ValueError("ssl config: client_verify needs custom_ca, the PEM of the CA that signs the client certificates")
+        raise ValueError(
+            "ssl config: client_verify needs custom_ca, the PEM of the CA that signs the client certificates"
+        )
     return grpc.ssl_server_credentials(
         [(ssl.server_key.encode(), ssl.server_cert.encode())],
         root_certificates=ssl.custom_ca.encode() or None,
@@ -294,8 +322,12 @@ class EmbeddedServer:
         prometheus = options.monitoring.prometheus_config if options.monitoring is not None else None
         self.metrics_path = (prometheus.path or DEFAULT_PATH) if prometheus is not None and prometheus.enable else None
         self.metrics = Metrics() if self.metrics_path else None  # nothing recorded that no one can read
-        self.registry = ModelRegistry(config, warmup=options.enable_model_warmup, max_bytes=options.max_message_bytes,
-                                      on_load=self.metrics.load_attempt if self.metrics else None)
+        self.registry = ModelRegistry(
+            config,
+            warmup=options.enable_model_warmup,
+            max_bytes=options.max_message_bytes,
+            on_load=self.metrics.load_attempt if self.metrics else None,
+        )
         if self.metrics:
             self.metrics.watch_states(self.registry.all_states)
         self.batcher: Batcher | None = None
@@ -322,8 +354,11 @@ class EmbeddedServer:
         self.registry.start_polling(options.file_system_poll_wait_seconds)
         threads = options.grpc_max_threads or default_grpc_threads(options.batching)
         if options.batching is not None:
-            on_batch = (lambda rows, padded, waits: self.metrics.batch(rows, padded, waits, "batch_threads")
-                        ) if self.metrics else None
+            on_batch = (
+                (lambda rows, padded, waits: self.metrics.batch(rows, padded, waits, "batch_threads"))
+                if self.metrics
+                else None
+            )
             self.batcher = Batcher(options.batching, options.rerun_failed_batches, on_batch=on_batch)
             log.info("batching on: %s; %d gRPC worker threads", options.batching, threads)
         message_options = [
@@ -337,11 +372,15 @@ class EmbeddedServer:
             # "Concurrent RPC limit exceeded!" at once, before the request is read.
             maximum_concurrent_rpcs=options.max_concurrent_requests or None,
         )
-        self.predictions = PredictionServicer(self.registry, self.batcher, options.max_message_bytes,
-                                              options.tensor_content, self.metrics)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(self.predictions, _LenientRequests(self.server))
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry, self.reload),
-                                                                  _LenientRequests(self.server))
+        self.predictions = PredictionServicer(
+            self.registry, self.batcher, options.max_message_bytes, options.tensor_content, self.metrics
+        )
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            self.predictions, _LenientRequests(self.server)
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelServicer(self.registry, self.reload), _LenientRequests(self.server)
+        )
         address = f"{options.host}:{options.port}"
         if options.ssl is not None:
             self.port = self.server.add_secure_port(address, _credentials(options.ssl))
@@ -361,28 +400,49 @@ class EmbeddedServer:
     def _start_rest(self) -> None:
         options = self.options
         if options.rest_api_port == self.port:
-            raise StartupError("server_options.http_port cannot be same as grpc_port. "
-                               "Please use a different port for HTTP/REST API.")
-        api = RestApi(self.registry, self.predictions, model_status, self.metrics, self.metrics_path,
-                      options.rest_api_timeout_in_ms / 1000)
-        self.rest = RestServer(options.host, options.rest_api_port, api,
-                               options.rest_api_num_threads or 4 * (os.cpu_count() or 1), options.max_message_bytes,
-                               options.max_concurrent_requests, options.rest_api_enable_cors_support)
+            raise StartupError(
+                "server_options.http_port cannot be same as grpc_port. Please use a different port for HTTP/REST API."
+            )
+        api = RestApi(
+            self.registry,
+            self.predictions,
+            model_status,
+            self.metrics,
+            self.metrics_path,
+            options.rest_api_timeout_in_ms / 1000,
+        )
+        self.rest = RestServer(
+            options.host,
+            options.rest_api_port,
+            api,
+            options.rest_api_num_threads or 4 * (os.cpu_count() or 1),
+            options.max_message_bytes,
+            options.max_concurrent_requests,
+            options.rest_api_enable_cors_support,
+        )
         self.rest_port = self.rest.start()
-        log.info("Exporting HTTP/REST API at:%s:%d%s", options.host, self.rest_port,
-                 f" (metrics at {self.metrics_path})" if self.metrics_path else "")
+        log.info(
+            "Exporting HTTP/REST API at:%s:%d%s",
+            options.host,
+            self.rest_port,
+            f" (metrics at {self.metrics_path})" if self.metrics_path else "",
+        )
 
     def reload(self, config: model_server_config_pb2.ModelServerConfig) -> None:
         """Serve exactly the models of `config` (HandleReloadConfigRequest, the config file poll)."""
         if config.WhichOneof("config") != "model_config_list":
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "ServerModelConfig type not supported by "
-                               "HandleReloadConfigRequest. Only ModelConfigList is currently supported")
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "ServerModelConfig type not supported by "
+                "HandleReloadConfigRequest. Only ModelConfigList is currently supported",
+            )
         config = configs.localise(config, self.options.models_root)
         errors = self.registry.reload(config)
         self._config = config
         if errors:
-            raise ServingError(grpc.StatusCode.UNKNOWN, f"{len(errors)} model(s) did not become available: "
-                               f"{{{'; '.join(errors)}}}")
+            raise ServingError(
+                grpc.StatusCode.UNKNOWN, f"{len(errors)} model(s) did not become available: {{{'; '.join(errors)}}}"
+            )
 
     def _poll_config(self) -> None:
         """--model_config_file_poll_wait_seconds: re-read the file, reload when it changed."""
@@ -427,9 +487,16 @@ def serve(config: model_server_config_pb2.ModelServerConfig, options: ServerOpti
     except (StartupError, OSError) as e:
         log.error("Failed to start server. Error: %s", e)
         return 255
+    gpus = tensorflow_gpus()
+    log.info("TensorFlow computes on %s", ", ".join(gpus) if gpus else "the CPU: it sees no GPU (so a \"failed "
+             "call to cuInit\" line from TensorFlow above only means that this host has no NVIDIA driver)")
     while not stop.wait(1.0):
         pass
-    log.info("%s received: finishing in-flight requests (up to %.0f s), then exiting", received[0], options.shutdown_grace_seconds)
+    log.info(
+        "%s received: finishing in-flight requests (up to %.0f s), then exiting",
+        received[0],
+        options.shutdown_grace_seconds,
+    )
     server.stop()
     log.info("stopped")
     return 0

@@ -59,7 +59,7 @@ def models_needing_xla(config: configs.ModelServerConfig, base_path: str | os.Pa
     """Names of the config's models with a version on disk (under `base_path` for /models) that
     holds XLA-compiled functions."""
     from export.tfs_loader import needs_xla
-    from serving.models import numeric_versions
+    from serving.versions import numeric_versions
 
     local = configs.map_container_models(config, base_path)
     return [model.name for model in local.model_config_list.config
@@ -128,21 +128,39 @@ def build_command(args: argparse.Namespace, runtime: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serving.tfserving", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="python -m serving.tfserving", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
-    p.add_argument("--runtime", choices=["auto", "binary", "docker"], default="auto",
-                   help=f"auto: {BINARY} if on PATH, else Docker")
-    p.add_argument("--config-dir", default=str(HERE), help="directory with models.config, batching.config, monitoring.config")
-    p.add_argument("--base-path", default="models", help="local directory that holds <model>/<version>/ (mounted at /models)")
+    p.add_argument(
+        "--runtime",
+        choices=["auto", "binary", "docker"],
+        default="auto",
+        help=f"auto: {BINARY} if on PATH, else Docker",
+    )
+    p.add_argument(
+        "--config-dir", default=str(HERE), help="directory with models.config, batching.config, monitoring.config"
+    )
+    p.add_argument(
+        "--base-path", default="models", help="local directory that holds <model>/<version>/ (mounted at /models)"
+    )
     p.add_argument("--port", type=int, default=8500, help="gRPC port")
     p.add_argument("--rest-port", type=int, default=8501, help="REST and Prometheus port")
     p.add_argument("--no-batching", dest="batching", action="store_false", help="serve without batching.config")
     p.add_argument("--poll-seconds", type=int, default=1, help="--file_system_poll_wait_seconds")
-    p.add_argument("--gpu-memory-fraction", type=float, default=None,
-                   help=f"--per_process_gpu_memory_fraction (default: {GPU_MEMORY_FRACTION} in Docker, TF's choice for the binary)")
-    p.add_argument("--xla", action="store_true",
-                   help="keep XLA on (--xla_gpu_compilation_enabled in Docker, --xla_cpu_compilation_enabled for the "
-                        "binary) even when no model under --base-path needs it")
+    p.add_argument(
+        "--gpu-memory-fraction",
+        type=float,
+        default=None,
+        help=f"--per_process_gpu_memory_fraction (default: {GPU_MEMORY_FRACTION} in Docker, TF's choice for the "
+        "binary)",
+    )
+    p.add_argument(
+        "--xla",
+        action="store_true",
+        help="keep XLA on (--xla_gpu_compilation_enabled in Docker, --xla_cpu_compilation_enabled for the "
+        "binary) even when no model under --base-path needs it",
+    )
     p.add_argument("--image", default=IMAGE, help="Docker image")
     return p
 
@@ -161,8 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     if shutil.which(command[0]) is None:
-        print(f"serving.tfserving: {command[0]} not found: install TF Serving or Docker "
-              "(or use the embedded server: make serve)", file=sys.stderr)
+        print(
+            f"serving.tfserving: {command[0]} not found: install TF Serving or Docker "
+            "(or use the embedded server: make serve)",
+            file=sys.stderr,
+        )
         return 127
     os.execvp(command[0], command)  # TF Serving gets our PID, so signals reach it directly
     return 0  # not reached

@@ -1,19 +1,36 @@
-"""Shared, session-scoped exports: exporting costs seconds, so each model is exported once."""
+"""Shared, session-scoped exports: exporting costs seconds, so each model is exported once per run,
+also when pytest-xdist runs the tests in several processes (`shared`)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
-import sys
+import shutil
+from typing import Callable
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+import synthetic  # the tests folder is on sys.path: pytest.ini's pythonpath
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import synthetic  # noqa: E402 (needs the tests folder on sys.path)
+
+def shared(tmp_path_factory, name: str, build: Callable[[pathlib.Path], object]) -> pathlib.Path:
+    """A folder `build` fills once per run: under pytest-xdist the first worker that asks builds it
+    while the others wait for it (a file lock in the run's temporary folder). Nobody changes it after."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above the workers' own
+    folder = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -21,101 +38,126 @@ def models_dir(tmp_path_factory) -> pathlib.Path:
     return tmp_path_factory.mktemp("models")
 
 
-def _application_export(models_dir, name, methods):
-    """Build `name` with random weights here, export it from its saved weights file.
+def _application_export(tmp_path_factory, name, methods):
+    """(Keras model, export) of `name` with random weights, exported from its saved weights file.
 
     The test keeps the Keras model, so references computed eagerly in the test use exactly the
     weights the SavedModel was built from (and the weights-file path of the exporter is used).
     """
     import keras
 
-    from export.savedmodel import export_savedmodel
-
     keras.utils.set_random_seed(1)
     constructor = {"resnet50": keras.applications.ResNet50, "vgg16": keras.applications.VGG16}[name]
     model = constructor(weights=None, classifier_activation=None)
-    weights = models_dir / f"{name}.weights.h5"
-    model.save_weights(weights)
-    path = export_savedmodel(
-        name, str(weights), methods, f"{name}_test", str(models_dir), warmup_batch_sizes=(1, 2), log=synthetic.quiet
-    )
-    return model, path
+
+    def build(folder: pathlib.Path) -> None:
+        model.save_weights(folder / "model.weights.h5")
+        synthetic.export_model(name, methods, f"{name}_test", folder, weights=str(folder / "model.weights.h5"),
+                               warmup_batch_sizes=(1, 2))
+
+    folder = shared(tmp_path_factory, name, build)
+    model.load_weights(folder / "model.weights.h5")  # the weights of the export, whoever made it
+    return model, folder / f"{name}_test" / "1"
 
 
 @pytest.fixture(scope="session")
-def resnet50(models_dir):
+def resnet50(tmp_path_factory):
     """(keras model with random weights, exported SavedModel dir) with gradcam and cam."""
-    return _application_export(models_dir, "resnet50", ["gradcam", "cam"])
+    return _application_export(tmp_path_factory, "resnet50", ["gradcam", "cam"])
 
 
 @pytest.fixture(scope="session")
-def vgg16(models_dir):
+def vgg16(tmp_path_factory):
     """VGG16 (ReLUs in its dense head too) with gradcam and guided_gradcam."""
-    return _application_export(models_dir, "vgg16", ["gradcam", "guided_gradcam"])
+    return _application_export(tmp_path_factory, "vgg16", ["gradcam", "guided_gradcam"])
 
 
 @pytest.fixture(scope="session")
 def shapes_model(tmp_path_factory) -> pathlib.Path:
-    """The synthetic-shapes GAP CNN, trained once per session (fixed seed), as a .keras file."""
-    path = tmp_path_factory.mktemp("shapes") / "shapes.keras"
-    accuracy = synthetic.train_model(str(path))
-    assert accuracy > 0.9, f"the synthetic model did not learn (held-out accuracy {accuracy:.2f})"
-    return path
+    """The synthetic-shapes GAP CNN, trained once per run (fixed seed), as a .keras file."""
+
+    def train(folder: pathlib.Path) -> None:
+        accuracy = synthetic.train_model(str(folder / "shapes.keras"))
+        assert accuracy > 0.9, f"the synthetic model did not learn (held-out accuracy {accuracy:.2f})"
+
+    return shared(tmp_path_factory, "shapes_model", train) / "shapes.keras"
+
+
+def _shared_export(tmp_path_factory, name: str, *args, **options) -> pathlib.Path:
+    """synthetic.export_model(*args, name, <shared folder>, **options), once per run."""
+    backbone, methods = args
+    folder = shared(tmp_path_factory, name, lambda f: synthetic.export_model(backbone, methods, name, f, **options))
+    return folder / name / "1"
 
 
 @pytest.fixture(scope="session")
-def shapes_export(shapes_model, models_dir) -> pathlib.Path:
+def shapes_export(shapes_model, tmp_path_factory) -> pathlib.Path:
     """The shapes model exported with every method and top-2 maps: small and fast, for serving tests too."""
     from export.methods import METHODS
-    from export.savedmodel import export_savedmodel
 
-    return export_savedmodel(
-        str(shapes_model), "none", list(METHODS), "shapes", str(models_dir), top_k_maps=2, log=synthetic.quiet
-    )
+    return _shared_export(tmp_path_factory, "shapes", shapes_model, list(METHODS), top_k_maps=2)
 
 
 @pytest.fixture(scope="session")
-def transfer_export(models_dir):
+def transfer_export(tmp_path_factory):
     """kind -> (Keras model, exported dir, export notes) of a MobileNetV2 nested in a new model
     (synthetic.transfer_model), exported once per kind with gradcam and cam."""
-    from export.savedmodel import export_savedmodel
-
     cache = {}
+
+    def build(kind: str, folder: pathlib.Path) -> None:
+        synthetic.transfer_model(kind).save(folder / "model.keras")
+        notes = []
+        synthetic.export_model(folder / "model.keras", ["gradcam", "cam"], f"transfer_{kind}", folder,
+                               warmup_batch_sizes=(1,), feature_maps=0, log=notes.append)
+        (folder / "notes.txt").write_text("\n".join(notes))
 
     def export(kind: str):
         if kind not in cache:
-            model = synthetic.transfer_model(kind)
-            path = models_dir / f"transfer_{kind}.keras"
-            model.save(path)
-            notes = []
-            model_dir = export_savedmodel(str(path), "none", ["gradcam", "cam"], f"transfer_{kind}", str(models_dir),
-                                          warmup_batch_sizes=(1,), feature_maps=0, log=notes.append)
-            cache[kind] = model, model_dir, notes
+            import keras
+
+            folder = shared(tmp_path_factory, f"transfer_{kind}", lambda f: build(kind, f))
+            model = keras.models.load_model(folder / "model.keras")  # the weights of the export
+            cache[kind] = model, folder / f"transfer_{kind}" / "1", (folder / "notes.txt").read_text().splitlines()
         return cache[kind]
 
     return export
 
 
 @pytest.fixture(scope="session")
-def fused_export(shapes_model, models_dir) -> pathlib.Path:
+def fused_export(shapes_model, tmp_path_factory) -> pathlib.Path:
     """The shapes model with maps fused over conv2 (32x32) and last_conv (16x16): layercam_fused, gradcam_fused."""
-    from export.savedmodel import export_savedmodel
-
-    return export_savedmodel(
-        str(shapes_model), "none", ["layercam", "gradcam"], "fused", str(models_dir), target_layers=["last_conv", "conv2"],
-        warmup_batch_sizes=(1, 2), feature_maps=0, log=synthetic.quiet,
-    )
+    return _shared_export(tmp_path_factory, "fused", shapes_model, ["layercam", "gradcam"],
+                          target_layers=["last_conv", "conv2"], warmup_batch_sizes=(1, 2), feature_maps=0)
 
 
 @pytest.fixture(scope="session")
-def jit_export(shapes_model, models_dir) -> pathlib.Path:
+def jit_export(shapes_model, tmp_path_factory) -> pathlib.Path:
     """The shapes model exported with --jit-compile (gradcam, eigencam, top-2 maps)."""
-    from export.savedmodel import export_savedmodel
+    return _shared_export(tmp_path_factory, "jit", shapes_model, ["gradcam", "eigencam"], jit_compile=True,
+                          top_k_maps=2, warmup_batch_sizes=(1,), feature_maps=0)
 
-    return export_savedmodel(
-        str(shapes_model), "none", ["gradcam", "eigencam"], "jit", str(models_dir), jit_compile=True,
-        top_k_maps=2, warmup_batch_sizes=(1,), feature_maps=0, log=synthetic.quiet,
-    )
+
+@pytest.fixture(scope="session")
+def rel_model(tmp_path_factory) -> pathlib.Path:
+    """Base path of `rel`/1: the tiny GAP CNN (seed 5), gradcam only, at most TINY_MAX_BATCH images a
+    request; the model of the hostile-input and load tests. Tests copy it before changing it."""
+    folder = shared(tmp_path_factory, "rel", lambda f: synthetic.export_tiny(
+        f / "rel", methods=("gradcam",), seed=5, max_batch_size=synthetic.TINY_MAX_BATCH))
+    return folder / "rel"
+
+
+@pytest.fixture(scope="session")
+def rel_reference(rel_model):
+    """In-process calls of rel's signatures: what every served answer must equal."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(rel_model / "1"))
+
+    def call(signature: str, **inputs):
+        out = loaded.signatures[signature](**{k: tf.constant(v) for k, v in inputs.items()})
+        return {k: v.numpy() for k, v in out.items()}
+
+    return call
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,14 @@ place; the shape's bounding box is the ground truth for the pointing game.
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 
 SIZE = 64
 SHAPES = ("square", "cross", "ring")
+TINY_SIZE, TINY_CLASSES = 32, 4  # the tiny GAP CNN the serving tests serve
+TINY_MAX_BATCH = 8  # the request limit of its export for the hostile-input and load tests (rel_model)
 
 
 def draw(shape: str, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -87,6 +91,25 @@ def tiny_gap_cnn(path, size: int, classes: int, seed: int, filters: int = 8, sof
     keras.Model(inputs, outputs).save(path)
 
 
+def export_model(backbone, methods, model_name: str, base_path, weights: str = "none", log=quiet,
+                 **options) -> pathlib.Path:
+    """`export_savedmodel` as the tests call it: random weights unless given, no log; returns the version directory."""
+    from export.savedmodel import export_savedmodel
+
+    return export_savedmodel(backbone=str(backbone), weights=weights, methods=list(methods), model_name=model_name,
+                             base_path=str(base_path), log=log, **options)
+
+
+def export_tiny(base: pathlib.Path, version: int = 1, methods=("gradcam", "cam"), seed: int = 3,
+                classes: int = TINY_CLASSES, **options) -> pathlib.Path:
+    """The tiny GAP CNN (random weights of `seed`) exported as `base`/<version>; returns that directory."""
+    keras_file = base.parent / f"{base.name}_{seed}_{classes}.keras"
+    if not keras_file.exists():
+        tiny_gap_cnn(keras_file, TINY_SIZE, classes, seed=seed)
+    options = {"warmup_batch_sizes": (1,), "feature_maps": 0, **options}
+    return export_model(keras_file, methods, base.name, base.parent, version=version, **options)
+
+
 def transfer_model(kind: str):
     """A keras.applications base (MobileNetV2) nested in a new model with a new head, as users build
     them: `sequential` or `functional` (with rescaling and dropout around the base)."""
@@ -95,7 +118,12 @@ def transfer_model(kind: str):
     base = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(64, 64, 3))
     if kind == "sequential":
         return keras.Sequential(
-            [keras.Input((64, 64, 3)), base, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, activation="softmax")]
+            [
+                keras.Input((64, 64, 3)),
+                base,
+                keras.layers.GlobalAveragePooling2D(),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
         )
     inputs = keras.Input((64, 64, 3))
     x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)

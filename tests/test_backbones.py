@@ -21,12 +21,9 @@ APPLICATIONS = {
 
 
 def _export(backbone, path, methods=("gradcam",), **kwargs):
-    from export.savedmodel import export_savedmodel
-
     notes = []
-    model_dir = export_savedmodel(
-        backbone, "none", list(methods), "m", str(path), warmup_batch_sizes=(1,), feature_maps=0, log=notes.append, **kwargs
-    )
+    model_dir = synthetic.export_model(backbone, methods, "m", path, warmup_batch_sizes=(1,), feature_maps=0,
+                                       log=notes.append, **kwargs)
     return model_dir, notes
 
 
@@ -61,7 +58,9 @@ def test_nested_transfer_learning_model_exports_without_graph_disconnected(trans
     np.testing.assert_allclose(out["probabilities"].numpy(), model(images.astype(np.float32)).numpy(), atol=1e-5)
     np.testing.assert_allclose(out["heatmap"].numpy(), cam["heatmap"].numpy(), atol=1e-5)
     # The score is the logit: softmax(logits) reproduces the model's probabilities.
-    np.testing.assert_allclose(tf.nn.softmax(out["logits"]).numpy(), model(images.astype(np.float32)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        tf.nn.softmax(out["logits"]).numpy(), model(images.astype(np.float32)).numpy(), atol=1e-5
+    )
     assert keras.backend.backend() == "tensorflow"
 
 
@@ -70,7 +69,7 @@ def test_final_softmax_layer_is_removed_for_the_score(tmp_path, load, shapes_mod
 
     shapes = keras.models.load_model(shapes_model)
     shapes.get_layer("predictions").activation = keras.activations.linear
-    model = keras.Model(shapes.inputs, keras.layers.Softmax()(shapes.output))
+    model = keras.Model(shapes.input, keras.layers.Softmax()(shapes.output))
     path = tmp_path / "softmax_layer.keras"
     model.save(path)
     model_dir, notes = _export(str(path), tmp_path)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import math
 
-from rest_helpers import free_port
-from serving import configs
-from serving.server import EmbeddedServer, ServerOptions
-
 import bench.__main__ as bench
 from bench import gpu_check
+from servers import free_port
+from serving import configs
+from serving.server import EmbeddedServer, ServerOptions
 
 
 def test_bench_runs_every_configuration(shapes_export, tmp_path):
@@ -25,16 +24,22 @@ def test_bench_runs_every_configuration(shapes_export, tmp_path):
                                                   file_system_poll_wait_seconds=0))
     port = server.start()
     try:
-        assert bench.main(["--server", f"localhost:{port}", "--rest", f"localhost:{server.rest_port}", "--model", "shapes", "--model-dir", str(shapes_export.parent),
-                           "--methods", "gradcam,cam", "--skip-seed", "--repeats", "3", "--seconds", "0.3",
-                           "--out", str(tmp_path)]) == 0
+        assert (
+            bench.main([
+                "--server", f"localhost:{port}", "--rest", f"localhost:{server.rest_port}", "--model", "shapes",
+                "--model-dir", str(shapes_export.parent), "--methods", "gradcam,cam", "--skip-seed", "--repeats",
+                "3", "--seconds", "0.3", "--out", str(tmp_path)
+            ])
+            == 0
+        )
     finally:
         server.stop(grace=1)
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "latency.png").stat().st_size > 0
     rows = {r["name"]: r for r in results["rows"]}
-    expected = {f"in-process {s} b{b}" for s in ("predict", "gradcam", "cam", "predict_bytes", "gradcam_bytes")
-                for b in (1, 8)}
+    expected = {
+        f"in-process {s} b{b}" for s in ("predict", "gradcam", "cam", "predict_bytes", "gradcam_bytes") for b in (1, 8)
+    }
     expected |= {bench.config_name(c) for c in bench.grpc_configs(["gradcam", "cam"])}
     expected |= {bench.config_name(c) + " interleaved" for c in bench.grpc_configs(["gradcam", "cam"])[:3]}
     expected |= {f"{kind} gradcam_bytes b1 c1 all outputs interleaved" for kind in ("grpc", "rest")}
@@ -49,19 +54,26 @@ def test_bench_runs_every_configuration(shapes_export, tmp_path):
     rest, grpc_ = (rows[f"{kind} gradcam_bytes b1 c1 all outputs interleaved"] for kind in ("rest", "grpc"))
     assert rest["response_bytes"] > grpc_["response_bytes"] > compact
     assert len(results["ratios"]) == 11  # 13 with the seed notebook's way
-    assert all(math.isfinite(v) and v > 0 for v in results["ratios"].values()), results["ratios"]
+    for name, ratio in results["ratios"].items():  # each with the figures it divides, as printed
+        assert math.isfinite(ratio["value"]) and ratio["value"] > 0 and " / " in ratio["figures"], (name, ratio)
 
 
 def test_bench_measures_every_method_of_the_model_by_default(fused_export, tmp_path, capsys):
     """Without --methods, the cost of every explain method the model has, against predict, at batch 1 and 8."""
-    assert bench.main(["--server", "", "--model-dir", str(fused_export.parent), "--skip-seed", "--repeats", "2",
-                       "--out", str(tmp_path)]) == 0
+    assert (
+        bench.main([
+            "--server", "", "--model-dir", str(fused_export.parent), "--skip-seed", "--repeats", "2", "--out",
+            str(tmp_path)
+        ])
+        == 0
+    )
     ratios = json.loads((tmp_path / "results.json").read_text())["ratios"]
     printed = capsys.readouterr().out
     for method in ("gradcam", "layercam", "gradcam_fused", "layercam_fused"):
         for batch in (1, 8):
             name = f"in-process {method}/predict b{batch}"
-            assert ratios[name] > 0 and name in printed
+            assert ratios[name]["value"] > 0
+            assert f"{name:<72s} {ratios[name]['value']:6.3f}  = {ratios[name]['figures']}" in printed
 
 
 def test_gpu_check_runs_to_completion_on_a_cpu(shapes_model, tmp_path):
@@ -78,8 +90,13 @@ def test_gpu_check_runs_to_completion_on_a_cpu(shapes_model, tmp_path):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     args = f"--short --backbone {shapes_model} --out {tmp_path}"
-    run = subprocess.run(["make", "-s", "-o", "venv", "gpu-check", f"GPU_CHECK_ARGS={args}"],
-                         cwd=bench.SAMPLE.parent.parent, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        ["make", "-s", "-o", "venv", "gpu-check", f"GPU_CHECK_ARGS={args}"],
+        cwd=bench.SAMPLE.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert (tmp_path / "gpu_check.png").stat().st_size > 0
@@ -91,10 +108,14 @@ def test_gpu_check_runs_to_completion_on_a_cpu(shapes_model, tmp_path):
     for precision in ("float32", "bfloat16", "float16"):
         path = gpu_check.explain_path(results["placement"][precision])
         # The shapes model's head is global average pooling + dense: its explain path has each of these.
-        assert {"MatMul", "Mean", "Einsum", "Relu", "Max", "DivNoNan", "ResizeBilinear", "Cast", "EncodePng"} <= set(path)
+        assert {"MatMul", "Mean", "Einsum", "Relu", "Max", "DivNoNan", "ResizeBilinear", "Cast", "EncodePng"} <= set(
+            path
+        )
         if device == "CPU":
             assert all(set(found) == {"CPU:0"} for found in path.values()), path
     # The session ran with log_device_placement (its log names the signature's function calls), kept in a file.
-    assert "(StatefulPartitionedCall): /job:localhost/replica:0/task:0/device:" in (
-        tmp_path / "gpu_check_placement.log").read_text()
+    assert (
+        "(StatefulPartitionedCall): /job:localhost/replica:0/task:0/device:"
+        in (tmp_path / "gpu_check_placement.log").read_text()
+    )
     assert "/job:localhost" not in run.stdout

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from concurrent import futures
 from pathlib import Path
 
 import cv2
@@ -20,10 +19,11 @@ import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
+import synthetic
+from calls import fake_server
 from client import CamClient, CamServingError, Explanation, Prediction, protos
 from client import overlay as ov
 from client.__main__ import main as cli_main
-import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(p for p in (ROOT / "samples").iterdir() if p.suffix in (".png", ".jpg"))
@@ -256,11 +256,8 @@ class FakePredictionService(prediction_service_pb2_grpc.PredictionServiceService
 
 @pytest.fixture(scope="module")
 def fake():
-    server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.max_send_message_length", 1 << 30)])
     service = FakePredictionService()
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port = fake_server(service, options=[("grpc.max_send_message_length", 1 << 30)])
     service.address = f"127.0.0.1:{port}"
     yield service
     server.stop(None)
@@ -425,7 +422,6 @@ def served_tiny(tmp_path_factory):
 
     import keras
 
-    from export.savedmodel import export_savedmodel
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -444,8 +440,8 @@ def served_tiny(tmp_path_factory):
         x = keras.layers.Conv2D(16, 3, activation="relu", name="features")(x)
         outputs = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(x))
         keras.Model(inputs, outputs).save(base.parent / "tiny.keras")
-        export_savedmodel(str(base.parent / "tiny.keras"), "none", ["gradcam", "cam", "guided_gradcam"], base.name,
-                          str(base.parent), warmup_batch_sizes=(1,), log=synthetic.quiet)
+        synthetic.export_model(base.parent / "tiny.keras", ["gradcam", "cam", "guided_gradcam"], base.name, base.parent,
+                               warmup_batch_sizes=(1,))
         address, deadline = f"127.0.0.1:{port}", time.monotonic() + 120
         with CamClient(address, model=base.name, timeout=5) as client:
             while True:
@@ -491,6 +487,21 @@ def test_end_to_end_with_embedded_server(served_tiny, tmp_path):
     for kind in ("overlay", "heatmap"):
         assert cv2.imread(str(tmp_path / f"noise_gradcam_{kind}.png")).shape == (100, 150, 3)
     # Guided Grad-CAM: its picture too, at the photo's size
-    assert cli_main(["explain", str(path), "--server", address, "--model", model, "--out", str(tmp_path),
-                     "--method", "guided_gradcam"]) == 0
+    assert (
+        cli_main(
+            [
+                "explain",
+                str(path),
+                "--server",
+                address,
+                "--model",
+                model,
+                "--out",
+                str(tmp_path),
+                "--method",
+                "guided_gradcam",
+            ]
+        )
+        == 0
+    )
     assert cv2.imread(str(tmp_path / "noise_guided_gradcam_guided.png")).shape == (100, 150, 3)

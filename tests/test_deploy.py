@@ -23,18 +23,18 @@ import sys
 import threading
 import time
 
-import cv2
 import grpc
 import numpy as np
 import pytest
 import yaml
 
+import synthetic
 from client import CamClient, protos
 from client.channel import DEFAULT_OPTIONS, SERVICE_CONFIG, channel_options, grpc_target
-from serving import configs, tfserving
-import synthetic
+from images import png, random_images
 from servers import ServerProcess
-from test_serving_configs import TF_SERVING_FLAGS
+from serving import configs, tfserving
+from tf_serving_flags import TF_SERVING_FLAGS, flags_of
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVING = ROOT / "serving"
@@ -59,16 +59,6 @@ def _make_default(name: str) -> str:
     found = re.search(rf"^{name}\s*\?=\s*(\S+)\s*$", (ROOT / "Makefile").read_text(), re.M)
     assert found, f"Makefile has no default for {name}"
     return found[1]
-
-
-def _flags(argv: list[str]) -> dict[str, str]:
-    flags = {}
-    for arg in argv:
-        assert arg.startswith("--") and "=" in arg, f"TF Serving flags are --name=value: {arg!r}"
-        name, value = arg[2:].split("=", 1)
-        assert name not in flags, f"--{name} given twice"
-        flags[name] = value
-    return flags
 
 
 # --- Dockerfile --------------------------------------------------------------------------------
@@ -181,11 +171,11 @@ def test_dockerfile_runs_tf_serving_with_the_serving_configs(dockerfile):
     entrypoint = dockerfile.exec_form("ENTRYPOINT")
     assert pathlib.PurePosixPath(entrypoint[0]).name == tfserving.BINARY
     assert dockerfile.exec_form("CMD") == [], "CMD holds extra flags only"
-    flags = _flags(entrypoint[1:])
+    flags = flags_of(entrypoint[1:])
     assert set(flags) <= TF_SERVING_FLAGS, set(flags) - TF_SERVING_FLAGS
     # the flags `python -m serving.tfserving --runtime docker` uses, plus the deployment's own
     inside = tfserving.CONTAINER_CONFIG + "/"
-    expected = _flags(tfserving.server_flags(inside + "models.config", inside + "batching.config",
+    expected = flags_of(tfserving.server_flags(inside + "models.config", inside + "batching.config",
                                              inside + "monitoring.config", port=8500, rest_port=8501,
                                              poll_seconds=int(flags["file_system_poll_wait_seconds"]),
                                              gpu_memory_fraction=tfserving.GPU_MEMORY_FRACTION, xla="gpu"))
@@ -241,8 +231,9 @@ def test_compose_runs_the_image_on_one_gpu(compose, dockerfile):
     assert build["args"] == {name: dockerfile.args[name] for name in build["args"]}
     (device,) = service["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
-    flags = _flags(dockerfile.exec_form("ENTRYPOINT")[1:])
-    assert service["ports"] == [f"{flags['port']}:{flags['port']}", f"{flags['rest_api_port']}:{flags['rest_api_port']}"]
+    flags = flags_of(dockerfile.exec_form("ENTRYPOINT")[1:])
+    grpc_port, rest_port = flags["port"], flags["rest_api_port"]
+    assert service["ports"] == [f"{grpc_port}:{grpc_port}", f"{rest_port}:{rest_port}"]
     kind, command = service["healthcheck"]["test"]
     assert kind == "CMD-SHELL" and f"http://localhost:{flags['rest_api_port']}{STATUS_PATH} " in command
     assert "AVAILABLE" in command
@@ -252,8 +243,10 @@ def test_compose_runs_the_image_on_one_gpu(compose, dockerfile):
 
 def _docker_compose() -> list[str] | None:
     """`docker compose` (v2 plugin) or `docker-compose` (v1), whichever is installed."""
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True,
-                                                 timeout=30).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0
+    ):
         return ["docker", "compose"]
     return ["docker-compose"] if shutil.which("docker-compose") else None
 
@@ -261,8 +254,12 @@ def _docker_compose() -> list[str] | None:
 @pytest.mark.skipif(_docker_compose() is None, reason="neither docker compose nor docker-compose is installed")
 def test_compose_file_is_valid_for_docker_compose():
     # `config` validates the file against the Compose schema without a Docker engine
-    result = subprocess.run([*_docker_compose(), "-f", str(SERVING / "docker-compose.yml"), "config", "--quiet"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*_docker_compose(), "-f", str(SERVING / "docker-compose.yml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -328,8 +325,8 @@ def test_deployment_agrees_with_the_image_and_models_config(manifests, dockerfil
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     (container,) = pod["spec"]["containers"]
     assert container["image"] == _make_default("IMAGE")
-    flags = _flags(dockerfile.exec_form("ENTRYPOINT")[1:])
-    extra = _flags(container.get("args", []))
+    flags = flags_of(dockerfile.exec_form("ENTRYPOINT")[1:])
+    extra = flags_of(container.get("args", []))
     assert set(extra) <= TF_SERVING_FLAGS and not set(extra) & set(flags), "args append flags the image lacks"
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"grpc": int(flags["port"]), "http": int(flags["rest_api_port"])}
@@ -366,7 +363,10 @@ def test_service_hpa_and_pdb_select_the_deployment(manifests):
     assert hpa["apiVersion"] == "autoscaling/v2"
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == (
-        deployment["apiVersion"], "Deployment", deployment["metadata"]["name"])
+        deployment["apiVersion"],
+        "Deployment",
+        deployment["metadata"]["name"],
+    )
     assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     for metric in hpa["spec"]["metrics"]:
         if metric["type"] == "Resource":
@@ -381,15 +381,18 @@ def test_service_hpa_and_pdb_select_the_deployment(manifests):
 # --- client: targets, service config -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("server, target", [
-    ("localhost:8500", "localhost:8500"),
-    ("dns:///camserve.default.svc.cluster.local:8500", "dns:///camserve.default.svc.cluster.local:8500"),
-    ("ipv4:10.0.0.1:8500,10.0.0.2:8500", "ipv4:10.0.0.1:8500,10.0.0.2:8500"),
-    ("10.0.0.1:8500, 10.0.0.2:8501", "ipv4:10.0.0.1:8500,10.0.0.2:8501"),
-    ("[::1]:8500,[fe80::1]:8500", "ipv6:[::1]:8500,[fe80::1]:8500"),
-    ("127.0.0.1:8500,127.0.0.1:8500", "ipv4:127.0.0.1:8500"),
-    ("unix:/tmp/tfs.sock", "unix:/tmp/tfs.sock"),
-])
+@pytest.mark.parametrize(
+    "server, target",
+    [
+        ("localhost:8500", "localhost:8500"),
+        ("dns:///camserve.default.svc.cluster.local:8500", "dns:///camserve.default.svc.cluster.local:8500"),
+        ("ipv4:10.0.0.1:8500,10.0.0.2:8500", "ipv4:10.0.0.1:8500,10.0.0.2:8500"),
+        ("10.0.0.1:8500, 10.0.0.2:8501", "ipv4:10.0.0.1:8500,10.0.0.2:8501"),
+        ("[::1]:8500,[fe80::1]:8500", "ipv6:[::1]:8500,[fe80::1]:8500"),
+        ("127.0.0.1:8500,127.0.0.1:8500", "ipv4:127.0.0.1:8500"),
+        ("unix:/tmp/tfs.sock", "unix:/tmp/tfs.sock"),
+    ],
+)
 def test_grpc_target(server, target):
     assert grpc_target(server) == target
 
@@ -406,8 +409,11 @@ def test_service_config_balances_and_retries_unavailable_and_overload():
     assert config == SERVICE_CONFIG and config["loadBalancingConfig"] == [{"round_robin": {}}]
     (method,) = config["methodConfig"]
     services = {name["service"] for name in method["name"]}
-    assert services == {protos.PREDICT_METHOD.split("/")[1], protos.METADATA_METHOD.split("/")[1],
-                        "tensorflow.serving.ModelService"}
+    assert services == {
+        protos.PREDICT_METHOD.split("/")[1],
+        protos.METADATA_METHOD.split("/")[1],
+        "tensorflow.serving.ModelService",
+    }
     policy = method["retryPolicy"]
     assert policy["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"] and 2 <= policy["maxAttempts"] <= 5
     assert config["retryThrottling"]["maxTokens"] > 0  # retries stop while most calls fail
@@ -432,7 +438,16 @@ class Replica(ServerProcess):
     def __init__(self, prefix: str, base_path: pathlib.Path):
         self.prefix = prefix
         super().__init__(
-            ["--port", "0", "--model_name", "tiny", "--model_base_path", str(base_path), "--shutdown_grace_seconds", "1"],
+            [
+                "--port",
+                "0",
+                "--model_name",
+                "tiny",
+                "--model_base_path",
+                str(base_path),
+                "--shutdown_grace_seconds",
+                "1",
+            ],
             env={"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""},
         )
 
@@ -440,7 +455,6 @@ class Replica(ServerProcess):
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     """Two servers of the same tiny model, exported with labels a0.. and b0.. to tell them apart."""
-    from export.savedmodel import export_savedmodel
 
     root = tmp_path_factory.mktemp("replicas")
     synthetic.tiny_gap_cnn(root / "tiny.keras", SIZE, CLASSES, seed=5, filters=4, softmax=False)
@@ -448,8 +462,8 @@ def replicas(tmp_path_factory):
     try:
         for prefix in "ab":
             (root / f"{prefix}.txt").write_text("".join(f"{prefix}{i}\n" for i in range(CLASSES)))
-            export_savedmodel(str(root / "tiny.keras"), "none", ["gradcam"], "tiny", str(root / prefix), version=1,
-                              labels=str(root / f"{prefix}.txt"), warmup_batch_sizes=(1,), log=synthetic.quiet)
+            synthetic.export_model(root / "tiny.keras", ["gradcam"], "tiny", root / prefix, version=1,
+                                   labels=str(root / f"{prefix}.txt"), warmup_batch_sizes=(1,))
             servers.append(Replica(prefix, root / prefix / "tiny"))  # loads while the next one exports
         for server in servers:
             server.wait_ready()
@@ -459,19 +473,12 @@ def replicas(tmp_path_factory):
             server.stop()
 
 
-def _png(seed: int, size: int = SIZE) -> bytes:
-    image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    ok, data = cv2.imencode(".png", image)
-    assert ok
-    return data.tobytes()
-
-
 def test_client_spreads_calls_over_the_replicas(replicas, tmp_path):
     a, b = replicas
     server = f"{a.address},{b.address}"
     with CamClient(server, model="tiny", timeout=10) as client:
         client.wait_until_ready(30)
-        image = _png(0)
+        image = png(random_images(1, SIZE, 0)[0])
         for _ in range(4):  # until both connections are up
             client.predict(image)
         served = [client.predict(image).class_label[0] for _ in range(40)]
@@ -481,8 +488,25 @@ def test_client_spreads_calls_over_the_replicas(replicas, tmp_path):
     # the command line takes the same list; dns:/// targets pass through to gRPC's resolver
     image_path = tmp_path / "image.png"
     image_path.write_bytes(image)
-    result = subprocess.run([sys.executable, "-m", "client", "predict", str(image_path), "--server", server,
-                             "--model", "tiny", "--top-k", "1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "client",
+            "predict",
+            str(image_path),
+            "--server",
+            server,
+            "--model",
+            "tiny",
+            "--top-k",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert re.search(r"predict class \d+ [ab]\d", result.stdout), result.stdout
     port = a.address.rsplit(":", 1)[1]
@@ -497,9 +521,12 @@ def test_calls_survive_a_replica_that_dies_mid_run(replicas):
     round-robin do it. The images are larger than gRPC's default 256 KiB retry buffer."""
     a, b = replicas
     channel = grpc.insecure_channel(grpc_target(f"{a.address},{b.address}"), channel_options())
-    predict = channel.unary_unary(protos.PREDICT_METHOD, request_serializer=protos.PredictRequest.SerializeToString,
-                                  response_deserializer=protos.PredictResponse.FromString)
-    big = _png(1, size=320)
+    predict = channel.unary_unary(
+        protos.PREDICT_METHOD,
+        request_serializer=protos.PredictRequest.SerializeToString,
+        response_deserializer=protos.PredictResponse.FromString,
+    )
+    big = png(random_images(1, 320, 1)[0])
     assert len(big) > 256 * 1024
 
     def call(i: int) -> tuple[float, str]:
@@ -533,5 +560,5 @@ def test_calls_survive_a_replica_that_dies_mid_run(replicas):
     assert len(results) == total
     served = [server for _, server in sorted(results)]  # in the order they finished
     assert "b" in served[:kill_after], "both replicas served before the kill"
-    assert set(served[kill_after + 8:]) == {"a"}, f"after it, only the live one: {served}"
-    assert all(finished > killed for finished, _ in sorted(results)[kill_after + 8:])
+    assert set(served[kill_after + 8 :]) == {"a"}, f"after it, only the live one: {served}"
+    assert all(finished > killed for finished, _ in sorted(results)[kill_after + 8 :])

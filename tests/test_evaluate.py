@@ -35,7 +35,9 @@ def test_real_heatmaps_beat_a_random_map(shapes_server, image_dir):
     from client.evaluate import evaluate, table
 
     with CamClient(shapes_server, model="shapes") as client:
-        results = evaluate(client, sorted(str(p) for p in image_dir.iterdir()), ["gradcam", "cam", "eigencam"], steps=10)
+        results = evaluate(
+            client, sorted(str(p) for p in image_dir.iterdir()), ["gradcam", "cam", "eigencam"], steps=10
+        )
     print("\n" + table(results))
     random = results["random"]
     for method in ("gradcam", "cam"):
@@ -46,17 +48,48 @@ def test_real_heatmaps_beat_a_random_map(shapes_server, image_dir):
 
 def test_evaluate_and_feature_grid_command_lines(shapes_server, image_dir, tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "client", "evaluate", str(image_dir), "--server", shapes_server, "--model", "shapes",
-         "--methods", "gradcam", "--steps", "5"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "client",
+            "evaluate",
+            str(image_dir),
+            "--server",
+            shapes_server,
+            "--model",
+            "shapes",
+            "--methods",
+            "gradcam",
+            "--steps",
+            "5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     assert "gradcam" in run.stdout and "random" in run.stdout and "deletion AUC" in run.stdout
     image = image_dir / "00.png"
     run = subprocess.run(
-        [sys.executable, "-m", "client", "explain", str(image), "--server", shapes_server, "--model", "shapes",
-         "--feature-grid", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "client",
+            "explain",
+            str(image),
+            "--server",
+            shapes_server,
+            "--model",
+            "shapes",
+            "--feature-grid",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     grid = cv2.imread(str(tmp_path / "00_feature_grid.png"))

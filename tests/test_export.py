@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import synthetic
+from images import random_images
 
 # Float32 differences between the eager Keras graph and the SavedModel's graph (different op
 # fusion and summation order over 2048 / 512 channels) stay below 1e-4 on maps in [0, 1]; measured
@@ -34,15 +35,11 @@ EXPLAIN_OUTPUTS = {
 PREDICT_OUTPUTS = {k: v for k, v in EXPLAIN_OUTPUTS.items() if not k.startswith("heatmap")}
 
 
-def random_images(count: int, size: int = 224, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)
-
-
 def reference_gradcam(model, layer: str, preprocess, images: np.ndarray, class_index: list[int]) -> np.ndarray:
     """Grad-CAM as the paper and the seed notebook write it: eager tape, numpy channel loop, cv2."""
     import keras
 
-    grad_model = keras.Model(model.inputs, [model.get_layer(layer).output, model.output])
+    grad_model = keras.Model(model.input, [model.get_layer(layer).output, model.output])
     x = preprocess(images.astype(np.float32))
     with tf.GradientTape() as tape:
         activations, logits = grad_model(x, training=False)
@@ -74,7 +71,7 @@ def test_gradcam_matches_eager_reference(request, load, fixture, layer, preproce
 
     model, path = request.getfixturevalue(fixture)
     preprocess_fn = getattr(keras.applications, preprocess).preprocess_input
-    images = random_images(2, seed=3)
+    images = random_images(2, 224, 3)
     class_index = [-1, 17]
     expected = reference_gradcam(model, layer, preprocess_fn, images, class_index)
     assert expected.max() > 0.9 and expected.min() < 0.1, "the reference map is degenerate"
@@ -88,7 +85,7 @@ def test_predictions_equal_keras_model_in_inference_mode(resnet50, load):
     import keras
 
     model, path = resnet50
-    images = random_images(2, seed=4)
+    images = random_images(2, 224, 4)
     expected = model(keras.applications.resnet50.preprocess_input(images.astype(np.float32)), training=False)
     out = load(path).signatures["predict"](images=images)
     np.testing.assert_allclose(out["logits"].numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
@@ -99,7 +96,7 @@ def test_predictions_equal_keras_model_in_inference_mode(resnet50, load):
 def test_cam_equals_gradcam_for_gap_dense_head(resnet50, load):
     _, path = resnet50
     model = load(path)
-    images, class_index = random_images(3, seed=5), np.array([-1, 2, 999], np.int32)
+    images, class_index = random_images(3, 224, 5), np.array([-1, 2, 999], np.int32)
     cam = model.signatures["cam"](images=images, class_index=class_index)
     gradcam = model.signatures["gradcam"](images=images, class_index=class_index)
     assert cam["heatmap"].numpy().max() > 0.9
@@ -111,8 +108,8 @@ def test_cam_lowres_is_dense_kernel_dot_features(resnet50, load):
     import keras
 
     model, path = resnet50
-    images = random_images(1, seed=6)
-    features = keras.Model(model.inputs, model.get_layer("conv5_block3_out").output)
+    images = random_images(1, 224, 6)
+    features = keras.Model(model.input, model.get_layer("conv5_block3_out").output)
     a = features(keras.applications.resnet50.preprocess_input(images.astype(np.float32))).numpy()
     kernel = model.get_layer("predictions").kernel.numpy()
     classes = [5, 700, 321]
@@ -134,8 +131,8 @@ def test_cam_dot_then_resize_equals_resize_then_dot(resnet50):
     from export.explainer import resize_maps
 
     model, _ = resnet50
-    features = keras.Model(model.inputs, model.get_layer("conv5_block3_out").output)
-    a = features(keras.applications.resnet50.preprocess_input(random_images(1).astype(np.float32))).numpy()[0]
+    features = keras.Model(model.input, model.get_layer("conv5_block3_out").output)
+    a = features(keras.applications.resnet50.preprocess_input(random_images(1, 224, 0).astype(np.float32))).numpy()[0]
     w = model.get_layer("predictions").kernel.numpy()[:, 42]
     upsampled = np.stack([cv2.resize(a[:, :, k], (224, 224)) for k in range(a.shape[-1])], axis=-1)
     seed_way = upsampled @ w  # upsample 2048 maps, then dot
@@ -176,7 +173,8 @@ def test_batch_equals_single_calls_and_class_index_per_image(shapes_export, load
             for key in ("heatmap", "probabilities", "score"):
                 np.testing.assert_allclose(batch[key].numpy()[i], single[key].numpy()[0], atol=1e-5)
         # A different class gives a different map: the class really selects the explanation.
-        other = model.signatures[method](images=images[:1], class_index=np.array([(expected_class[0] + 1) % 3], np.int32))
+        another_class = np.array([(expected_class[0] + 1) % 3], np.int32)
+        other = model.signatures[method](images=images[:1], class_index=another_class)
         assert np.abs(other["heatmap"].numpy()[0] - batch["heatmap"].numpy()[0]).max() > 0.1
 
 
@@ -203,7 +201,7 @@ def test_signature_contract(resnet50, load):
             assert outputs[key].shape.rank == rank and outputs[key].shape[0] is None, (name, key)
     # serving_default is the first listed method's bytes signature
     assert set(model.signatures["serving_default"].structured_input_signature[1]) == {"image_bytes", "class_index"}
-    out = model.signatures["gradcam"](images=random_images(1), class_index=np.array([-1], np.int32))
+    out = model.signatures["gradcam"](images=random_images(1, 224, 0), class_index=np.array([-1], np.int32))
     assert out["heatmap"].shape == (1, 224, 224) and out["heatmap_lowres"].shape == (1, 7, 7)
     assert out["top_k_labels"].shape == (1, 5)
     heat = out["heatmap"].numpy()
@@ -215,7 +213,7 @@ def test_signature_contract(resnet50, load):
 
 def test_labels_travel_inside_the_savedmodel(resnet50, load):
     labels = (pathlib.Path(__file__).parent.parent / "export/data/imagenet_classes.txt").read_text().splitlines()
-    out = load(resnet50[1]).signatures["predict"](images=random_images(1))
+    out = load(resnet50[1]).signatures["predict"](images=random_images(1, 224, 0))
     indices = out["top_k_indices"].numpy()[0]
     assert [s.decode() for s in out["top_k_labels"].numpy()[0]] == [labels[i] for i in indices]
     assert labels[0] == "tench" and len(labels) == 1000
@@ -232,7 +230,9 @@ def test_bytes_signatures_match_tensor_signatures(shapes_export, load):
         np.testing.assert_allclose(from_png["heatmap"].numpy(), from_tensor["heatmap"].numpy(), atol=1e-6)
     predicted = model.signatures["predict_bytes"](image_bytes=pngs)
     np.testing.assert_allclose(
-        predicted["probabilities"].numpy(), model.signatures["predict"](images=images)["probabilities"].numpy(), atol=1e-6
+        predicted["probabilities"].numpy(),
+        model.signatures["predict"](images=images)["probabilities"].numpy(),
+        atol=1e-6,
     )
     # A larger JPEG is decoded and resized in the graph.
     big = cv2.resize(images[0], (200, 150))
@@ -254,7 +254,9 @@ def test_no_python_callback_ops_in_any_signature(resnet50):
 def test_warmup_records_cover_every_signature_and_run(resnet50, load):
     from tensorflow_serving.apis import prediction_log_pb2
 
-    path = resnet50[1] / "assets.extra" / "tf_serving_warmup_requests"
+    from export.tfs_loader import WARMUP_FILE
+
+    path = resnet50[1] / WARMUP_FILE
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
     seen = set()
     for log in logs:
@@ -262,8 +264,17 @@ def test_warmup_records_cover_every_signature_and_run(resnet50, load):
         sizes = {tensor.tensor_shape.dim[0].size for tensor in request.inputs.values()}
         assert len(sizes) == 1, request.model_spec.signature_name
         seen.add((request.model_spec.signature_name, sizes.pop()))
-    signatures = {"predict", "predict_bytes", "gradcam", "gradcam_bytes", "cam", "cam_bytes", "feature_maps",
-                  "feature_maps_bytes", "serving_default"}
+    signatures = {
+        "predict",
+        "predict_bytes",
+        "gradcam",
+        "gradcam_bytes",
+        "cam",
+        "cam_bytes",
+        "feature_maps",
+        "feature_maps_bytes",
+        "serving_default",
+    }
     assert seen == {(s, b) for s in signatures for b in (1, 2)}
     model = load(resnet50[1])
     for log in logs:
@@ -283,29 +294,26 @@ def test_out_of_range_class_index_is_an_invalid_argument(shapes_export, load):
 
 
 def test_cam_on_vgg16_is_a_clear_error_and_writes_nothing(tmp_path):
-    from export.savedmodel import export_savedmodel
 
     with pytest.raises(ValueError, match="global average pooling"):
-        export_savedmodel("vgg16", "none", ["cam"], "vgg", str(tmp_path), log=synthetic.quiet)
+        synthetic.export_model("vgg16", ["cam"], "vgg", tmp_path)
     assert not (tmp_path / "vgg").exists() or not any((tmp_path / "vgg").iterdir())
 
 
 def test_versions_increase_and_no_staging_directory_remains(shapes_model, tmp_path):
-    from export.savedmodel import export_savedmodel
 
-    first = export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), warmup_batch_sizes=(1,), log=synthetic.quiet)
-    second = export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), warmup_batch_sizes=(1,), log=synthetic.quiet)
+    first = synthetic.export_model(shapes_model, ["gradcam"], "m", tmp_path, warmup_batch_sizes=(1,))
+    second = synthetic.export_model(shapes_model, ["gradcam"], "m", tmp_path, warmup_batch_sizes=(1,))
     assert (first.name, second.name) == ("1", "2")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]
     with pytest.raises(FileExistsError):
-        export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), version=2, log=synthetic.quiet)
+        synthetic.export_model(shapes_model, ["gradcam"], "m", tmp_path, version=2)
 
 
 def test_target_layers_refusals_are_clear(shapes_model, tmp_path):
     """--target-layers: an unknown layer, a single layer, no method to fuse and a cut that a skip
     connection crosses are refused in words before anything is written."""
     from export.backbone import load_backbone
-    from export.savedmodel import export_savedmodel
 
     cases = {
         ("gradcam",): (["nope", "last_conv"], "no layer 'nope'"),
@@ -314,8 +322,23 @@ def test_target_layers_refusals_are_clear(shapes_model, tmp_path):
     }
     for methods, (layers, message) in cases.items():
         with pytest.raises(ValueError, match=message):
-            export_savedmodel(str(shapes_model), "none", list(methods), "refused", str(tmp_path),
-                              target_layers=layers, log=synthetic.quiet)
+            synthetic.export_model(shapes_model, list(methods), "refused", tmp_path, target_layers=layers)
     assert not (tmp_path / "refused").exists()
     with pytest.raises(ValueError, match="skip connection goes around it"):  # inside a residual block
         load_backbone("resnet50", "none", target_layers=["conv5_block3_1_conv", "conv5_block3_out"])
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_are_a_one_line_error(monkeypatch, tmp_path, capsys):
+    import keras.src.utils.file_utils as file_utils
+
+    from export.__main__ import main
+
+    def offline(origin: str, *args, **kwargs):  # what Keras raises when the download fails
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    argv = ["--backbone", "mobilenet_v2", "--model-name", "m", "--base-path", str(tmp_path)]
+    assert main([*argv, "--weights", "imagenet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("export: error: --weights imagenet") and "--weights FILE" in error
+    assert not (tmp_path / "m").exists()

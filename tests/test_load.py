@@ -19,20 +19,12 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from calls import arrays, bytes_request, explain_request
+from images import encode, gif, png_bomb, random_images
 from servers import ServerProcess
-from test_reliability import (  # noqa: F401 - model_base and reference are fixtures
-    MAX_BATCH,
-    NUM_CLASSES,
-    bytes_request,
-    encode,
-    explain_request,
-    gif,
-    heatmap,
-    model_base,
-    png_bomb,
-    reference,
-    rgb,
-)
+from synthetic import TINY_CLASSES as NUM_CLASSES
+from synthetic import TINY_MAX_BATCH as MAX_BATCH
+from synthetic import TINY_SIZE as SIZE
 
 pytestmark = pytest.mark.load
 
@@ -43,34 +35,61 @@ _ARENAS = os.environ.get("LOAD_MALLOC_ARENA_MAX", "2")
 SERVER_ENV = {"MALLOC_ARENA_MAX": _ARENAS} if _ARENAS else {}
 
 
-def test_load_mixed_requests_all_correct_and_memory_flat(model_base, reference, tmp_path):
+def test_load_mixed_requests_all_correct_and_memory_flat(rel_model, rel_reference, tmp_path):
     (tmp_path / "batching.config").write_text(
         f"max_batch_size {{ value: {MAX_BATCH} }}\nallowed_batch_sizes: 1\nallowed_batch_sizes: 4\n"
         f"allowed_batch_sizes: {MAX_BATCH}\nbatch_timeout_micros {{ value: 2000 }}\n"
         "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 1000 }\n")
-    server = ServerProcess(["--port", "0", "--model_name", "rel", "--model_base_path", str(model_base), "--enable_batching",
-                     "--batching_parameters_file", str(tmp_path / "batching.config"),
-                     "--max_concurrent_requests", str(2 * CALLERS), "--file_system_poll_wait_seconds", "0"],
-                    env=SERVER_ENV)
+    server = ServerProcess(
+        [
+            "--port",
+            "0",
+            "--model_name",
+            "rel",
+            "--model_base_path",
+            str(rel_model),
+            "--enable_batching",
+            "--batching_parameters_file",
+            str(tmp_path / "batching.config"),
+            "--max_concurrent_requests",
+            str(2 * CALLERS),
+            "--file_system_poll_wait_seconds",
+            "0",
+        ],
+        env=SERVER_ENV,
+    )
     try:
         address = server.wait_ready()
-        pool = rgb(16, 21)
+        pool = random_images(16, SIZE, 21)
         classes = np.arange(-1, NUM_CLASSES, dtype=np.int32)
         # expected[image, class + 1]: the in-process heatmap of every (image, class) pair
-        expected = np.stack([
-            np.concatenate([reference("gradcam", images=pool[i:i + MAX_BATCH],
-                                      class_index=np.full(len(pool[i:i + MAX_BATCH]), c, np.int32))["heatmap"]
-                            for i in range(0, len(pool), MAX_BATCH)])
-            for c in classes
-        ], axis=1)
+        expected = np.stack(
+            [
+                np.concatenate(
+                    [
+                        rel_reference(
+                            "gradcam",
+                            images=pool[i : i + MAX_BATCH],
+                            class_index=np.full(len(pool[i : i + MAX_BATCH]), c, np.int32),
+                        )["heatmap"]
+                        for i in range(0, len(pool), MAX_BATCH)
+                    ]
+                )
+                for c in classes
+            ],
+            axis=1,
+        )
         pngs = [encode(".png", image) for image in pool]
         bomb = png_bomb(16000)
         hostile = [
-            (lambda rng: explain_request(pool[:2], [0, NUM_CLASSES]), f"class_index {NUM_CLASSES} is out of range"),
-            (lambda rng: bytes_request([b"garbage" * 10]), "not a JPEG, PNG or BMP image"),
-            (lambda rng: explain_request(pool[:1].astype(np.int32)), "expected dtype uint8"),
-            (lambda rng: bytes_request([bomb]), "declares 16000x16000 pixels"),
-            (lambda rng: bytes_request([gif(pool[0])]), "GIF images are not accepted"),
+            (
+                lambda rng: explain_request("rel", pool[:2], [0, NUM_CLASSES]),
+                f"class_index {NUM_CLASSES} is out of range",
+            ),
+            (lambda rng: bytes_request("rel", [b"garbage" * 10]), "not a JPEG, PNG or BMP image"),
+            (lambda rng: explain_request("rel", pool[:1].astype(np.int32)), "expected dtype uint8"),
+            (lambda rng: bytes_request("rel", [bomb]), "declares 16000x16000 pixels"),
+            (lambda rng: bytes_request("rel", [gif(pool[0])]), "GIF images are not accepted"),
         ]
         counts = {"valid": 0, "refused as expected": 0}
         unexpected: list[str] = []
@@ -88,9 +107,12 @@ def test_load_mixed_requests_all_correct_and_memory_flat(model_base, reference, 
                             n = int(rng.integers(1, 4))
                             picked = rng.choice(len(pool), n, replace=False)
                             targets = rng.choice(classes, n)
-                            req = (explain_request(pool[picked], targets) if kind < 0.5
-                                   else bytes_request([pngs[i] for i in picked], targets))
-                            got = heatmap(stub.Predict(req, timeout=60))
+                            req = (
+                                explain_request("rel", pool[picked], targets)
+                                if kind < 0.5
+                                else bytes_request("rel", [pngs[i] for i in picked], targets)
+                            )
+                            got = arrays(stub.Predict(req, timeout=60))["heatmap"]
                             np.testing.assert_allclose(got, expected[picked, targets + 1], rtol=1e-5, atol=1e-6)
                             with lock:
                                 counts["valid"] += 1
@@ -127,11 +149,13 @@ def test_load_mixed_requests_all_correct_and_memory_flat(model_base, reference, 
         warm = [r for t, r in rss if t >= 0.2 * LOAD_SECONDS]  # after the first fifth: pools and caches are warm
         start, end, peak = warm[0], rss[-1][1], max(r for _, r in rss)
         total = counts["valid"] + counts["refused as expected"] + len(unexpected)
-        print(f"\nload: {CALLERS} callers, {elapsed:.0f} s, {total} requests ({total / elapsed:.0f}/s): {counts}, "
-              f"{len(unexpected)} unexpected; server RSS {rss[0][1] / 2**20:.0f} MiB at 0 s, "
-              f"{start / 2**20:.0f} MiB warm, {end / 2**20:.0f} MiB at the end, peak {peak / 2**20:.0f} MiB "
-              f"(env {SERVER_ENV}); RSS MiB over time: "
-              + " ".join(f"{r / 2**20:.0f}" for _, r in rss[::max(1, len(rss) // 12)]))
+        print(
+            f"\nload: {CALLERS} callers, {elapsed:.0f} s, {total} requests ({total / elapsed:.0f}/s): {counts}, "
+            f"{len(unexpected)} unexpected; server RSS {rss[0][1] / 2**20:.0f} MiB at 0 s, "
+            f"{start / 2**20:.0f} MiB warm, {end / 2**20:.0f} MiB at the end, peak {peak / 2**20:.0f} MiB "
+            f"(env {SERVER_ENV}); RSS MiB over time: "
+            + " ".join(f"{r / 2**20:.0f}" for _, r in rss[:: max(1, len(rss) // 12)])
+        )
         assert unexpected == [], unexpected[:5]
         assert counts["valid"] > 0 and counts["refused as expected"] > 0
         assert end - start < max(64 * 2**20, 0.1 * start), f"RSS grew from {start / 2**20:.0f} to {end / 2**20:.0f} MiB"

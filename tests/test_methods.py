@@ -92,7 +92,7 @@ def shapes_evidence(shapes_keras):
     import keras
 
     model = shapes_keras
-    grad_model = keras.Model(model.inputs, [model.get_layer("last_conv").output, model.output])
+    grad_model = keras.Model(model.input, [model.get_layer("last_conv").output, model.output])
     images, labels, _ = synthetic.dataset(6, seed=21)
     class_index = np.array([-1, 0, 1, 2, -1, 1], np.int32)
     with tf.GradientTape() as tape:
@@ -129,8 +129,13 @@ def test_scorecam_matches_its_formula(shapes_export, load, shapes_keras, shapes_
         masks = np.stack([_resized(a[i][:, :, k]) for k in channels]).astype(np.float64)
         low, high = masks.min(axis=(1, 2), keepdims=True), masks.max(axis=(1, 2), keepdims=True)
         masks = np.divide(masks - low, high - low, out=np.zeros_like(masks), where=high > low)
-        scores = np.array([shapes_keras(images[i][None].astype(np.float64) * m[..., None], training=False)[0, targets[i]]
-                           for m in masks], np.float64)
+        scores = np.array(
+            [
+                shapes_keras(images[i][None].astype(np.float64) * m[..., None], training=False)[0, targets[i]]
+                for m in masks
+            ],
+            np.float64,
+        )
         weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
         heat = _normalised(np.einsum("hwk,k->hw", a[i][:, :, channels], weights))
         np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], heat, atol=MAP_TOLERANCE)
@@ -222,7 +227,9 @@ def test_guided_relus_gate_relu_layers_only_while_traced():
     assert np.abs(guided_g - plain_g).max() > 1e-3
     _, after_g = forward_and_gradient()
     np.testing.assert_array_equal(after_g, plain_g)
-    assert model.get_layer("dense_relu").activation is keras.activations.relu and "call" not in vars(model.get_layer("relu6"))
+    assert model.get_layer("dense_relu").activation is keras.activations.relu and "call" not in vars(
+        model.get_layer("relu6")
+    )
 
 
 def test_fused_layercam_matches_the_papers_fusion(fused_export, load, shapes_keras):
@@ -233,7 +240,9 @@ def test_fused_layercam_matches_the_papers_fusion(fused_export, load, shapes_ker
     images, _, _ = synthetic.dataset(4, seed=25)
     class_index = np.array([-1, 0, 1, 2], np.int32)
     layers = ("conv2", "last_conv")
-    grad_model = keras.Model(shapes_keras.inputs, [shapes_keras.get_layer(n).output for n in layers] + [shapes_keras.output])
+    grad_model = keras.Model(
+        shapes_keras.input, [shapes_keras.get_layer(n).output for n in layers] + [shapes_keras.output]
+    )
     with tf.GradientTape() as tape:
         *activations, logits = grad_model(images.astype(np.float32), training=False)
         targets = np.where(class_index < 0, np.argmax(logits, axis=1), class_index)
@@ -241,8 +250,10 @@ def test_fused_layercam_matches_the_papers_fusion(fused_export, load, shapes_ker
     gradients = tape.gradient(score, activations)
     out = load(fused_export).signatures["layercam_fused"](images=images, class_index=class_index)
     for i in range(len(images)):
-        scaled = [np.tanh(2 * _normalised(np_layercam(a[i].numpy().astype(np.float64), g[i].numpy(), None)))
-                  for a, g in zip(activations, gradients)]
+        scaled = [
+            np.tanh(2 * _normalised(np_layercam(a[i].numpy().astype(np.float64), g[i].numpy(), None)))
+            for a, g in zip(activations, gradients)
+        ]
         fused = _normalised(np.maximum(scaled[0], _resized(scaled[1], 32)))
         np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], fused, atol=MAP_TOLERANCE)
         np.testing.assert_allclose(out["heatmap"].numpy()[i], _resized(fused), atol=MAP_TOLERANCE)
@@ -272,8 +283,9 @@ def test_layercam_equals_hirescam_for_nonnegative_gradients():
     assert np.abs(layercam(Evidence(a, signed, None)) - hirescam(Evidence(a, signed, None))).max() > 0.1
 
 
-@pytest.mark.parametrize("method", [*REFERENCES, "guided_gradcam", "scorecam", "ablationcam", "layercam_fused",
-                                    "gradcam_fused"])
+@pytest.mark.parametrize(
+    "method", [*REFERENCES, "guided_gradcam", "scorecam", "ablationcam", "layercam_fused", "gradcam_fused"]
+)
 def test_pointing_game_per_method(shapes_export, fused_export, load, method):
     images, labels, boxes = synthetic.dataset(100, seed=99)
     model = load(fused_export if method.endswith("_fused") else shapes_export)

@@ -9,44 +9,38 @@ concurrency limit, version switching and mutual TLS. The long load test is tests
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import ipaddress
 import logging
 import os
 import pathlib
 import shutil
 import signal
-import struct
-import subprocess
 import threading
 import time
-import zlib
 
-import cv2
 import grpc
 import numpy as np
 import psutil
 import pytest
 import tensorflow as tf
-from google.protobuf import text_format
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
-    predict_pb2,
     prediction_service_pb2_grpc,
 )
 
+from calls import arrays, bytes_request, explain_request, fake_server, model_spec, predict_request, wait_for
+from images import bmp_claiming, encode, gif, jpeg_claiming, png_bomb, random_images
+from servers import ServerProcess
 from serving import configs
 from serving.__main__ import options_from_args, parser
 from serving.server import EmbeddedServer, ServerOptions
-import synthetic
-from servers import ServerProcess
+from synthetic import TINY_CLASSES as NUM_CLASSES
+from synthetic import TINY_MAX_BATCH as MAX_BATCH
+from synthetic import TINY_SIZE as SIZE
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SIZE = 32
-NUM_CLASSES = 4
-MAX_BATCH = 8
 MAX_MESSAGE = 4 * 2**20
 # What a hostile request may get back: anything else (INTERNAL, UNKNOWN, UNAVAILABLE, a timeout) is a bug.
 DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND,
@@ -57,38 +51,13 @@ DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUST
 
 
 @pytest.fixture(scope="module")
-def model_base(tmp_path_factory) -> pathlib.Path:
-    """<base>/1: a tiny GAP CNN (random weights), gradcam only, at most MAX_BATCH images a request."""
-    from export.savedmodel import export_savedmodel
-
-    root = tmp_path_factory.mktemp("reliability")
-    keras_file = root / "rel.keras"
-    synthetic.tiny_gap_cnn(keras_file, SIZE, NUM_CLASSES, seed=5)
-    export_savedmodel(str(keras_file), "none", ["gradcam"], "rel", str(root / "models"), version=1,
-                      max_batch_size=MAX_BATCH, feature_maps=0, warmup_batch_sizes=(1,), log=synthetic.quiet)
-    return root / "models" / "rel"
-
-
-@pytest.fixture(scope="module")
-def reference(model_base):
-    """In-process calls of the exported signatures: what every served answer must equal."""
-    loaded = tf.saved_model.load(str(model_base / "1"))
-
-    def call(signature: str, **inputs):
-        out = loaded.signatures[signature](**{k: tf.constant(v) for k, v in inputs.items()})
-        return {k: v.numpy() for k, v in out.items()}
-
-    return call
-
-
-@pytest.fixture(scope="module")
-def served(model_base, tmp_path_factory):
+def served(rel_model, tmp_path_factory):
     """The subprocess server of the hostile-input tests (batching: 50 ms window, at most MAX_BATCH)."""
     root = tmp_path_factory.mktemp("served")
     (root / "batching.config").write_text(
         f"max_batch_size {{ value: {MAX_BATCH} }}\nallowed_batch_sizes: 1\nallowed_batch_sizes: {MAX_BATCH}\n"
         "batch_timeout_micros { value: 50000 }\nnum_batch_threads { value: 2 }\nmax_enqueued_batches { value: 1000 }\n")
-    server = ServerProcess(["--port", "0", "--model_name", "rel", "--model_base_path", str(model_base),
+    server = ServerProcess(["--port", "0", "--model_name", "rel", "--model_base_path", str(rel_model),
                      "--enable_batching", "--batching_parameters_file", str(root / "batching.config"),
                      "--max_message_bytes", str(MAX_MESSAGE), "--file_system_poll_wait_seconds", "0",
                      "--shutdown_grace_seconds", "20"])
@@ -103,88 +72,15 @@ def stub(served):
         yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
 
-def rgb(n: int = 1, seed: int = 0, size: int = SIZE) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
-
-
-def encode(ext: str, image: np.ndarray) -> bytes:
-    """OpenCV encoding of an RGB (H,W,3), RGBA (H,W,4) or gray (H,W) uint8/uint16 image."""
-    if image.ndim == 3:
-        image = image[..., [2, 1, 0, 3][:image.shape[2]]]  # RGB(A) -> BGR(A)
-    ok, data = cv2.imencode(ext, image)
-    assert ok
-    return data.tobytes()
-
-
-def request(signature: str, inputs: dict, model: str = "rel", output_filter=(), version: int | None = None):
-    req = predict_pb2.PredictRequest()
-    req.model_spec.name = model
-    req.model_spec.signature_name = signature
-    if version is not None:
-        req.model_spec.version.value = version
-    for name, value in inputs.items():
-        req.inputs[name].CopyFrom(value if isinstance(value, tensor_pb2.TensorProto) else tf.make_tensor_proto(value))
-    req.output_filter.extend(output_filter)
-    return req
-
-
-def explain_request(images: np.ndarray, classes=None) -> predict_pb2.PredictRequest:
-    classes = np.full(len(images), -1, np.int32) if classes is None else np.asarray(classes, np.int32)
-    return request("gradcam", {"images": images, "class_index": classes})
-
-
-def bytes_request(blobs: list[bytes], classes=None) -> predict_pb2.PredictRequest:
-    classes = np.full(len(blobs), -1, np.int32) if classes is None else np.asarray(classes, np.int32)
-    return request("gradcam_bytes", {"image_bytes": np.array(blobs, dtype=object), "class_index": classes})
-
-
-def heatmap(response) -> np.ndarray:
-    return tf.make_ndarray(response.outputs["heatmap"])
-
-
-def assert_serves(stub, reference, seed: int = 99) -> None:
+def assert_serves(stub, rel_reference, seed: int = 99) -> None:
     """A valid request works and answers exactly what the in-process call does."""
-    images = rgb(2, seed)
-    response = stub.Predict(explain_request(images), timeout=30)
-    expected = reference("gradcam", images=images, class_index=np.array([-1, -1], np.int32))
-    np.testing.assert_allclose(heatmap(response), expected["heatmap"], rtol=1e-5, atol=1e-6)
+    images = random_images(2, SIZE, seed)
+    response = stub.Predict(explain_request("rel", images), timeout=30)
+    expected = rel_reference("gradcam", images=images, class_index=np.array([-1, -1], np.int32))
+    np.testing.assert_allclose(arrays(response)["heatmap"], expected["heatmap"], rtol=1e-5, atol=1e-6)
 
 
 # --- hostile images ---------------------------------------------------------------------------
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_bomb(side: int = 16000) -> bytes:
-    """A valid 8-bit grayscale PNG of side x side black pixels (~250 KB for 16000: 768 MB as RGB)."""
-    compressor = zlib.compressobj(9)
-    row = bytes(1 + side)  # filter byte + pixels
-    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
-
-
-def jpeg_claiming(width: int, height: int) -> bytes:
-    """A small JPEG whose frame header (SOF0) claims width x height."""
-    data = bytearray(encode(".jpg", rgb(1, 3)[0]))
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
-
-
-def bmp_claiming(width: int, height: int) -> bytes:
-    return (b"BM" + struct.pack("<IHHI", 54, 0, 0, 54)
-            + struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0))
-
-
-def gif(image: np.ndarray) -> bytes:
-    from PIL import Image  # comes with matplotlib
-
-    out = io.BytesIO()
-    Image.fromarray(image).quantize(64).save(out, "GIF")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +92,7 @@ def bomb() -> bytes:
 
 def _hostile_images(bomb: bytes) -> dict:
     """name: (encoded image, code, fragment of the message)."""
-    image = rgb(1, 1)[0]
+    image = random_images(1, SIZE, 1)[0]
     jpeg, png = encode(".jpg", image), encode(".png", image)
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     return {
@@ -219,29 +115,29 @@ HOSTILE_IMAGES = ["not an image", "empty string", "truncated JPEG", "JPEG cut in
 
 
 @pytest.mark.parametrize("case", HOSTILE_IMAGES)
-def test_hostile_image_gets_a_clear_error_and_the_next_request_works(stub, reference, bomb, case):
+def test_hostile_image_gets_a_clear_error_and_the_next_request_works(stub, rel_reference, bomb, case):
     data, code, fragment = _hostile_images(bomb)[case]
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
-        stub.Predict(bytes_request([data]), timeout=20)
+        stub.Predict(bytes_request("rel", [data]), timeout=20)
     assert time.monotonic() - started < 5
     assert info.value.code() == code, info.value.details()
     assert fragment in info.value.details()
     assert len(info.value.details()) < 300 and "[[{{" not in info.value.details()
     # Beside a good image (as in a batch TF Serving forms from several callers): the good one is
     # answered, the bad one's row says why.
-    good = rgb(1, 2)
-    response = stub.Predict(bytes_request([encode(".png", good[0]), data]), timeout=20)
+    good = random_images(1, SIZE, 2)
+    response = stub.Predict(bytes_request("rel", [encode(".png", good[0]), data]), timeout=20)
     errors = tf.make_ndarray(response.outputs["error"])
     assert errors[0] == b"" and fragment in errors[1].decode()
-    expected = reference("gradcam", images=good, class_index=np.array([-1], np.int32))["heatmap"]
-    np.testing.assert_allclose(heatmap(response)[:1], expected, rtol=1e-5, atol=1e-6)
-    assert_serves(stub, reference)
+    expected = rel_reference("gradcam", images=good, class_index=np.array([-1], np.int32))["heatmap"]
+    np.testing.assert_allclose(arrays(response)["heatmap"][:1], expected, rtol=1e-5, atol=1e-6)
+    assert_serves(stub, rel_reference)
 
 
-def test_image_variants_decode_like_their_rgb_pixels(stub, reference):
+def test_image_variants_decode_like_their_rgb_pixels(stub, rel_reference):
     """Grayscale, alpha, 16-bit PNGs and BMPs work, and give the heatmap of the same RGB pixels."""
-    image = rgb(1, 4)[0]
+    image = random_images(1, SIZE, 4)[0]
     gray = image[..., 1]
     gray_rgb = np.repeat(gray[..., None], 3, axis=2)
     cases = {
@@ -252,19 +148,20 @@ def test_image_variants_decode_like_their_rgb_pixels(stub, reference):
         "BMP": (encode(".bmp", image), image),
         "BMP gray": (encode(".bmp", gray), gray_rgb),
     }
-    response = stub.Predict(bytes_request([data for data, _ in cases.values()]), timeout=30)
+    response = stub.Predict(bytes_request("rel", [data for data, _ in cases.values()]), timeout=30)
     pixels = np.stack([expected for _, expected in cases.values()])
-    expected = reference("gradcam", images=pixels, class_index=np.full(len(cases), -1, np.int32))["heatmap"]
+    expected = rel_reference("gradcam", images=pixels, class_index=np.full(len(cases), -1, np.int32))["heatmap"]
     for i, name in enumerate(cases):
-        np.testing.assert_allclose(heatmap(response)[i], expected[i], rtol=1e-5, atol=1e-6, err_msg=name)
-    jpeg_gray = stub.Predict(bytes_request([encode(".jpg", gray)]), timeout=30)  # lossy: shape and range only
-    assert heatmap(jpeg_gray).shape == (1, SIZE, SIZE) and 0 <= heatmap(jpeg_gray).min() <= heatmap(jpeg_gray).max() <= 1
+        np.testing.assert_allclose(arrays(response)["heatmap"][i], expected[i], rtol=1e-5, atol=1e-6, err_msg=name)
+    jpeg_gray = stub.Predict(bytes_request("rel", [encode(".jpg", gray)]), timeout=30)  # lossy: shape and range only
+    gray_map = arrays(jpeg_gray)["heatmap"]
+    assert gray_map.shape == (1, SIZE, SIZE) and 0 <= gray_map.min() <= gray_map.max() <= 1
 
 
-def test_a_burst_of_decompression_bombs_leaves_server_memory_flat(served, stub, reference, bomb):
+def test_a_burst_of_decompression_bombs_leaves_server_memory_flat(served, stub, rel_reference, bomb):
     """16 bombs at once (each 768 MB if decoded) plus 16 JPEG headers claiming 60000x60000: refused
     from the header, with the server's RSS sampled every 5 ms."""
-    assert_serves(stub, reference)
+    assert_serves(stub, rel_reference)
     before = served.rss()
     peak, stop = [before], threading.Event()
 
@@ -278,19 +175,23 @@ def test_a_burst_of_decompression_bombs_leaves_server_memory_flat(served, stub, 
     claims = jpeg_claiming(60000, 60000)
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        futures = [pool.submit(stub.Predict, bytes_request([bomb if i % 2 else claims]), timeout=30) for i in range(32)]
+        futures = [
+            pool.submit(stub.Predict, bytes_request("rel", [bomb if i % 2 else claims]), timeout=30) for i in range(32)
+        ]
         errors = [f.exception() for f in futures]
     elapsed = time.monotonic() - started
     stop.set()
     sampler.join()
     after = served.rss()
-    print(f"bomb burst: RSS before {before / 2**20:.0f} MiB, peak {peak[0] / 2**20:.0f} MiB, "
-          f"after {after / 2**20:.0f} MiB, {elapsed:.2f} s")
+    print(
+        f"bomb burst: RSS before {before / 2**20:.0f} MiB, peak {peak[0] / 2**20:.0f} MiB, "
+        f"after {after / 2**20:.0f} MiB, {elapsed:.2f} s"
+    )
     assert all(e is not None and e.code() == grpc.StatusCode.INVALID_ARGUMENT for e in errors)
     assert all("pixels, more than the limit" in e.details() for e in errors)
     assert peak[0] - before < 150 * 2**20  # one decoded bomb alone would be 768 MB
     assert elapsed < 10
-    assert_serves(stub, reference)
+    assert_serves(stub, rel_reference)
 
 
 # --- hostile tensors and requests -------------------------------------------------------------
@@ -305,58 +206,130 @@ def _proto(dtype: int, shape: list[int], content: bytes = b"") -> tensor_pb2.Ten
 
 def _hostile_requests() -> dict:
     """name: (request, code, fragment of the message)."""
-    good = rgb(2)
+    good = random_images(2, SIZE, 0)
     classes = np.array([-1, -1], np.int32)
     invalid, exhausted = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
     nan = good.astype(np.float32)
     nan[0, 0, 0, 0], nan[1, 0, 0, 0] = np.nan, np.inf
     return {
-        "wrong dtype": (explain_request(good.astype(np.int32)), invalid, "expected dtype uint8, got int32"),
-        "NaN and inf floats": (explain_request(nan), invalid, "expected dtype uint8, got float32"),
-        "class_index int64": (request("gradcam", {"images": good, "class_index": classes.astype(np.int64)}),
-                              invalid, "expected dtype int32, got int64"),
+        "wrong dtype": (explain_request("rel", good.astype(np.int32)), invalid, "expected dtype uint8, got int32"),
+        "NaN and inf floats": (explain_request("rel", nan), invalid, "expected dtype uint8, got float32"),
+        "class_index int64": (
+            predict_request("rel", "gradcam", {"images": good, "class_index": classes.astype(np.int64)}),
+            invalid,
+            "expected dtype int32, got int64",
+        ),
         # With batching, TF Serving's batcher refuses these before the graph sees them.
-        "wrong rank": (request("gradcam", {"images": good[0], "class_index": classes[:1]}),
-                       invalid, "Batching Run() input tensors must have equal 0th-dimension size"),
-        "batch sizes differ": (explain_request(good, [-1, -1, -1]), invalid,
-                               "Batching Run() input tensors must have equal 0th-dimension size"),
-        "scalar input": (request("gradcam", {"images": good, "class_index": np.int32(-1)}), invalid,
-                         "Batching Run() input tensors must have at least one dimension"),
+        "wrong rank": (
+            predict_request("rel", "gradcam", {"images": good[0], "class_index": classes[:1]}),
+            invalid,
+            "Batching Run() input tensors must have equal 0th-dimension size",
+        ),
+        "batch sizes differ": (
+            explain_request("rel", good, [-1, -1, -1]),
+            invalid,
+            "Batching Run() input tensors must have equal 0th-dimension size",
+        ),
+        "scalar input": (
+            predict_request("rel", "gradcam", {"images": good, "class_index": np.int32(-1)}),
+            invalid,
+            "Batching Run() input tensors must have at least one dimension",
+        ),
         # (padded by the batcher to an allowed batch size, as TF Serving pads: "got [8,35,35,3]")
-        "wrong image size": (explain_request(rgb(2, size=SIZE + 3)), invalid,
-                             f"images: expected shape [N,{SIZE},{SIZE},3] (N RGB images of {SIZE}x{SIZE}, uint8), "
-                             f"got [{MAX_BATCH},{SIZE + 3},{SIZE + 3},3]"),
-        "class_index = number of classes": (explain_request(good, [NUM_CLASSES] * 2), invalid,
-                                            f"class_index {NUM_CLASSES} is out of range: this model has {NUM_CLASSES}"),
-        "class_index < -1": (explain_request(good, [-2, -2]), invalid, "class_index -2 is out of range"),
-        "empty batch": (explain_request(rgb(0)), invalid, "empty batch"),
-        "batch over the maximum": (explain_request(rgb(MAX_BATCH + 1)), invalid, f"maximum input batch size {MAX_BATCH}"),
-        "unknown input name": (request("gradcam", {"images": good, "class_index": classes, "mask": classes}),
-                               invalid, "Sent extra: {mask}"),
-        "missing input": (request("gradcam", {"images": good}), invalid, "Missing but required: {class_index}"),
-        "unknown output_filter": (request("gradcam", {"images": good, "class_index": classes},
-                                          output_filter=["heatmap", "saliency"]), invalid, "saliency"),
-        "unknown signature": (request("shap", {"images": good}), grpc.StatusCode.FAILED_PRECONDITION, "shap"),
-        "unknown model": (request("nobody", {"images": good}, model="nobody"), grpc.StatusCode.NOT_FOUND, "nobody"),
-        "tensor_content too short": (request("gradcam", {"images": _proto(types_pb2.DT_UINT8, [2, SIZE, SIZE, 3], b"x"),
-                                                         "class_index": classes}), invalid, "tensor_content"),
+        "wrong image size": (
+            explain_request("rel", random_images(2, SIZE + 3, 0)),
+            invalid,
+            f"images: expected shape [N,{SIZE},{SIZE},3] (N RGB images of {SIZE}x{SIZE}, uint8), "
+            f"got [{MAX_BATCH},{SIZE + 3},{SIZE + 3},3]",
+        ),
+        "class_index = number of classes": (
+            explain_request("rel", good, [NUM_CLASSES] * 2),
+            invalid,
+            f"class_index {NUM_CLASSES} is out of range: this model has {NUM_CLASSES}",
+        ),
+        "class_index < -1": (explain_request("rel", good, [-2, -2]), invalid, "class_index -2 is out of range"),
+        "empty batch": (explain_request("rel", random_images(0, SIZE, 0)), invalid, "empty batch"),
+        "batch over the maximum": (
+            explain_request("rel", random_images(MAX_BATCH + 1, SIZE, 0)),
+            invalid,
+            f"maximum input batch size {MAX_BATCH}",
+        ),
+        "unknown input name": (
+            predict_request("rel", "gradcam", {"images": good, "class_index": classes, "mask": classes}),
+            invalid,
+            "Sent extra: {mask}",
+        ),
+        "missing input": (
+            predict_request("rel", "gradcam", {"images": good}),
+            invalid,
+            "Missing but required: {class_index}",
+        ),
+        "unknown output_filter": (
+            predict_request(
+                "rel", "gradcam", {"images": good, "class_index": classes}, output_filter=["heatmap", "saliency"]
+            ),
+            invalid,
+            "saliency",
+        ),
+        "unknown signature": (
+            predict_request("rel", "shap", {"images": good}),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "shap",
+        ),
+        "unknown model": (predict_request("nobody", "nobody", {"images": good}), grpc.StatusCode.NOT_FOUND, "nobody"),
+        "tensor_content too short": (
+            predict_request(
+                "rel",
+                "gradcam",
+                {"images": _proto(types_pb2.DT_UINT8, [2, SIZE, SIZE, 3], b"x"), "class_index": classes},
+            ),
+            invalid,
+            "tensor_content",
+        ),
         # 20 bytes on the wire that would expand to 600 MB of zeros (TF's fill-from-fewer-values form);
         # with the default 2 GB message limit, see test_a_tensor_filled_from_few_values_is_capped
-        "shape without values": (request("gradcam", {"images": _proto(types_pb2.DT_UINT8, [200_000, SIZE, SIZE, 3]),
-                                                     "class_index": classes}), exhausted, f"more than the {MAX_MESSAGE}"),
-        "message over the limit": (bytes_request([os.urandom(MAX_MESSAGE + 1000)]), exhausted, "larger than max"),
+        "shape without values": (
+            predict_request(
+                "rel",
+                "gradcam",
+                {"images": _proto(types_pb2.DT_UINT8, [200_000, SIZE, SIZE, 3]), "class_index": classes},
+            ),
+            exhausted,
+            f"more than the {MAX_MESSAGE}",
+        ),
+        "message over the limit": (
+            bytes_request("rel", [os.urandom(MAX_MESSAGE + 1000)]),
+            exhausted,
+            "larger than max",
+        ),
     }
 
 
-HOSTILE_REQUESTS = ["wrong dtype", "NaN and inf floats", "class_index int64", "wrong rank", "wrong image size",
-                    "batch sizes differ", "scalar input", "class_index = number of classes", "class_index < -1", "empty batch",
-                    "batch over the maximum", "unknown input name", "missing input", "unknown output_filter",
-                    "unknown signature", "unknown model", "tensor_content too short", "shape without values",
-                    "message over the limit"]
+HOSTILE_REQUESTS = [
+    "wrong dtype",
+    "NaN and inf floats",
+    "class_index int64",
+    "wrong rank",
+    "wrong image size",
+    "batch sizes differ",
+    "scalar input",
+    "class_index = number of classes",
+    "class_index < -1",
+    "empty batch",
+    "batch over the maximum",
+    "unknown input name",
+    "missing input",
+    "unknown output_filter",
+    "unknown signature",
+    "unknown model",
+    "tensor_content too short",
+    "shape without values",
+    "message over the limit",
+]
 
 
 @pytest.mark.parametrize("case", HOSTILE_REQUESTS)
-def test_hostile_request_gets_a_clear_error_and_the_next_request_works(served, stub, reference, case):
+def test_hostile_request_gets_a_clear_error_and_the_next_request_works(served, stub, rel_reference, case):
     req, code, fragment = _hostile_requests()[case]
     before = served.rss()
     started = time.monotonic()
@@ -367,13 +340,14 @@ def test_hostile_request_gets_a_clear_error_and_the_next_request_works(served, s
     assert fragment in info.value.details(), info.value.details()
     assert len(info.value.details()) < 400 and "[[{{" not in info.value.details()
     assert served.rss() - before < 100 * 2**20
-    assert_serves(stub, reference)
+    assert_serves(stub, rel_reference)
 
 
 def test_a_tensor_filled_from_few_values_is_capped():
     """TF's shorthand (fewer values than the shape: the last one repeats) works for small tensors,
     and cannot turn a few bytes into gigabytes."""
-    from serving.models import MAX_FILL_BYTES, ServingError, decode_tensor
+    from serving.errors import ServingError
+    from serving.tensors import MAX_FILL_BYTES, decode_tensor
 
     small = _proto(types_pb2.DT_INT32, [5])
     small.int_val.append(-1)
@@ -384,7 +358,7 @@ def test_a_tensor_filled_from_few_values_is_capped():
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "carries 0" in info.value.message
 
 
-def test_bytes_that_are_not_a_protobuf_are_invalid_argument(served, reference, stub):
+def test_bytes_that_are_not_a_protobuf_are_invalid_argument(served, rel_reference, stub):
     with grpc.insecure_channel(served.address) as channel:
         raw = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")  # bytes in, bytes out
         for junk in (b"\xff\xff\xff\xff", b"\x0a\x05\x0a\x03rel\x12", os.urandom(64)):
@@ -395,7 +369,7 @@ def test_bytes_that_are_not_a_protobuf_are_invalid_argument(served, reference, s
                     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
                     assert "not a valid protobuf" in error.details()
                 assert error.code() in DOCUMENTED, (junk, error.code(), error.details())
-    assert_serves(stub, reference)
+    assert_serves(stub, rel_reference)
 
 
 # --- fuzzing ----------------------------------------------------------------------------------
@@ -410,15 +384,25 @@ def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
         elif kind == 1 and data:  # random byte, biased towards the header
             data[int(min(rng.exponential(40), len(data) - 1))] = int(rng.integers(0, 256))
         elif kind == 2:  # truncate
-            data = data[:int(rng.integers(0, len(data) + 1))]
+            data = data[: int(rng.integers(0, len(data) + 1))]
         else:  # insert junk
             at = int(rng.integers(0, len(data) + 1))
             data[at:at] = rng.bytes(int(rng.integers(1, 64)))
     return bytes(data)
 
 
-DTYPES = [types_pb2.DT_UINT8, types_pb2.DT_INT32, types_pb2.DT_INT64, types_pb2.DT_FLOAT, types_pb2.DT_STRING,
-          types_pb2.DT_BOOL, types_pb2.DT_HALF, types_pb2.DT_VARIANT, types_pb2.DT_RESOURCE, 77]
+DTYPES = [
+    types_pb2.DT_UINT8,
+    types_pb2.DT_INT32,
+    types_pb2.DT_INT64,
+    types_pb2.DT_FLOAT,
+    types_pb2.DT_STRING,
+    types_pb2.DT_BOOL,
+    types_pb2.DT_HALF,
+    types_pb2.DT_VARIANT,
+    types_pb2.DT_RESOURCE,
+    77,
+]
 
 
 def _random_tensor(rng: np.random.Generator) -> tensor_pb2.TensorProto:
@@ -445,28 +429,39 @@ def _fuzz_case(rng: np.random.Generator, seeds: dict) -> tuple[str, bytes]:
     if kind == 0:
         fmt = list(seeds)[int(rng.integers(0, len(seeds)))]
         blobs = [_mutate(seeds[fmt], rng) for _ in classes]
-        return f"mutated {fmt}", bytes_request(blobs, classes).SerializeToString()
+        return f"mutated {fmt}", bytes_request("rel", blobs, classes).SerializeToString()
     if kind == 1:
         names = ["images", "class_index", "image_bytes", "mask", ""]
-        signature = ["gradcam", "gradcam_bytes", "predict", "predict_bytes", "", "serving_default", "x"][int(rng.integers(0, 7))]
-        req = request(signature, {})
+        signature = ["gradcam", "gradcam_bytes", "predict", "predict_bytes", "", "serving_default", "x"][
+            int(rng.integers(0, 7))
+        ]
+        req = predict_request("rel", signature, {})
         for name in rng.choice(names, size=int(rng.integers(0, 3)), replace=False):
             req.inputs[str(name)].CopyFrom(_random_tensor(rng))
         if rng.random() < 0.3:
-            req.output_filter.extend(rng.choice(["heatmap", "score", "nope", ""], size=int(rng.integers(1, 3))).tolist())
+            req.output_filter.extend(
+                rng.choice(["heatmap", "score", "nope", ""], size=int(rng.integers(1, 3))).tolist()
+            )
         if rng.random() < 0.2:
             req.model_spec.version.value = int(rng.integers(-2, 3))
         return f"random tensors for {signature!r}", req.SerializeToString()
-    valid = explain_request(rgb(1, int(rng.integers(0, 1000))), classes[:1]) if kind == 2 else bytes_request(
-        [seeds["png"]], classes[:1])
+    valid = (
+        explain_request("rel", random_images(1, SIZE, int(rng.integers(0, 1000))), classes[:1])
+        if kind == 2
+        else bytes_request("rel", [seeds["png"]], classes[:1])
+    )
     return "mutated message", _mutate(valid.SerializeToString(), rng)
 
 
-def test_fuzzed_requests_get_documented_codes_only(served, stub, reference):
+def test_fuzzed_requests_get_documented_codes_only(served, stub, rel_reference):
     rng = np.random.default_rng(20240601)
-    image = rgb(1, 7)[0]
-    seeds = {"png": encode(".png", image), "jpeg": encode(".jpg", image), "bmp": encode(".bmp", image),
-             "png16": encode(".png", image.astype(np.uint16) * 257)}
+    image = random_images(1, SIZE, 7)[0]
+    seeds = {
+        "png": encode(".png", image),
+        "jpeg": encode(".jpg", image),
+        "bmp": encode(".bmp", image),
+        "png16": encode(".png", image.astype(np.uint16) * 257),
+    }
     codes: dict = {}
     started = time.monotonic()
     with grpc.insecure_channel(served.address) as channel:
@@ -486,16 +481,18 @@ def test_fuzzed_requests_get_documented_codes_only(served, stub, reference):
     assert elapsed < 60
     assert served.proc.poll() is None
     assert codes.get("INVALID_ARGUMENT", 0) > 100  # the fuzzer does reach the checks
-    assert_serves(stub, reference)
+    assert_serves(stub, rel_reference)
 
 
 # --- deadlines, concurrency limit (in-process servers) ----------------------------------------
 
 
-def _in_process(model_base, **options) -> EmbeddedServer:
-    config = configs.single_model_config("rel", str(model_base))
-    server = EmbeddedServer(config, ServerOptions(host="127.0.0.1", port=0, enable_model_warmup=False,
-                                                  file_system_poll_wait_seconds=0, **options))
+def _in_process(rel_model, **options) -> EmbeddedServer:
+    config = configs.single_model_config("rel", str(rel_model))
+    server = EmbeddedServer(
+        config,
+        ServerOptions(host="127.0.0.1", port=0, enable_model_warmup=False, file_system_poll_wait_seconds=0, **options),
+    )
     server.start()
     return server
 
@@ -503,7 +500,7 @@ def _in_process(model_base, **options) -> EmbeddedServer:
 def _gate(server: EmbeddedServer, signature: str = "gradcam", hold: int = 0):
     """Make calls of `signature` with `hold` images (0: any) wait for the returned Event before
     running the model; returns (event, batch sizes run)."""
-    sig = server.registry.resolve(_spec("rel")).signature(signature)
+    sig = server.registry.resolve(model_spec("rel")).signature(signature)
     original, gate, runs = sig.run, threading.Event(), []
 
     def run(inputs, outputs=None):
@@ -517,86 +514,86 @@ def _gate(server: EmbeddedServer, signature: str = "gradcam", hold: int = 0):
     return gate, runs
 
 
-def _spec(name: str):
-    spec = predict_pb2.PredictRequest().model_spec
-    spec.name = name
-    return spec
-
-
-def _wait_for(predicate, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def test_a_call_past_its_deadline_is_not_run_by_the_server(model_base):
+def test_a_call_past_its_deadline_is_not_run_by_the_server(rel_model):
     """A call whose deadline passes while the server reads it (decoding held here) never reaches
     the model. (One still queued for a worker thread is dropped by grpc itself.)"""
-    server = _in_process(model_base)
+    server = _in_process(rel_model)
     try:
-        sig = server.registry.resolve(_spec("rel")).signature("gradcam")
+        sig = server.registry.resolve(model_spec("rel")).signature("gradcam")
         decode, gate, runs = sig.decode_inputs, threading.Event(), []
         sig.decode_inputs = lambda protos, max_bytes: (gate.wait(20), decode(protos, max_bytes))[1]
         original_run = sig.run
         sig.run = lambda inputs, outputs=None: (runs.append(len(inputs["images"])), original_run(inputs, outputs))[1]
         stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         with pytest.raises(grpc.RpcError) as late:
-            stub.Predict(explain_request(rgb(2)), timeout=2.0)  # ample to reach the handler on a busy machine
+            stub.Predict(
+                explain_request("rel", random_images(2, SIZE, 0)), timeout=2.0
+            )  # ample to reach the handler on a busy machine
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # The server's deadline runs from when it received the call, a little after the client's:
         # let it pass there too before the held call goes on.
         time.sleep(0.2)
         gate.set()
-        assert _wait_for(lambda: server.predictions.abandoned == 1)
+        assert wait_for(lambda: server.predictions.abandoned == 1)
         time.sleep(0.1)
         assert runs == []  # the late call never reached the model
-        assert stub.Predict(explain_request(rgb(3)), timeout=20)
+        assert stub.Predict(explain_request("rel", random_images(3, SIZE, 0)), timeout=20)
         assert runs == [3]
     finally:
         server.stop(grace=1)
 
 
-def test_a_call_that_times_out_in_the_batch_queue_is_dropped(model_base):
-    batching = configs.BatchingOptions(max_batch_size=MAX_BATCH, batch_timeout_micros=4_000_000, num_batch_threads=1,
-                                       allowed_batch_sizes=(MAX_BATCH,))
-    server = _in_process(model_base, batching=batching)
+def test_a_call_that_times_out_in_the_batch_queue_is_dropped(rel_model):
+    batching = configs.BatchingOptions(
+        max_batch_size=MAX_BATCH, batch_timeout_micros=4_000_000, num_batch_threads=1, allowed_batch_sizes=(MAX_BATCH,)
+    )
+    server = _in_process(rel_model, batching=batching)
     try:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
-        stub.Predict(explain_request(rgb(1)), timeout=20)  # connected, traced
+        stub.Predict(explain_request("rel", random_images(1, SIZE, 0)), timeout=20)  # connected, traced
         ran = sum(server.batcher.batch_sizes.values())
         with pytest.raises(grpc.RpcError) as late:
-            stub.Predict(explain_request(rgb(1, 5)), timeout=1.5)  # reaches the queue, expires before the batch
+            stub.Predict(
+                explain_request("rel", random_images(1, SIZE, 5)), timeout=1.5
+            )  # reaches the queue, expires before the batch
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert _wait_for(lambda: server.batcher.abandoned == 1)
+        assert wait_for(lambda: server.batcher.abandoned == 1)
         assert sum(server.batcher.batch_sizes.values()) == ran  # no batch ran for it
-        assert stub.Predict(explain_request(rgb(1)), timeout=20)
+        assert stub.Predict(explain_request("rel", random_images(1, SIZE, 0)), timeout=20)
     finally:
         server.stop(grace=1)
 
 
-def test_max_concurrent_requests_refuses_the_excess_with_resource_exhausted(model_base, reference):
+def test_max_concurrent_requests_refuses_the_excess_with_resource_exhausted(rel_model, rel_reference):
     p = parser()
-    config, options = options_from_args(p.parse_args(
-        ["--port=0", "--model_name=rel", f"--model_base_path={model_base}", "--max_concurrent_requests=2",
-         "--enable_model_warmup=false", "--file_system_poll_wait_seconds=0"]), p)
+    config, options = options_from_args(
+        p.parse_args(
+            [
+                "--port=0",
+                "--model_name=rel",
+                f"--model_base_path={rel_model}",
+                "--max_concurrent_requests=2",
+                "--enable_model_warmup=false",
+                "--file_system_poll_wait_seconds=0",
+            ]
+        ),
+        p,
+    )
     assert options.max_concurrent_requests == 2 and ServerOptions().max_concurrent_requests == 0
     server = EmbeddedServer(config, options)
     server.start()
     try:
         gate, runs = _gate(server)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
-        busy = [stub.Predict.future(explain_request(rgb(1, i)), timeout=20) for i in range(2)]
-        assert _wait_for(lambda: len(runs) == 2)
+        busy = [stub.Predict.future(explain_request("rel", random_images(1, SIZE, i)), timeout=20) for i in range(2)]
+        assert wait_for(lambda: len(runs) == 2)
         with pytest.raises(grpc.RpcError) as refused:
-            stub.Predict(explain_request(rgb(1)), timeout=5)
+            stub.Predict(explain_request("rel", random_images(1, SIZE, 0)), timeout=5)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "limit" in refused.value.details()
         gate.set()
         assert all(f.result() for f in busy)
-        assert_serves(stub, reference)
+        assert_serves(stub, rel_reference)
     finally:
         server.stop(grace=1)
 
@@ -613,69 +610,73 @@ def _install(base: pathlib.Path, source: pathlib.Path, version: int) -> None:
 def _versions(stub) -> list[int]:
     request_ = get_model_status_pb2.GetModelStatusRequest()
     request_.model_spec.name = "rel"
-    return sorted(s.version for s in stub.GetModelStatus(request_, timeout=10).model_version_status
-                  if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+    return sorted(
+        s.version
+        for s in stub.GetModelStatus(request_, timeout=10).model_version_status
+        if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    )
 
 
-def test_versions_switch_under_load_and_broken_versions_are_refused(model_base, reference, tmp_path, caplog):
+def test_versions_switch_under_load_and_broken_versions_are_refused(rel_model, rel_reference, tmp_path, caplog):
     base = tmp_path / "rel"
     base.mkdir()
-    good = model_base / "1"
+    good = rel_model / "1"
     _install(base, good, 1)
     config = configs.single_model_config("rel", str(base))
-    server = EmbeddedServer(config, ServerOptions(host="127.0.0.1", port=0, enable_model_warmup=False,
-                                                  file_system_poll_wait_seconds=0.2))
+    server = EmbeddedServer(
+        config, ServerOptions(host="127.0.0.1", port=0, enable_model_warmup=False, file_system_poll_wait_seconds=0.2)
+    )
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     status = model_service_pb2_grpc.ModelServiceStub(channel)
-    images = rgb(2, 8)
-    expected = reference("gradcam", images=images, class_index=np.array([-1, -1], np.int32))["heatmap"]
+    images = random_images(2, SIZE, 8)
+    expected = rel_reference("gradcam", images=images, class_index=np.array([-1, -1], np.int32))["heatmap"]
     seen, failures, stop = [], [], threading.Event()
 
     def caller(i: int):
         while not stop.is_set():
             try:
-                response = stub.Predict(explain_request(images), timeout=20)
-                np.testing.assert_allclose(heatmap(response), expected, rtol=1e-5, atol=1e-6)
+                response = stub.Predict(explain_request("rel", images), timeout=20)
+                np.testing.assert_allclose(arrays(response)["heatmap"], expected, rtol=1e-5, atol=1e-6)
                 seen.append((i, response.model_spec.version.value))
             except Exception as e:  # noqa: BLE001 - every failure is reported below
                 failures.append(repr(e))
 
     try:
-        caplog.set_level(logging.INFO, logger="serving.models")
+        caplog.set_level(logging.INFO, logger="serving.registry")
         threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
         for thread in threads:
             thread.start()
-        assert _wait_for(lambda: len(seen) > 10)
+        assert wait_for(lambda: len(seen) > 10)
         _install(base, good, 2)  # a new version while requests are in flight
-        assert _wait_for(lambda: _versions(status) == [2])
+        assert wait_for(lambda: _versions(status) == [2])
         count = len(seen)
-        assert _wait_for(lambda: len(seen) > count + 10)
+        assert wait_for(lambda: len(seen) > count + 10)
         # A corrupt version 3: refused with a log line, version 2 keeps serving.
         shutil.copytree(good, base / ".3")
         (base / ".3" / "saved_model.pb").write_bytes(b"this is not a SavedModel")
         os.rename(base / ".3", base / "3")
-        assert _wait_for(lambda: "failed to load model rel version 3" in caplog.text)
+        assert wait_for(lambda: "failed to load model rel version 3" in caplog.text)
         assert "still serving version 2" in caplog.text
-        assert _wait_for(lambda: "attempt 5 of 5" in caplog.text)
+        assert wait_for(lambda: "attempt 5 of 5" in caplog.text)
         count = len(seen)
-        assert _wait_for(lambda: len(seen) > count + 10)
+        assert wait_for(lambda: len(seen) > count + 10)
         assert _versions(status) == [2]
         # Fixed on disk: loaded without a restart although its attempts were used up.
         shutil.copy(good / "saved_model.pb", base / "3" / "saved_model.pb")
-        assert _wait_for(lambda: _versions(status) == [3])
+        assert wait_for(lambda: _versions(status) == [3])
         # A half-written version 4 (no saved_model.pb yet): not loaded until it is complete.
         shutil.copytree(good, base / "4", ignore=shutil.ignore_patterns("saved_model.pb"))
-        assert _wait_for(lambda: "version 4" in caplog.text and "has no saved_model.pb" in caplog.text)
+        assert wait_for(lambda: "version 4" in caplog.text and "has no saved_model.pb" in caplog.text)
         time.sleep(0.5)
         assert _versions(status) == [3]
         shutil.copy(good / "saved_model.pb", base / "4" / "saved_model.pb")
-        assert _wait_for(lambda: _versions(status) == [4])
+        assert wait_for(lambda: _versions(status) == [4])
         count = len(seen)
-        assert _wait_for(lambda: len(seen) > count + 5)
+        assert wait_for(lambda: len(seen) > count + 5)
         # model_spec.version pins: the served version answers, an unloaded one is NOT_FOUND
-        pinned = explain_request(images)
+        pinned = explain_request("rel", images)
         pinned.model_spec.version.value = 4
         assert stub.Predict(pinned, timeout=20).model_spec.version.value == 4
         pinned.model_spec.version.value = 2
@@ -698,61 +699,88 @@ def test_versions_switch_under_load_and_broken_versions_are_refused(model_base, 
 # --- TLS ----------------------------------------------------------------------------------------
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> pathlib.Path:
-    """A CA, a server and a client certificate it signed, and an unrelated CA with its own client."""
+    """`make certs`' CA, server and client certificates and ssl.config, and an unrelated CA with its own client."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
+    from serving.certs import make_ca, make_certificate, make_test_pki
+
     d = tmp_path_factory.mktemp("pki")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    for ca in ("ca", "other_ca"):
-        _openssl("req", "-x509", *ec, "-keyout", str(d / f"{ca}.key"), "-out", str(d / f"{ca}.pem"), "-days", "1",
-                 "-subj", f"/CN={ca}")
-    (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name, ca in (("server", "ca"), ("client", "ca"), ("stranger", "other_ca")):
-        _openssl("req", *ec, "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"), "-subj", f"/CN={name}")
-        extra = ["-extfile", str(d / "server.ext")] if name == "server" else []
-        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / f"{ca}.pem"), "-CAkey", str(d / f"{ca}.key"),
-                 "-CAcreateserial", "-out", str(d / f"{name}.pem"), "-days", "1", *extra)
+    make_test_pki(d)
+    make_ca(d, "other_ca")
+    make_certificate(d, "stranger", ca="other_ca")
     return d
 
 
-def test_mutual_tls_refuses_plaintext_wrong_ca_and_clients_without_a_certificate(model_base, pki, tmp_path, capsys):
+def test_mutual_tls_refuses_plaintext_wrong_ca_and_clients_without_a_certificate(rel_model, pki, tmp_path, capsys):
     from client import CamClient, CamServingError, RetryPolicy, tls_credentials
     from client.__main__ import main as client_main
 
-    ssl = configs.SSLConfig(server_key=(pki / "server.key").read_text(), server_cert=(pki / "server.pem").read_text(),
-                            custom_ca=(pki / "ca.pem").read_text(), client_verify=True)
-    (tmp_path / "ssl.config").write_text(text_format.MessageToString(ssl))
+    ssl = configs.read_text_proto(pki / "ssl.config", configs.SSLConfig)  # as `make certs` writes it
+    assert ssl.client_verify and ssl.custom_ca == (pki / "ca.pem").read_text()
     p = parser()
-    config, options = options_from_args(p.parse_args(
-        ["--port=0", "--model_name=rel", f"--model_base_path={model_base}", f"--ssl_config_file={tmp_path / 'ssl.config'}",
-         "--enable_model_warmup=false", "--file_system_poll_wait_seconds=0"]), p)
+    config, options = options_from_args(
+        p.parse_args(
+            [
+                "--port=0",
+                "--model_name=rel",
+                f"--model_base_path={rel_model}",
+                f"--ssl_config_file={pki / 'ssl.config'}",
+                "--enable_model_warmup=false",
+                "--file_system_poll_wait_seconds=0",
+            ]
+        ),
+        p,
+    )
     server = EmbeddedServer(config, options)
     port = server.start()
     address = f"localhost:{port}"
     image = tmp_path / "image.png"
-    image.write_bytes(encode(".png", rgb(1, 9)[0]))
+    image.write_bytes(encode(".png", random_images(1, SIZE, 9)[0]))
     try:
-        good = tls_credentials(pki / "ca.pem", pki / "client.pem", pki / "client.key")
-        with CamClient(address, model="rel", credentials=good, timeout=10) as client:
-            assert client.predict(image.read_bytes()).class_label.startswith("class_")
-        assert client_main(["predict", str(image), "--server", address, "--model", "rel", "--ca-cert", str(pki / "ca.pem"),
-                            "--client-cert", str(pki / "client.pem"), "--client-key", str(pki / "client.key")]) == 0
+        as_paths = tls_credentials(pki / "ca.pem", pki / "client.pem", pki / "client.key")
+        as_bytes = tls_credentials(*((pki / name).read_bytes() for name in ("ca.pem", "client.pem", "client.key")))
+        for good in (as_paths, as_bytes):
+            with CamClient(address, model="rel", credentials=good, timeout=10) as client:
+                assert client.predict(image.read_bytes()).class_label.startswith("class_")
+        assert (
+            client_main(
+                [
+                    "predict",
+                    str(image),
+                    "--server",
+                    address,
+                    "--model",
+                    "rel",
+                    "--ca-cert",
+                    str(pki / "ca.pem"),
+                    "--client-cert",
+                    str(pki / "client.pem"),
+                    "--client-key",
+                    str(pki / "client.key"),
+                ]
+            )
+            == 0
+        )
         assert "class_" in capsys.readouterr().out
         refused = {
             "plaintext": None,
             "no client certificate": tls_credentials(pki / "ca.pem"),
             "wrong CA for the server": tls_credentials(pki / "other_ca.pem", pki / "client.pem", pki / "client.key"),
-            "client certificate from another CA": tls_credentials(pki / "ca.pem", pki / "stranger.pem", pki / "stranger.key"),
+            "client certificate from another CA": tls_credentials(
+                pki / "ca.pem", pki / "stranger.pem", pki / "stranger.key"
+            ),
         }
         for what, credentials in refused.items():
-            with CamClient(address, model="rel", credentials=credentials, timeout=5, retry=RetryPolicy(max_attempts=1),
-                           channel_options=[("grpc.enable_retries", 0)]) as client:
+            with CamClient(
+                address,
+                model="rel",
+                credentials=credentials,
+                timeout=5,
+                retry=RetryPolicy(max_attempts=1),
+                channel_options=[("grpc.enable_retries", 0)],
+            ) as client:
                 with pytest.raises(CamServingError) as info:
                     client.predict(image.read_bytes())
             assert info.value.code == grpc.StatusCode.UNAVAILABLE, what
@@ -761,8 +789,13 @@ def test_mutual_tls_refuses_plaintext_wrong_ca_and_clients_without_a_certificate
     finally:
         server.stop(grace=1)
     with pytest.raises(ValueError, match="client_verify needs custom_ca"):
-        EmbeddedServer(config, ServerOptions(port=0, ssl=configs.SSLConfig(
-            server_key=ssl.server_key, server_cert=ssl.server_cert, client_verify=True))).start()
+        EmbeddedServer(
+            config,
+            ServerOptions(
+                port=0,
+                ssl=configs.SSLConfig(server_key=ssl.server_key, server_cert=ssl.server_cert, client_verify=True),
+            ),
+        ).start()
 
 
 def test_binds_loopback_by_default(served):
@@ -770,8 +803,11 @@ def test_binds_loopback_by_default(served):
     _, options = options_from_args(p.parse_args(["--model_base_path=/x"]), p)
     assert options.host == ServerOptions().host == "127.0.0.1"
     port = int(served.address.rsplit(":", 1)[1])
-    listening = [c.laddr for c in psutil.Process(served.proc.pid).net_connections("all")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    listening = [
+        c.laddr
+        for c in psutil.Process(served.proc.pid).net_connections("all")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
     assert listening
     for address in listening:  # 127.0.0.1, or the same as an IPv4-mapped IPv6 address
         ip = ipaddress.ip_address(address.ip)
@@ -779,15 +815,6 @@ def test_binds_loopback_by_default(served):
 
 
 # --- client retries (a fake server that is unavailable twice) ------------------------------------
-
-
-def _fake_server(servicer: prediction_service_pb2_grpc.PredictionServiceServicer) -> tuple[grpc.Server, int]:
-    """A started gRPC server with `servicer` as its PredictionService, and its port."""
-    fake = grpc.server(concurrent.futures.ThreadPoolExecutor(2))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, fake)
-    port = fake.add_insecure_port("127.0.0.1:0")
-    fake.start()
-    return fake, port
 
 
 def test_client_retries_unavailable_with_backoff_and_a_cap():
@@ -813,7 +840,7 @@ def test_client_retries_unavailable_with_backoff_and_a_cap():
             calls.append(time.monotonic())
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not retried")
 
-    fake, port = _fake_server(Flaky())
+    fake, port = fake_server(Flaky())
     no_channel_retries = [("grpc.enable_retries", 0)]  # count this client's own attempts
     try:
         policy = RetryPolicy(max_attempts=3, initial_backoff=0.1, max_backoff=0.15)
@@ -827,8 +854,12 @@ def test_client_retries_unavailable_with_backoff_and_a_cap():
                 client.predict(np.zeros((24, 40, 3), np.uint8))
             assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and len(calls) == 1  # not retried
         calls.clear()
-        with CamClient(f"127.0.0.1:{port}", model="m", retry=RetryPolicy(max_attempts=2, initial_backoff=0.01),
-                       channel_options=no_channel_retries) as client:
+        with CamClient(
+            f"127.0.0.1:{port}",
+            model="m",
+            retry=RetryPolicy(max_attempts=2, initial_backoff=0.01),
+            channel_options=no_channel_retries,
+        ) as client:
             with pytest.raises(CamServingError) as info:
                 client.model_image_size()
             assert info.value.code == grpc.StatusCode.UNAVAILABLE and len(calls) == 2  # capped
@@ -850,7 +881,7 @@ def test_default_client_retries_once_per_layer_and_throttles_a_failing_server():
             calls.append(time.monotonic())
             context.abort(grpc.StatusCode.UNAVAILABLE, "queue full")
 
-    fake, port = _fake_server(Down())
+    fake, port = fake_server(Down())
     try:
         with CamClient(f"127.0.0.1:{port}", model="m", timeout=10) as client:
             attempts = []
@@ -869,13 +900,13 @@ def test_default_client_retries_once_per_layer_and_throttles_a_failing_server():
 # --- SIGTERM under load (last: it stops the subprocess server) -----------------------------------
 
 
-def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_0(served, reference):
+def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_0(served, rel_reference):
     """Callers keep sending; SIGTERM comes while calls sit in the 50 ms batch window. Those sent
     before it all succeed, later ones are refused (UNAVAILABLE; or CANCELLED from gRPC for a call
     that reaches the listener in the instant it closes, before any handler saw it), exit status 0."""
     address = served.address
-    images = rgb(MAX_BATCH, 12)
-    expected = reference("gradcam", images=images, class_index=np.full(MAX_BATCH, -1, np.int32))["heatmap"]
+    images = random_images(MAX_BATCH, SIZE, 12)
+    expected = rel_reference("gradcam", images=images, class_index=np.full(MAX_BATCH, -1, np.int32))["heatmap"]
     results, pending, stop = [], {}, threading.Event()
     lock = threading.Lock()
 
@@ -885,8 +916,8 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_0(served, r
             while not stop.is_set():
                 sent = pending[i] = time.monotonic()
                 try:
-                    response = stub.Predict(explain_request(images[i:i + 1]), timeout=30)
-                    np.testing.assert_allclose(heatmap(response)[0], expected[i], rtol=1e-5, atol=1e-6)
+                    response = stub.Predict(explain_request("rel", images[i : i + 1]), timeout=30)
+                    np.testing.assert_allclose(arrays(response)["heatmap"][0], expected[i], rtol=1e-5, atol=1e-6)
                     outcome = "OK"
                 except grpc.RpcError as error:
                     outcome = f"{error.code().name}: {error.details()}"
@@ -900,15 +931,17 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_0(served, r
     threads = [threading.Thread(target=caller, args=(i,)) for i in range(MAX_BATCH - 2)]
     for thread in threads:
         thread.start()
-    assert _wait_for(lambda: len(results) > 30)
-    assert _wait_for(lambda: any(time.monotonic() - t > 0.015 for t in list(pending.values())), timeout=5)
+    assert wait_for(lambda: len(results) > 30)
+    assert wait_for(lambda: any(time.monotonic() - t > 0.015 for t in list(pending.values())), 5)
     signalled = time.monotonic()
     served.proc.send_signal(signal.SIGTERM)
     code = served.proc.wait(timeout=30)
     exited = time.monotonic()
     with grpc.insecure_channel(address) as channel:  # after the exit: nobody listens
         with pytest.raises(grpc.RpcError) as late:
-            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(explain_request(images[:1]), timeout=5)
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                explain_request("rel", images[:1]), timeout=5
+            )
     stop.set()
     for thread in threads:
         thread.join()

@@ -19,9 +19,13 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-import rest_helpers
-from rest_helpers import SIZE, http
+import servers
+import synthetic
+from calls import model_spec
+from images import jpeg, random_images
+from servers import http
 from serving.configs import BatchingOptions
+from synthetic import TINY_SIZE as SIZE
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVING = ROOT / "serving"
@@ -32,9 +36,9 @@ PROBE_MODEL = "resnet50_cam"  # the name the manifests' probes ask for
 def server(tmp_path_factory):
     """The tiny model as "tiny" and under the manifests' name, batching on, metrics on."""
     base = tmp_path_factory.mktemp("rest") / "tiny"
-    rest_helpers.export_tiny(base)
+    synthetic.export_tiny(base)
     batching = BatchingOptions(max_batch_size=8, batch_timeout_micros=1000, num_batch_threads=1)
-    with rest_helpers.running({"tiny": base, PROBE_MODEL: base}, batching=batching) as server:
+    with servers.running({"tiny": base, PROBE_MODEL: base}, batching=batching) as server:
         yield server
 
 
@@ -42,14 +46,6 @@ def server(tmp_path_factory):
 def stub(server):
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
-
-
-def _images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
-
-
-def _jpeg(image: np.ndarray) -> bytes:
-    return tf.io.encode_jpeg(image).numpy()
 
 
 def _grpc(stub, signature: str, inputs: dict) -> dict[str, np.ndarray]:
@@ -73,7 +69,7 @@ def _assert_equal(rest_value, grpc_value: np.ndarray, name: str) -> None:
 
 
 def test_rest_and_grpc_give_equal_outputs(server, stub):
-    images, classes = _images(2), np.array([-1, 2], np.int32)
+    images, classes = random_images(2, SIZE, 0), np.array([-1, 2], np.int32)
     # Row format, uint8 pixels as JSON numbers.
     status, _, text = http(server.rest_port, "/v1/models/tiny:predict", {
         "signature_name": "gradcam",
@@ -85,7 +81,7 @@ def test_rest_and_grpc_give_equal_outputs(server, stub):
     for name, value in expected.items():
         _assert_equal([row[name] for row in rows], value, name)
     # Columnar format, encoded images as b64: the PNG heatmap comes back as b64.
-    jpegs = [_jpeg(image) for image in images]
+    jpegs = [jpeg(image) for image in images]
     status, _, text = http(server.rest_port, "/v1/models/tiny:predict", {
         "signature_name": "gradcam_bytes",
         "inputs": {"image_bytes": [{"b64": base64.b64encode(j).decode()} for j in jpegs],
@@ -103,7 +99,7 @@ def test_rest_and_grpc_give_equal_outputs(server, stub):
 def test_every_binary_string_output_is_named_for_rest(server):
     """TF Serving's REST API writes a string output as b64 only when its name ends in _bytes: every
     string output that is not text (a PNG) must be named so, and text outputs must not."""
-    signatures = server.registry.resolve(_spec("tiny")).signatures
+    signatures = server.registry.resolve(model_spec("tiny")).signatures
     binary, text = set(), set()
     for signature in signatures.values():
         for name, info in signature.outputs.items():
@@ -114,56 +110,140 @@ def test_every_binary_string_output_is_named_for_rest(server):
     assert all(not name.endswith("_bytes") for name in text)
 
 
-def _spec(name: str):
-    from tensorflow_serving.apis import model_pb2
-
-    return model_pb2.ModelSpec(name=name)
-
-
 def _bytes_request(**extra) -> dict:
-    jpeg = base64.b64encode(_jpeg(_images(1)[0])).decode()
-    return {"signature_name": "gradcam_bytes", "instances": [{"image_bytes": {"b64": jpeg}, "class_index": -1}],
+    encoded = base64.b64encode(jpeg(random_images(1, SIZE, 0)[0])).decode()
+    return {"signature_name": "gradcam_bytes", "instances": [{"image_bytes": {"b64": encoded}, "class_index": -1}],
             **extra}
 
 
 # (case, method, path, body, HTTP status, words of the message): TF Serving's code for each, from
 # http_server.cc's mapping and the messages of http_rest_api_handler.cc / json_tensor.cc.
 ERRORS = [
-    ("unknown model", "POST", "/v1/models/nope:predict", _bytes_request(), 404,
-     "Servable not found for request: Latest(nope)"),
-    ("unknown version", "POST", "/v1/models/tiny/versions/9:predict", _bytes_request(), 404,
-     "Servable not found for request: Specific(tiny, 9)"),
-    ("unknown label", "GET", "/v1/models/tiny/labels/canary/metadata", None, 400,
-     "Unrecognized servable version label: canary"),
-    ("unknown signature", "POST", "/v1/models/tiny:predict", _bytes_request(signature_name="nope"), 400,
-     'Serving signature key "nope" not found'),
+    (
+        "unknown model",
+        "POST",
+        "/v1/models/nope:predict",
+        _bytes_request(),
+        404,
+        "Servable not found for request: Latest(nope)",
+    ),
+    (
+        "unknown version",
+        "POST",
+        "/v1/models/tiny/versions/9:predict",
+        _bytes_request(),
+        404,
+        "Servable not found for request: Specific(tiny, 9)",
+    ),
+    (
+        "unknown label",
+        "GET",
+        "/v1/models/tiny/labels/canary/metadata",
+        None,
+        400,
+        "Unrecognized servable version label: canary",
+    ),
+    (
+        "unknown signature",
+        "POST",
+        "/v1/models/tiny:predict",
+        _bytes_request(signature_name="nope"),
+        400,
+        'Serving signature key "nope" not found',
+    ),
     ("bad JSON", "POST", "/v1/models/tiny:predict", b'{"instances": [1, 2', 400, "JSON Parse error"),
     ("empty body", "POST", "/v1/models/tiny:predict", b"", 400, "JSON Parse error: The document is empty"),
     ("not an object", "POST", "/v1/models/tiny:predict", b"[1]", 400, "Is not object"),
-    ("wrong b64", "POST", "/v1/models/tiny:predict",
-     {"signature_name": "gradcam_bytes", "instances": [{"image_bytes": {"b64": "not base64!"}, "class_index": -1}]},
-     400, "Unable to base64 decode"),
-    ("both formats", "POST", "/v1/models/tiny:predict", {**_bytes_request(), "inputs": {}}, 400,
-     "expecting only one of 'inputs' or 'instances' keys to exist"),
-    ("no format", "POST", "/v1/models/tiny:predict", {"signature_name": "gradcam_bytes"}, 400,
-     "Missing 'inputs' or 'instances' key"),
-    ("missing input", "POST", "/v1/models/tiny:predict",
-     {"signature_name": "gradcam_bytes", "inputs": {"image_bytes": []}}, 400, "Missing named input: class_index"),
-    ("empty instances", "POST", "/v1/models/tiny:predict", {"signature_name": "predict", "instances": []}, 400,
-     "No values in 'instances' array"),
-    ("ragged lists", "POST", "/v1/models/tiny:predict",
-     {"signature_name": "predict", "inputs": [[[[0, 0, 0]]], [[[0, 0, 0], [0, 0, 0]]]]}, 400, "ragged"),
-    ("wrong type", "POST", "/v1/models/tiny:predict",
-     {"signature_name": "predict", "instances": [[[[0.5, 0, 0]]]]}, 400, "is not of expected type: uint8"),
-    ("wrong image shape (the graph's own check)", "POST", "/v1/models/tiny:predict",
-     {"signature_name": "predict", "instances": np.zeros((1, 8, 8, 3), int).tolist()}, 400,
-     f"images: expected shape [N,{SIZE},{SIZE},3]"),
-    ("malformed URL", "GET", "/v1/models/tiny/versions/x", None, 400, "Malformed request: GET /v1/models/tiny/versions/x"),
+    (
+        "wrong b64",
+        "POST",
+        "/v1/models/tiny:predict",
+        {"signature_name": "gradcam_bytes", "instances": [{"image_bytes": {"b64": "not base64!"}, "class_index": -1}]},
+        400,
+        "Unable to base64 decode",
+    ),
+    (
+        "both formats",
+        "POST",
+        "/v1/models/tiny:predict",
+        {**_bytes_request(), "inputs": {}},
+        400,
+        "expecting only one of 'inputs' or 'instances' keys to exist",
+    ),
+    (
+        "no format",
+        "POST",
+        "/v1/models/tiny:predict",
+        {"signature_name": "gradcam_bytes"},
+        400,
+        "Missing 'inputs' or 'instances' key",
+    ),
+    (
+        "missing input",
+        "POST",
+        "/v1/models/tiny:predict",
+        {"signature_name": "gradcam_bytes", "inputs": {"image_bytes": []}},
+        400,
+        "Missing named input: class_index",
+    ),
+    (
+        "empty instances",
+        "POST",
+        "/v1/models/tiny:predict",
+        {"signature_name": "predict", "instances": []},
+        400,
+        "No values in 'instances' array",
+    ),
+    (
+        "ragged lists",
+        "POST",
+        "/v1/models/tiny:predict",
+        {"signature_name": "predict", "inputs": [[[[0, 0, 0]]], [[[0, 0, 0], [0, 0, 0]]]]},
+        400,
+        "ragged",
+    ),
+    (
+        "wrong type",
+        "POST",
+        "/v1/models/tiny:predict",
+        {"signature_name": "predict", "instances": [[[[0.5, 0, 0]]]]},
+        400,
+        "is not of expected type: uint8",
+    ),
+    (
+        "wrong image shape (the graph's own check)",
+        "POST",
+        "/v1/models/tiny:predict",
+        {"signature_name": "predict", "instances": np.zeros((1, 8, 8, 3), int).tolist()},
+        400,
+        f"images: expected shape [N,{SIZE},{SIZE},3]",
+    ),
+    (
+        "malformed URL",
+        "GET",
+        "/v1/models/tiny/versions/x",
+        None,
+        400,
+        "Malformed request: GET /v1/models/tiny/versions/x",
+    ),
     ("predict by GET", "GET", "/v1/models/tiny:predict", None, 400, "Malformed request"),
     ("no model name", "GET", "/v1/models", None, 400, "Missing model name in request."),
-    ("unknown version status", "GET", "/v1/models/tiny/versions/3", None, 404, "Could not find version 3 of model tiny"),
-    ("version overflow", "GET", "/v1/models/tiny/versions/99999999999999999999", None, 400,
-     "Failed to convert version: 99999999999999999999 to numeric."),
+    (
+        "unknown version status",
+        "GET",
+        "/v1/models/tiny/versions/3",
+        None,
+        404,
+        "Could not find version 3 of model tiny",
+    ),
+    (
+        "version overflow",
+        "GET",
+        "/v1/models/tiny/versions/99999999999999999999",
+        None,
+        400,
+        "Failed to convert version: 99999999999999999999 to numeric.",
+    ),
     ("classify", "POST", "/v1/models/tiny:classify", {"examples": []}, 501, "classify is not served here"),
 ]
 
@@ -181,8 +261,8 @@ def test_oversized_body_and_unknown_path(tmp_path, server):
     # A path outside /v1/ and the metrics path: libevent's 404 page in TF Serving.
     status, content_type, text = http(server.rest_port, "/healthz")
     assert (status, content_type) == (404, "text/html") and "404 Not Found" in text
-    base = pathlib.Path(server.registry.resolve(_spec("tiny")).path).parent
-    with rest_helpers.running({"tiny": base}, max_message_bytes=1000, enable_model_warmup=False) as small:
+    base = pathlib.Path(server.registry.resolve(model_spec("tiny")).path).parent
+    with servers.running({"tiny": base}, max_message_bytes=1000, enable_model_warmup=False) as small:
         status, _, text = http(small.rest_port, "/v1/models/tiny:predict", _bytes_request())  # ours: refused unread
         assert status == 413 and "more than the 1000 allowed" in json.loads(text)["error"]
 
@@ -192,8 +272,9 @@ def test_readme_curl_example(server, tmp_path):
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"<!-- rest-example -->\n```sh\n(.*?)```", readme, re.S)[1]
     script = block.replace("localhost:8501", f"localhost:{server.rest_port}").replace("samples/", f"{ROOT}/samples/")
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert '"state": "AVAILABLE"' in result.stdout
     heatmap = tf.io.decode_png((tmp_path / "heatmap.png").read_bytes())
@@ -250,13 +331,17 @@ def _scrape(server) -> tuple[dict, str]:
 def _value(families: dict, sample_name: str, **labels) -> float:
     """Summed over the other labels; 0 when absent (the parser names counter samples *_total)."""
     names = (sample_name, sample_name + "_total")
-    return sum(s.value for f in families.values() for s in f.samples
-               if s.name in names and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for f in families.values()
+        for s in f.samples
+        if s.name in names and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def test_metrics_scrape(server, stub):
     before, _ = _scrape(server)
-    _grpc(stub, "gradcam", {"images": _images(3), "class_index": np.full(3, -1, np.int32)})
+    _grpc(stub, "gradcam", {"images": random_images(3, SIZE, 0), "class_index": np.full(3, -1, np.int32)})
     http(server.rest_port, "/v1/models/tiny:predict", _bytes_request())
     http(server.rest_port, "/v1/models/tiny:predict", b"{bad")
     after, text = _scrape(server)

@@ -23,7 +23,6 @@ import subprocess
 import threading
 import time
 
-import cv2
 import grpc
 import numpy as np
 import pytest
@@ -34,19 +33,22 @@ from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
-    predict_pb2,
     prediction_log_pb2,
     prediction_service_pb2_grpc,
 )
 
+import synthetic
+from calls import arrays, predict_request, rpc_error, wait_for
+from export.tfs_loader import WARMUP_FILE, SessionError
+from images import png, random_images
+from servers import ServerProcess
 from serving import configs
 from serving.__main__ import options_from_args, parser
 from serving.batching import Batcher
-from export.tfs_loader import SessionError
-from serving.models import ModelRegistry, ServingError, clean_tf_message, encode_tensor
+from serving.errors import ServingError, clean_tf_message
+from serving.registry import ModelRegistry
 from serving.server import EmbeddedServer, ServerOptions, default_grpc_threads
-import synthetic
-from servers import ServerProcess
+from serving.tensors import encode_tensor
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REMOTE = os.environ.get("TFSERVING_ADDRESS")
@@ -66,15 +68,11 @@ RECEIVE_LIMIT = 64 * 2**20
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> pathlib.Path:
     """<base>/tiny/1 (gradcam, cam) and <base>/tiny/2 (gradcam only) of one tiny GAP CNN."""
-    from export.savedmodel import export_savedmodel
-
-    root = tmp_path_factory.mktemp("serving")
-    keras_file = root / "tiny.keras"
-    synthetic.tiny_gap_cnn(keras_file, SIZE, NUM_CLASSES, seed=3)
-    base = root / "models"
-    export_savedmodel(str(keras_file), "none", ["gradcam", "cam"], "tiny", str(base), version=1, log=synthetic.quiet)
-    export_savedmodel(str(keras_file), "none", ["gradcam"], "tiny", str(base), version=2, log=synthetic.quiet)
-    return base / "tiny"
+    base = tmp_path_factory.mktemp("serving") / "models" / "tiny"
+    base.parent.mkdir()
+    for version, methods in ((1, ("gradcam", "cam")), (2, ("gradcam",))):
+        synthetic.export_tiny(base, version, methods, classes=NUM_CLASSES, warmup_batch_sizes=(1, 8), feature_maps=36)
+    return base
 
 
 def _write_model_config(path: pathlib.Path, models: dict[str, pathlib.Path]) -> pathlib.Path:
@@ -99,9 +97,17 @@ def batching_process(tiny_models, tmp_path_factory):
         "max_batch_size { value: 8 }\nallowed_batch_sizes: 1\nallowed_batch_sizes: 8\n"
         "batch_timeout_micros { value: 300000 }\nnum_batch_threads { value: 1 }\nmax_enqueued_batches { value: 4 }\n"
     )
-    server = ServerProcess(["--port", "0", "--model_config_file", str(model_config), "--enable_batching",
-                            f"--batching_parameters_file={root / 'batching.config'}",
-                            "--file_system_poll_wait_seconds=0"])
+    server = ServerProcess(
+        [
+            "--port",
+            "0",
+            "--model_config_file",
+            str(model_config),
+            "--enable_batching",
+            f"--batching_parameters_file={root / 'batching.config'}",
+            "--file_system_poll_wait_seconds=0",
+        ]
+    )
     yield server
     if server.proc.poll() is None:
         server.proc.kill()
@@ -195,46 +201,11 @@ def reference():
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def images(n: int, size: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
-
-
-def png(image: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".png", image[..., ::-1])
-    assert ok
-    return data.tobytes()
-
-
-def make_request(model: str, signature: str, inputs: dict, version: int | None = None, label: str = "",
-                 output_filter=()) -> predict_pb2.PredictRequest:
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model
-    request.model_spec.signature_name = signature
-    if version is not None:
-        request.model_spec.version.value = version
-    if label:
-        request.model_spec.version_label = label
-    for name, value in inputs.items():
-        request.inputs[name].CopyFrom(value if isinstance(value, tensor_pb2.TensorProto) else tf.make_tensor_proto(value))
-    request.output_filter.extend(output_filter)
-    return request
-
-
 def explain_inputs(target: Target | None, n: int = 2, class_index=None, seed: int = 0) -> dict:
     """`n` random images for `target` (None: the local tiny model) and their class_index."""
     class_index = [-1] * n if class_index is None else class_index
     size = target.image_size if target else SIZE
-    return {"images": images(n, size, seed), "class_index": np.array(class_index, np.int32)}
-
-
-def arrays(response) -> dict[str, np.ndarray]:
-    return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
-
-
-def rpc_error(call, request, timeout: float = 60) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        call(request, timeout=timeout)
-    return info.value
+    return {"images": random_images(n, size, seed), "class_index": np.array(class_index, np.int32)}
 
 
 def _metadata(stub, model: str, version: int | None = None) -> dict:
@@ -254,15 +225,18 @@ def _status(model_stub, model: str, version: int | None = None) -> list[int]:
     if version is not None:
         request.model_spec.version.value = version
     response = model_stub.GetModelStatus(request, timeout=30)
-    return sorted(s.version for s in response.model_version_status
-                  if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+    return sorted(
+        s.version for s in response.model_version_status if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    )
 
 
 # --- Predict ---------------------------------------------------------------------------------
 
 
 def test_predict_round_trip(stub, target):
-    response = stub.Predict(make_request(target.model, "predict", {"images": images(3, target.image_size)}), timeout=60)
+    response = stub.Predict(
+        predict_request(target.model, "predict", {"images": random_images(3, target.image_size, 0)}), timeout=60
+    )
     out = arrays(response)
     assert set(out) == PREDICT_OUTPUTS
     assert response.model_spec.name == target.model
@@ -279,7 +253,7 @@ def test_gradcam_heatmap_equals_in_process_call(stub, target, reference):
     if target.reference_dir is None:
         pytest.skip("set TFSERVING_MODEL_DIR to the served version's directory")
     inputs = explain_inputs(target, 3, [-1, 1, 0])
-    response = stub.Predict(make_request(target.model, "gradcam", inputs), timeout=60)
+    response = stub.Predict(predict_request(target.model, "gradcam", inputs), timeout=60)
     out = arrays(response)
     assert set(out) == EXPLAIN_OUTPUTS
     expected = reference(target.reference_dir, "gradcam", **inputs)
@@ -292,9 +266,9 @@ def test_gradcam_heatmap_equals_in_process_call(stub, target, reference):
 
 
 def test_default_signature_takes_image_bytes(stub, target, reference):
-    encoded = np.array([png(image) for image in images(2, target.image_size, seed=5)], dtype=object)
+    encoded = np.array([png(image) for image in random_images(2, target.image_size, 5)], dtype=object)
     inputs = {"image_bytes": encoded, "class_index": np.array([-1, 0], np.int32)}
-    response = stub.Predict(make_request(target.model, "", inputs), timeout=60)
+    response = stub.Predict(predict_request(target.model, "", inputs), timeout=60)
     assert response.model_spec.signature_name == "serving_default"
     out = arrays(response)
     assert out["heatmap"].shape == (2, target.image_size, target.image_size)
@@ -305,7 +279,7 @@ def test_default_signature_takes_image_bytes(stub, target, reference):
 
 def test_outputs_are_in_typed_fields_like_tf_serving(stub, target):
     """TF Serving's default encoding: values in float_val / int_val / string_val, no tensor_content."""
-    response = stub.Predict(make_request(target.model, "gradcam", explain_inputs(target, 2)), timeout=60)
+    response = stub.Predict(predict_request(target.model, "gradcam", explain_inputs(target, 2)), timeout=60)
     heatmap = response.outputs["heatmap"]
     assert heatmap.tensor_content == b""
     assert len(heatmap.float_val) == 2 * target.image_size**2
@@ -315,9 +289,9 @@ def test_outputs_are_in_typed_fields_like_tf_serving(stub, target):
 
 def test_output_filter_returns_only_the_named_outputs(stub, target):
     inputs = explain_inputs(target, 2, [1, -1])
-    full = arrays(stub.Predict(make_request(target.model, "gradcam", inputs), timeout=60))
+    full = arrays(stub.Predict(predict_request(target.model, "gradcam", inputs), timeout=60))
     wanted = ["heatmap_uint8", "top_k_labels"]
-    response = stub.Predict(make_request(target.model, "gradcam", inputs, output_filter=wanted), timeout=60)
+    response = stub.Predict(predict_request(target.model, "gradcam", inputs, output_filter=wanted), timeout=60)
     out = arrays(response)
     assert set(out) == set(wanted)
     for name in wanted:
@@ -326,8 +300,9 @@ def test_output_filter_returns_only_the_named_outputs(stub, target):
 
 def test_output_filter_keeps_the_graph_checks(stub, target):
     """Pruning to cheap outputs must not drop the class_index range assertion."""
-    request = make_request(target.model, "gradcam", explain_inputs(target, 1, [target.num_classes]),
-                           output_filter=["top_k_labels"])
+    request = predict_request(
+        target.model, "gradcam", explain_inputs(target, 1, [target.num_classes]), output_filter=["top_k_labels"]
+    )
     error = rpc_error(stub.Predict, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "class_index" in error.details()
@@ -340,42 +315,97 @@ def _bad_requests(target: Target) -> dict:
     wrong_length = tf.make_tensor_proto(good["images"])
     wrong_length.tensor_content = wrong_length.tensor_content[:-5]
     return {
-        "unknown model": (make_request("no_such_model", "gradcam", good), grpc.StatusCode.NOT_FOUND, ["no_such_model"]),
-        "unknown version": (make_request(target.model, "gradcam", good, version=999),
-                            grpc.StatusCode.NOT_FOUND, ["999"]),
-        "unknown signature": (make_request(target.model, "no_such_signature", good),
-                              grpc.StatusCode.FAILED_PRECONDITION, ["no_such_signature"]),
-        "missing input": (make_request(target.model, "gradcam", {"images": good["images"]}),
-                          grpc.StatusCode.INVALID_ARGUMENT, ["Missing but required: {class_index}"]),
-        "extra input": (make_request(target.model, "gradcam", {**good, "extra": np.zeros(n, np.int32)}),
-                        grpc.StatusCode.INVALID_ARGUMENT, ["Sent extra: {extra}"]),
-        "bad dtype": (make_request(target.model, "gradcam", {**good, "images": good["images"].astype(np.float32)}),
-                      grpc.StatusCode.INVALID_ARGUMENT, ["'images'", "expected dtype uint8, got float32"]),
-        "bad shape": (make_request(target.model, "gradcam", {**good, "images": images(n, s + 1)}),
-                      grpc.StatusCode.INVALID_ARGUMENT,
-                      [f"images: expected shape [N,{s},{s},3]", f"got [{n},{s + 1},{s + 1},3]"]),
-        "batch sizes differ": (make_request(target.model, "gradcam", {**good, "class_index": np.zeros(n + 1, np.int32)}),
-                               grpc.StatusCode.INVALID_ARGUMENT,
-                               ["class_index needs one entry per image: 2 images, class_index of shape [3]"]),
-        "truncated tensor_content": (make_request(target.model, "gradcam", {**good, "images": wrong_length}),
-                                     grpc.StatusCode.INVALID_ARGUMENT, ["'images'", "tensor_content"]),
-        "unknown output_filter": (make_request(target.model, "gradcam", good, output_filter=["heatmap", "nope"]),
-                                  grpc.StatusCode.INVALID_ARGUMENT, ["nope"]),
-        "class_index out of range": (make_request(target.model, "gradcam", explain_inputs(target, 2, [target.num_classes] * 2)),
-                                     grpc.StatusCode.INVALID_ARGUMENT, [f"class_index {target.num_classes} is out of range"]),
-        "class_index below -1": (make_request(target.model, "gradcam", explain_inputs(target, 2, [-2, -3])),
-                                 grpc.StatusCode.INVALID_ARGUMENT, ["class_index -2 is out of range", "class_index -3"]),
-        "corrupt image bytes": (make_request(target.model, "predict_bytes", {"image_bytes": np.array([b"not an image"], object)}),
-                                grpc.StatusCode.INVALID_ARGUMENT, ["image_bytes: not a JPEG, PNG or BMP image"]),
-        "truncated image": (make_request(target.model, "predict_bytes",
-                                         {"image_bytes": np.array([png(images(1, s)[0])[:60]], object)}),
-                            grpc.StatusCode.INVALID_ARGUMENT, ["image_bytes: the image cannot be decoded"]),
+        "unknown model": (
+            predict_request("no_such_model", "gradcam", good),
+            grpc.StatusCode.NOT_FOUND,
+            ["no_such_model"],
+        ),
+        "unknown version": (
+            predict_request(target.model, "gradcam", good, version=999),
+            grpc.StatusCode.NOT_FOUND,
+            ["999"],
+        ),
+        "unknown signature": (
+            predict_request(target.model, "no_such_signature", good),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            ["no_such_signature"],
+        ),
+        "missing input": (
+            predict_request(target.model, "gradcam", {"images": good["images"]}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["Missing but required: {class_index}"],
+        ),
+        "extra input": (
+            predict_request(target.model, "gradcam", {**good, "extra": np.zeros(n, np.int32)}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["Sent extra: {extra}"],
+        ),
+        "bad dtype": (
+            predict_request(target.model, "gradcam", {**good, "images": good["images"].astype(np.float32)}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["'images'", "expected dtype uint8, got float32"],
+        ),
+        "bad shape": (
+            predict_request(target.model, "gradcam", {**good, "images": random_images(n, s + 1, 0)}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            [f"images: expected shape [N,{s},{s},3]", f"got [{n},{s + 1},{s + 1},3]"],
+        ),
+        "batch sizes differ": (
+            predict_request(target.model, "gradcam", {**good, "class_index": np.zeros(n + 1, np.int32)}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["class_index needs one entry per image: 2 images, class_index of shape [3]"],
+        ),
+        "truncated tensor_content": (
+            predict_request(target.model, "gradcam", {**good, "images": wrong_length}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["'images'", "tensor_content"],
+        ),
+        "unknown output_filter": (
+            predict_request(target.model, "gradcam", good, output_filter=["heatmap", "nope"]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["nope"],
+        ),
+        "class_index out of range": (
+            predict_request(target.model, "gradcam", explain_inputs(target, 2, [target.num_classes] * 2)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            [f"class_index {target.num_classes} is out of range"],
+        ),
+        "class_index below -1": (
+            predict_request(target.model, "gradcam", explain_inputs(target, 2, [-2, -3])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["class_index -2 is out of range", "class_index -3"],
+        ),
+        "corrupt image bytes": (
+            predict_request(target.model, "predict_bytes", {"image_bytes": np.array([b"not an image"], object)}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["image_bytes: not a JPEG, PNG or BMP image"],
+        ),
+        "truncated image": (
+            predict_request(
+                target.model, "predict_bytes", {"image_bytes": np.array([png(random_images(1, s, 0)[0])[:60]], object)}
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["image_bytes: the image cannot be decoded"],
+        ),
     }
 
 
-BAD_REQUESTS = ["unknown model", "unknown version", "unknown signature", "missing input", "extra input", "bad dtype",
-                "bad shape", "batch sizes differ", "truncated tensor_content", "unknown output_filter",
-                "class_index out of range", "class_index below -1", "corrupt image bytes", "truncated image"]
+BAD_REQUESTS = [
+    "unknown model",
+    "unknown version",
+    "unknown signature",
+    "missing input",
+    "extra input",
+    "bad dtype",
+    "bad shape",
+    "batch sizes differ",
+    "truncated tensor_content",
+    "unknown output_filter",
+    "class_index out of range",
+    "class_index below -1",
+    "corrupt image bytes",
+    "truncated image",
+]
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)
@@ -393,14 +423,16 @@ def test_bad_request_gets_tf_serving_status(stub, target, case):
 def test_server_keeps_serving_after_errors(stub, target):
     for case in ("bad dtype", "class_index out of range", "corrupt image bytes"):
         rpc_error(stub.Predict, _bad_requests(target)[case][0])
-    assert stub.Predict(make_request(target.model, "predict", {"images": images(1, target.image_size)}), timeout=60)
+    assert stub.Predict(
+        predict_request(target.model, "predict", {"images": random_images(1, target.image_size, 0)}), timeout=60
+    )
 
 
 def test_messages_over_4_mib_are_accepted(stub, target):
     big = np.random.default_rng(1).integers(0, 256, size=(1300, 1300, 3), dtype=np.uint8)
     encoded = png(big)
     assert len(encoded) > 4 * 2**20
-    request = make_request(target.model, "predict_bytes", {"image_bytes": np.array([encoded], object)})
+    request = predict_request(target.model, "predict_bytes", {"image_bytes": np.array([encoded], object)})
     out = arrays(stub.Predict(request, timeout=120))
     assert out["probabilities"].shape == (1, target.num_classes)
 
@@ -416,25 +448,30 @@ class _FailingSession:
 
 
 @local_only
-@pytest.mark.parametrize("error, code", [
-    (SessionError(8, "OOM when allocating tensor with shape[8,2048]"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (SessionError(9, "Could not find variable dense/kernel"), grpc.StatusCode.FAILED_PRECONDITION),
-    (SessionError(11, "End of sequence"), grpc.StatusCode.OUT_OF_RANGE),
-    (SessionError(12, "No registered kernel"), grpc.StatusCode.UNIMPLEMENTED),
-    (RuntimeError("something unexpected"), grpc.StatusCode.INTERNAL),
-])
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (SessionError(8, "OOM when allocating tensor with shape[8,2048]"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (SessionError(9, "Could not find variable dense/kernel"), grpc.StatusCode.FAILED_PRECONDITION),
+        (SessionError(11, "End of sequence"), grpc.StatusCode.OUT_OF_RANGE),
+        (SessionError(12, "No registered kernel"), grpc.StatusCode.UNIMPLEMENTED),
+        (RuntimeError("something unexpected"), grpc.StatusCode.INTERNAL),
+    ],
+)
 def test_runtime_failures_keep_tensorflow_status(stub, target, local_server, monkeypatch, caplog, error, code):
     """TensorFlow's own status codes come back as they are (they are gRPC's); only our own bugs are INTERNAL."""
-    signature = local_server.registry.resolve(make_request("tiny", "predict", {}).model_spec).signature("predict")
+    signature = local_server.registry.resolve(predict_request("tiny", "predict", {}).model_spec).signature("predict")
     monkeypatch.setattr(signature, "_session", _FailingSession(error))
     with caplog.at_level("ERROR", logger="serving.server"):
-        failure = rpc_error(stub.Predict, make_request(target.model, "predict", {"images": images(1, SIZE)}))
+        failure = rpc_error(
+            stub.Predict, predict_request(target.model, "predict", {"images": random_images(1, SIZE, 0)})
+        )
     assert failure.code() == code
     assert (error.message if isinstance(error, SessionError) else str(error)) in failure.details()
     if code == grpc.StatusCode.INTERNAL:
         assert any("Predict failed" in r.getMessage() for r in caplog.records)
     monkeypatch.undo()
-    assert stub.Predict(make_request(target.model, "predict", {"images": images(1, SIZE)}), timeout=60)
+    assert stub.Predict(predict_request(target.model, "predict", {"images": random_images(1, SIZE, 0)}), timeout=60)
 
 
 # --- metadata and status ---------------------------------------------------------------------
@@ -480,17 +517,18 @@ def test_version_pinning(stub, model_stub, target, tiny_models, reference):
     assert _status(model_stub, "tiny") == [1, 2]
     inputs = explain_inputs(target, 2, [2, -1], seed=7)
     # Only version 1 has "cam": the pinned version really is the one that runs.
-    pinned = stub.Predict(make_request("tiny", "cam", inputs, version=1), timeout=60)
+    pinned = stub.Predict(predict_request("tiny", "cam", inputs, version=1), timeout=60)
     assert pinned.model_spec.version.value == 1
-    np.testing.assert_allclose(arrays(pinned)["heatmap"], reference(tiny_models / "1", "cam", **inputs)["heatmap"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        arrays(pinned)["heatmap"], reference(tiny_models / "1", "cam", **inputs)["heatmap"], rtol=1e-5, atol=1e-6
+    )
     for version in (None, 2):
-        error = rpc_error(stub.Predict, make_request("tiny", "cam", inputs, version=version))
+        error = rpc_error(stub.Predict, predict_request("tiny", "cam", inputs, version=version))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert stub.Predict(make_request("tiny", "gradcam", inputs), timeout=60).model_spec.version.value == 2
-    labelled = stub.Predict(make_request("tiny", "cam", inputs, label="stable"), timeout=60)
+    assert stub.Predict(predict_request("tiny", "gradcam", inputs), timeout=60).model_spec.version.value == 2
+    labelled = stub.Predict(predict_request("tiny", "cam", inputs, label="stable"), timeout=60)
     assert labelled.model_spec.version.value == 1
-    error = rpc_error(stub.Predict, make_request("tiny", "cam", inputs, label="no_such_label"))
+    error = rpc_error(stub.Predict, predict_request("tiny", "cam", inputs, label="no_such_label"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(_metadata(stub, "tiny", 1)) > set(_metadata(stub, "tiny", 2))  # v2 lacks cam, cam_bytes
 
@@ -505,7 +543,7 @@ def test_new_version_is_picked_up_and_the_old_one_unloaded(model_stub, stub, pol
     while _status(model_stub, "polled") != [2] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _status(model_stub, "polled") == [2]
-    response = stub.Predict(make_request("polled", "predict", {"images": images(1, SIZE)}), timeout=60)
+    response = stub.Predict(predict_request("polled", "predict", {"images": random_images(1, SIZE, 0)}), timeout=60)
     assert response.model_spec.version.value == 2
 
 
@@ -513,17 +551,21 @@ def test_new_version_is_picked_up_and_the_old_one_unloaded(model_stub, stub, pol
 def test_a_version_whose_warmup_fails_is_not_served(tiny_models, tmp_path, caplog):
     """As in TF Serving: a version that cannot answer its own warm-up requests is not loaded."""
     shutil.copytree(tiny_models / "2", tmp_path / "1")
-    bad = make_request("", "predict", {"images": images(1, SIZE + 1)})  # wrong image size
-    with tf.io.TFRecordWriter(str(tmp_path / "1" / "assets.extra" / "tf_serving_warmup_requests")) as writer:
-        writer.write(prediction_log_pb2.PredictionLog(
-            predict_log=prediction_log_pb2.PredictLog(request=bad)).SerializeToString())
+    bad = predict_request("", "predict", {"images": random_images(1, SIZE + 1, 0)})  # wrong image size
+    with tf.io.TFRecordWriter(str(tmp_path / "1" / WARMUP_FILE)) as writer:
+        writer.write(
+            prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=bad)).SerializeToString()
+        )
     registry = ModelRegistry(configs.single_model_config("broken", str(tmp_path)))
-    with caplog.at_level("ERROR", logger="serving.models"):
+    with caplog.at_level("ERROR", logger="serving.registry"):
         registry.sync()
-    assert any("failed to load model broken version 1" in r.getMessage()
-               and f"images: expected shape [N,{SIZE},{SIZE},3]" in r.getMessage() for r in caplog.records)
+    assert any(
+        "failed to load model broken version 1" in r.getMessage()
+        and f"images: expected shape [N,{SIZE},{SIZE},3]" in r.getMessage()
+        for r in caplog.records
+    )
     with pytest.raises(ServingError) as missing:
-        registry.resolve(make_request("broken", "predict", {}).model_spec)
+        registry.resolve(predict_request("broken", "predict", {}).model_spec)
     assert missing.value.code == grpc.StatusCode.NOT_FOUND
 
 
@@ -532,20 +574,48 @@ def test_a_version_whose_warmup_fails_is_not_served(tiny_models, tmp_path, caplo
 
 def test_command_line_flag_forms():
     p = parser()
-    config, options = options_from_args(p.parse_args(
-        ["--port=9000", "--model_name", "m", "--model_base_path=/x/m", "--enable_batching",
-         "--grpc_max_threads", "3", "--enable_model_warmup=false", "--host", "0.0.0.0"]), p)
+    config, options = options_from_args(
+        p.parse_args(
+            [
+                "--port=9000",
+                "--model_name",
+                "m",
+                "--model_base_path=/x/m",
+                "--enable_batching",
+                "--grpc_max_threads",
+                "3",
+                "--enable_model_warmup=false",
+                "--host",
+                "0.0.0.0",
+            ]
+        ),
+        p,
+    )
     assert options.port == 9000 and options.host == "0.0.0.0" and options.grpc_max_threads == 3
     assert options.batching == configs.BatchingOptions() and options.enable_model_warmup is False
     assert [(m.name, m.base_path) for m in config.model_config_list.config] == [("m", "/x/m")]
-    config, options = options_from_args(p.parse_args(
-        ["--model_config_file", str(ROOT / "serving" / "models.config"), "--enable_batching=true",
-         "--batching_parameters_file", str(ROOT / "serving" / "batching.config"), "--models_root=/srv/m"]), p)
+    config, options = options_from_args(
+        p.parse_args(
+            [
+                "--model_config_file",
+                str(ROOT / "serving" / "models.config"),
+                "--enable_batching=true",
+                "--batching_parameters_file",
+                str(ROOT / "serving" / "batching.config"),
+                "--models_root=/srv/m",
+            ]
+        ),
+        p,
+    )
     assert options.batching.allowed_batch_sizes == (1, 8) and options.host == "127.0.0.1" and options.port == 8500
     if not os.path.isdir("/models"):  # the container path of models.config, read from --models_root here
         assert config.model_config_list.config[0].base_path == "/srv/m/resnet50_cam"
-    for bad in (["--model_base_path=/x", "--model_config_file=/y"], [], ["--model_base_path=/x", "--no_such_flag=1"],
-                ["--model_base_path=/x", "--batching_parameters_file=/b"]):
+    for bad in (
+        ["--model_base_path=/x", "--model_config_file=/y"],
+        [],
+        ["--model_base_path=/x", "--no_such_flag=1"],
+        ["--model_base_path=/x", "--batching_parameters_file=/b"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             options_from_args(p.parse_args(bad), p)
         assert exit_info.value.code == 2
@@ -554,25 +624,59 @@ def test_command_line_flag_forms():
 @local_only
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_tls_with_an_ssl_config_file(tiny_models, tmp_path):
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"), "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(tmp_path / "key.pem"),
+            "-out",
+            str(tmp_path / "cert.pem"),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     cert = (tmp_path / "cert.pem").read_bytes()
     ssl = configs.SSLConfig(server_key=(tmp_path / "key.pem").read_text(), server_cert=cert.decode())
     (tmp_path / "ssl.config").write_text(text_format.MessageToString(ssl))
     p = parser()
-    config, options = options_from_args(p.parse_args(
-        ["--port=0", "--model_name=tiny", f"--model_base_path={tiny_models}", f"--ssl_config_file={tmp_path / 'ssl.config'}",
-         "--enable_model_warmup=false", "--file_system_poll_wait_seconds=0"]), p)
+    config, options = options_from_args(
+        p.parse_args(
+            [
+                "--port=0",
+                "--model_name=tiny",
+                f"--model_base_path={tiny_models}",
+                f"--ssl_config_file={tmp_path / 'ssl.config'}",
+                "--enable_model_warmup=false",
+                "--file_system_poll_wait_seconds=0",
+            ]
+        ),
+        p,
+    )
     server = EmbeddedServer(config, options)
     port = server.start()
     try:
         with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(root_certificates=cert)) as secure:
             assert _status(model_service_pb2_grpc.ModelServiceStub(secure), "tiny") == [2]
         with grpc.insecure_channel(f"localhost:{port}") as plain:
-            error = rpc_error(model_service_pb2_grpc.ModelServiceStub(plain).GetModelStatus,
-                              get_model_status_pb2.GetModelStatusRequest(), timeout=5)
+            error = rpc_error(
+                model_service_pb2_grpc.ModelServiceStub(plain).GetModelStatus,
+                get_model_status_pb2.GetModelStatusRequest(),
+                timeout=5,
+            )
             assert error.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(grace=1)
@@ -584,12 +688,12 @@ def test_subprocess_server_batches_concurrent_requests(batching_process, tiny_mo
     for version in (1, 2):  # one log line per version, after replaying its warm-up records
         assert re.search(rf"loaded model tiny version {version} .*; [1-9]\d* warm-up requests", batching_process.log)
     stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(address))
-    batch = images(6, SIZE, seed=11)
+    batch = random_images(6, SIZE, 11)
     classes = np.array([-1, 0, 1, 2, 3, 4], np.int32)
     expected = reference(tiny_models / "2", "gradcam", images=batch, class_index=classes)
 
     def one(i: int):
-        request = make_request("tiny", "gradcam", {"images": batch[i:i + 1], "class_index": classes[i:i + 1]})
+        request = predict_request("tiny", "gradcam", {"images": batch[i : i + 1], "class_index": classes[i : i + 1]})
         return arrays(stub.Predict(request, timeout=60))
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -597,7 +701,7 @@ def test_subprocess_server_batches_concurrent_requests(batching_process, tiny_mo
     for i, out in enumerate(results):
         np.testing.assert_allclose(out["heatmap"][0], expected["heatmap"][i], rtol=1e-5, atol=1e-6)
         assert out["class_index"][0] == expected["class_index"][i]
-    too_many = rpc_error(stub.Predict, make_request("tiny", "gradcam", explain_inputs(None, 9)))
+    too_many = rpc_error(stub.Predict, predict_request("tiny", "gradcam", explain_inputs(None, 9)))
     assert too_many.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "larger than maximum input batch size 8" in too_many.details()
 
@@ -606,7 +710,7 @@ def test_subprocess_server_batches_concurrent_requests(batching_process, tiny_mo
 def test_sigterm_finishes_in_flight_requests_and_exits_0(batching_process):
     address = batching_process.wait_ready()
     stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(address))
-    request = make_request("tiny", "predict", {"images": images(1, SIZE)})
+    request = predict_request("tiny", "predict", {"images": random_images(1, SIZE, 0)})
     stub.Predict(request, timeout=60)  # connected: the next requests reach the server at once
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(stub.Predict, request, timeout=60) for _ in range(3)]
@@ -628,12 +732,20 @@ def test_default_grpc_threads_let_batches_fill(tiny_models):
     threads = default_grpc_threads(batching, cpus=1)
     assert threads >= 2 * batching.max_batch_size
     config = configs.single_model_config("tiny", str(tiny_models))
-    server = EmbeddedServer(config, ServerOptions(port=0, grpc_max_threads=threads, batching=batching,
-                                                  enable_model_warmup=False, file_system_poll_wait_seconds=0))
+    server = EmbeddedServer(
+        config,
+        ServerOptions(
+            port=0,
+            grpc_max_threads=threads,
+            batching=batching,
+            enable_model_warmup=False,
+            file_system_poll_wait_seconds=0,
+        ),
+    )
     port = server.start()
     try:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"localhost:{port}"))
-        request = make_request("tiny", "predict", {"images": images(1, SIZE)})
+        request = predict_request("tiny", "predict", {"images": random_images(1, SIZE, 0)})
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(stub.Predict, request, timeout=60) for _ in range(8)]
             assert all(f.result().outputs["class_index"].tensor_shape.dim[0].size == 1 for f in futures)
@@ -646,9 +758,16 @@ def _batch_of_8(tiny_models, rerun_failed: bool, requests: list) -> tuple[list, 
     """Send 8 requests at once to an embedded server that batches up to 8 (one batch, no timeout
     reached); returns each response or RpcError, and the batch sizes the server ran."""
     batching = configs.BatchingOptions(max_batch_size=8, batch_timeout_micros=10_000_000, num_batch_threads=1)
-    server = EmbeddedServer(configs.single_model_config("tiny", str(tiny_models)),
-                            ServerOptions(port=0, batching=batching, enable_model_warmup=False,
-                                          file_system_poll_wait_seconds=0, rerun_failed_batches=rerun_failed))
+    server = EmbeddedServer(
+        configs.single_model_config("tiny", str(tiny_models)),
+        ServerOptions(
+            port=0,
+            batching=batching,
+            enable_model_warmup=False,
+            file_system_poll_wait_seconds=0,
+            rerun_failed_batches=rerun_failed,
+        ),
+    )
     port = server.start()
     try:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"localhost:{port}"))
@@ -667,7 +786,7 @@ def test_one_bad_request_in_a_batch_of_8_under_tf_serving_semantics(tiny_models,
     request gets its row's error, the 7 others their results. A fault that stops the batch from
     being formed (a request of another image size cannot be concatenated) fails all 8, as in TF
     Serving, unless the embedded server's own --rerun_failed_batches is on."""
-    batch = images(8, SIZE, seed=41)
+    batch = random_images(8, SIZE, 41)
     bad_row = 5
     signature = "gradcam_bytes" if fault == "corrupt image" else "gradcam"
 
@@ -675,15 +794,19 @@ def test_one_bad_request_in_a_batch_of_8_under_tf_serving_semantics(tiny_models,
         image = batch[i]
         if signature == "gradcam_bytes":
             data = png(image)
-            inputs = {"image_bytes": np.array([data[:len(data) // 2] if i == bad_row else data], object)}
+            inputs = {"image_bytes": np.array([data[: len(data) // 2] if i == bad_row else data], object)}
         else:
-            inputs = {"images": images(1, SIZE + 3, seed=i) if (i == bad_row and fault == "wrong image size")
-                      else image[None]}
-        inputs["class_index"] = np.array([NUM_CLASSES if (i == bad_row and fault == "class_index out of range")
-                                          else -1], np.int32)
-        return make_request("tiny", signature, inputs)
+            inputs = {
+                "images": random_images(1, SIZE + 3, i)
+                if (i == bad_row and fault == "wrong image size")
+                else image[None]
+            }
+        inputs["class_index"] = np.array(
+            [NUM_CLASSES if (i == bad_row and fault == "class_index out of range") else -1], np.int32
+        )
+        return predict_request("tiny", signature, inputs)
 
-    for rerun_failed in ((False, True) if fault == "wrong image size" else (False,)):
+    for rerun_failed in (False, True) if fault == "wrong image size" else (False,):
         answers, batch_sizes = _batch_of_8(tiny_models, rerun_failed, [request(i) for i in range(8)])
         if fault == "wrong image size":  # the 8 cannot be merged into one batch: nothing ran as 8
             assert batch_sizes == ({1: 8} if rerun_failed else {})
@@ -705,10 +828,12 @@ def test_one_bad_request_in_a_batch_of_8_under_tf_serving_semantics(tiny_models,
                 assert f"images: expected shape [N,{SIZE},{SIZE},3]" in answer.details()
             else:  # computed in the batch; its row says why
                 error = arrays(answer)["error"][0].decode()
-                assert error == ("image_bytes: the image cannot be decoded (corrupt or truncated?)"
-                                 if fault == "corrupt image" else
-                                 f"class_index {NUM_CLASSES} is out of range: this model has {NUM_CLASSES} classes "
-                                 f"(0..{NUM_CLASSES - 1}; -1 = the predicted class)")
+                assert error == (
+                    "image_bytes: the image cannot be decoded (corrupt or truncated?)"
+                    if fault == "corrupt image"
+                    else f"class_index {NUM_CLASSES} is out of range: this model has {NUM_CLASSES} classes "
+                    f"(0..{NUM_CLASSES - 1}; -1 = the predicted class)"
+                )
 
 
 # --- batching, unit level --------------------------------------------------------------------
@@ -732,8 +857,11 @@ def _submit_concurrently(batcher: Batcher, tasks: list[np.ndarray], key="k", run
 
 
 def test_batcher_groups_pads_and_splits():
-    batcher = Batcher(configs.BatchingOptions(max_batch_size=8, allowed_batch_sizes=(2, 8), batch_timeout_micros=500_000,
-                                              num_batch_threads=1))
+    batcher = Batcher(
+        configs.BatchingOptions(
+            max_batch_size=8, allowed_batch_sizes=(2, 8), batch_timeout_micros=500_000, num_batch_threads=1
+        )
+    )
     calls = []
     tasks = [np.full((i + 1, 3), i + 1, np.int64) for i in range(3)]  # 1 + 2 + 3 = 6 rows
     results = _submit_concurrently(batcher, tasks, run=_doubler(calls))
@@ -750,8 +878,10 @@ def test_batcher_groups_pads_and_splits():
 def test_batcher_keeps_keys_apart_and_fails_a_batch_as_tf_serving_does(rerun_failed):
     """TF Serving gives a batch one status: a failing run fails every request in it. The rerun
     option (ours) runs a failed batch again one request at a time, so that only the bad one fails."""
-    batcher = Batcher(configs.BatchingOptions(max_batch_size=8, batch_timeout_micros=500_000, num_batch_threads=2),
-                      rerun_failed=rerun_failed)
+    batcher = Batcher(
+        configs.BatchingOptions(max_batch_size=8, batch_timeout_micros=500_000, num_batch_threads=2),
+        rerun_failed=rerun_failed,
+    )
     calls = []
     run = _doubler(calls)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -778,13 +908,6 @@ def test_batcher_refuses_to_merge_different_shapes_like_tf_serving():
         assert "Tensors with name 'x' from different tasks have different shapes" in result.message
 
 
-def _wait_for(condition, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_batcher_refuses_when_the_queue_is_full():
     started, release = threading.Event(), threading.Event()
 
@@ -798,7 +921,7 @@ def test_batcher_refuses_when_the_queue_is_full():
         running = pool.submit(batcher.submit, "k", slow, {"x": np.zeros((2, 1))}, 2)  # full: runs, blocks
         assert started.wait(10)
         queued = pool.submit(batcher.submit, "k", slow, {"x": np.zeros((2, 1))}, 2)  # waits in the queue
-        _wait_for(lambda: len(batcher._queues.get("k", ())) == 1)
+        assert wait_for(lambda: len(batcher._queues.get("k", ())) == 1)
         with pytest.raises(ServingError) as refused:
             batcher.submit("k", slow, {"x": np.zeros((1, 1))}, 1)
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
@@ -815,8 +938,15 @@ def test_batcher_refuses_when_the_queue_is_full():
 
 def test_batcher_splits_large_tasks_when_enabled():
     calls = []
-    batcher = Batcher(configs.BatchingOptions(max_batch_size=32, allowed_batch_sizes=(4, 32), num_batch_threads=1,
-                                              enable_large_batch_splitting=True, max_execution_batch_size=4))
+    batcher = Batcher(
+        configs.BatchingOptions(
+            max_batch_size=32,
+            allowed_batch_sizes=(4, 32),
+            num_batch_threads=1,
+            enable_large_batch_splitting=True,
+            max_execution_batch_size=4,
+        )
+    )
     x = np.arange(10 * 2).reshape(10, 2)
     result = batcher.submit("k", _doubler(calls), {"x": x}, 10)
     batcher.stop()
@@ -825,25 +955,32 @@ def test_batcher_splits_large_tasks_when_enabled():
 
 
 def test_clean_tf_message_reads_like_a_sentence():
-    raw = ("Graph execution error:\n\nDetected at node assert_less/Assert/Assert defined at (most recent call last):\n"
-           "<stack traces unavailable>\nassertion failed: [class_index out of range: 5 classes] "
-           "[Condition x < y did not hold element-wise:] [x (class_index:0) = ] [5 0] [y (assert_less/y:0) = ] [5]\n"
-           "\t [[{{node assert_less/Assert/Assert}}]] [Op:__inference_signature_wrapper_631]")
-    assert clean_tf_message(raw) == ("assertion failed: class_index out of range: 5 classes; "
-                                     "Condition x < y did not hold element-wise: x = [5 0]; y = 5")
+    raw = (
+        "Graph execution error:\n\nDetected at node assert_less/Assert/Assert defined at (most recent call last):\n"
+        "<stack traces unavailable>\nassertion failed: [class_index out of range: 5 classes] "
+        "[Condition x < y did not hold element-wise:] [x (class_index:0) = ] [5 0] [y (assert_less/y:0) = ] [5]\n"
+        "\t [[{{node assert_less/Assert/Assert}}]] [Op:__inference_signature_wrapper_631]"
+    )
+    assert clean_tf_message(raw) == (
+        "assertion failed: class_index out of range: 5 classes; "
+        "Condition x < y did not hold element-wise: x = [5 0]; y = 5"
+    )
 
 
-@pytest.mark.parametrize("array", [
-    np.random.default_rng(0).random((2, 3, 4), dtype=np.float32),
-    np.random.default_rng(0).random(5),
-    np.random.default_rng(0).integers(0, 256, (3, 7, 5), dtype=np.uint8),
-    np.array([0, 127, 128, 255], np.uint8),
-    np.array([[-1, 3], [2**31 - 1, -2**31]], np.int32),
-    np.array([2**40, -5], np.int64),
-    np.array([True, False]),
-    np.array([[b"a", b""], [b"\xff" * 300, b"d"]], object),
-    np.zeros((0, 4), np.float32),
-])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.random.default_rng(0).random((2, 3, 4), dtype=np.float32),
+        np.random.default_rng(0).random(5),
+        np.random.default_rng(0).integers(0, 256, (3, 7, 5), dtype=np.uint8),
+        np.array([0, 127, 128, 255], np.uint8),
+        np.array([[-1, 3], [2**31 - 1, -(2**31)]], np.int32),
+        np.array([2**40, -5], np.int64),
+        np.array([True, False]),
+        np.array([[b"a", b""], [b"\xff" * 300, b"d"]], object),
+        np.zeros((0, 4), np.float32),
+    ],
+)
 def test_encode_tensor_round_trips_in_typed_fields(array):
     proto = encode_tensor(array)
     assert proto.tensor_content == b""

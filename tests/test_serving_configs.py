@@ -6,7 +6,6 @@ MonitoringConfig; `serving.configs` declares those two with TF Serving's field n
 
 from __future__ import annotations
 
-import inspect
 import os
 import pathlib
 import shlex
@@ -18,33 +17,13 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import configs, tfserving
-from serving.__main__ import options_from_args, parser as embedded_parser
+from serving.__main__ import options_from_args
+from serving.__main__ import parser as embedded_parser
 from serving.gpu import tensorflow_gpus
+from tf_serving_flags import EMBEDDED_ONLY_FLAGS, TF_SERVING_FLAGS, flags_of
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVING = ROOT / "serving"
-
-# Every flag tensorflow_model_server defines (tensorflow_serving/model_servers/main.cc, 2.21).
-TF_SERVING_FLAGS = {
-    "port", "grpc_socket_path", "rest_api_port", "rest_api_num_threads", "rest_api_timeout_in_ms",
-    "rest_api_enable_cors_support", "enable_batching", "allow_version_labels_for_unavailable_models",
-    "batching_parameters_file", "enable_per_model_batching_parameters", "model_config_file",
-    "model_config_file_poll_wait_seconds", "model_name", "model_base_path", "num_load_threads",
-    "num_unload_threads", "max_num_load_retries", "load_retry_interval_micros", "file_system_poll_wait_seconds",
-    "flush_filesystem_caches", "tensorflow_session_parallelism", "tensorflow_session_config_file",
-    "tensorflow_intra_op_parallelism", "tensorflow_inter_op_parallelism", "use_alts_credentials",
-    "ssl_config_file", "platform_config_file", "per_process_gpu_memory_fraction", "saved_model_tags",
-    "grpc_channel_arguments", "grpc_max_threads", "enable_model_warmup", "num_request_iterations_for_warmup",
-    "version", "monitoring_config_file", "remove_unused_fields_from_bundle_metagraph", "prefer_tflite_model",
-    "num_tflite_pools", "num_tflite_interpreters_per_pool", "enable_signature_method_name_check",
-    "xla_cpu_compilation_enabled", "xla_gpu_compilation_enabled", "enable_profiler",
-    "thread_pool_factory_config_file", "mixed_precision", "skip_initialize_tpu", "enable_grpc_healthcheck_service",
-    "enable_serialization_as_tensor_content",
-}
-# Flags only the embedded server has (TF Serving listens on all interfaces and has no equivalent).
-EMBEDDED_ONLY_FLAGS = {"host", "max_message_bytes", "models_root", "shutdown_grace_seconds",
-                       "max_concurrent_requests", "rerun_failed_batches", "start_with_failed_models"}
-
 
 def _parse(path: pathlib.Path, message):
     return text_format.Parse(path.read_text(), message)
@@ -59,10 +38,10 @@ def test_models_config_parses_as_model_server_config():
 
 
 def test_batching_config_matches_the_warmup_records():
-    from export.savedmodel import export_savedmodel
+    from export.options import ExportOptions
 
     params = _parse(SERVING / "batching.config", configs.BatchingParameters())
-    warmup_sizes = inspect.signature(export_savedmodel).parameters["warmup_batch_sizes"].default
+    warmup_sizes = ExportOptions(backbone="any", model_name="any").warmup_batch_sizes
     assert list(params.allowed_batch_sizes) == sorted(warmup_sizes)
     assert params.allowed_batch_sizes[-1] == params.max_batch_size.value
     for field in ("max_batch_size", "batch_timeout_micros", "num_batch_threads", "max_enqueued_batches"):
@@ -101,15 +80,6 @@ def test_bad_model_configs_are_refused(tmp_path):
         configs.read_model_server_config(path)
 
 
-def _flags(argv: list[str]) -> dict[str, str]:
-    flags = {}
-    for arg in argv:
-        assert arg.startswith("--") and "=" in arg, f"TF Serving flags are --name=value: {arg!r}"
-        name, value = arg[2:].split("=", 1)
-        flags[name] = value
-    return flags
-
-
 def _dry_run(capsys, *args: str) -> list[str]:
     assert tfserving.main(["--dry-run", *args]) == 0
     return shlex.split(capsys.readouterr().out.strip())
@@ -123,7 +93,7 @@ def test_binary_command(capsys, tmp_path):
     argv = _dry_run(capsys, "--runtime", "binary", "--base-path", str(tmp_path), "--port", "9100", "--xla",
                     "--gpu-memory-fraction", "0.5")
     assert argv[0] == "tensorflow_model_server"
-    flags = _flags(argv[1:])
+    flags = flags_of(argv[1:])
     assert set(flags) <= TF_SERVING_FLAGS
     assert REQUIRED <= set(flags)
     assert flags["port"] == "9100" and flags["rest_api_port"] == "8501" and flags["enable_batching"] == "true"
@@ -146,7 +116,7 @@ def test_docker_command(capsys, tmp_path):
     assert f"{tmp_path.resolve()}:/models:ro" in mounts and f"{SERVING}:/config:ro" in mounts
     ports = [docker[i + 1] for i, arg in enumerate(docker) if arg == "-p"]
     assert ports == ["8500:8500", "8501:8501"]
-    flags = _flags(server)
+    flags = flags_of(server)
     assert set(flags) <= TF_SERVING_FLAGS and REQUIRED <= set(flags)
     for name in ("model_config_file", "batching_parameters_file", "monitoring_config_file"):
         inside = pathlib.PurePosixPath(flags[name])
@@ -203,17 +173,25 @@ def test_the_xla_flag_is_added_for_a_model_that_needs_it(capsys, tmp_path, jit_e
     for name in ("batching.config", "monitoring.config"):
         shutil.copy(SERVING / name, tmp_path / name)
     models = {"jit": jit_export.parent.name, "plain": shapes_export.parent.name}
+    base = tmp_path / "models"  # both models under one base path, as the Docker mount has them
+    base.mkdir()
+    for export in (jit_export, shapes_export):
+        (base / export.parent.name).symlink_to(export.parent)
     for served, folder in models.items():
         (tmp_path / "models.config").write_text(
-            f'model_config_list {{ config {{ name: "{served}" base_path: "/models/{folder}" model_platform: "tensorflow" }} }}')
-        argv = _dry_run(capsys, "--runtime", runtime, "--config-dir", str(tmp_path),
-                        "--base-path", str(jit_export.parent.parent))
-        flags = _flags(argv[argv.index(tfserving.IMAGE) + 1:] if runtime == "docker" else argv[1:])
+            f'model_config_list {{ config {{ name: "{served}" base_path: "/models/{folder}" '
+            'model_platform: "tensorflow" } }')
+        argv = _dry_run(
+            capsys, "--runtime", runtime, "--config-dir", str(tmp_path), "--base-path", str(base)
+        )
+        flags = flags_of(argv[argv.index(tfserving.IMAGE) + 1 :] if runtime == "docker" else argv[1:])
         assert flags.get(flag) == ("true" if served == "jit" else None), served
 
 
-@pytest.mark.skipif(shutil.which("make") is None or shutil.which("tensorflow_model_server") is not None,
-                    reason="needs make, and the embedded server as `make serve`'s")
+@pytest.mark.skipif(
+    shutil.which("make") is None or shutil.which("tensorflow_model_server") is not None,
+    reason="needs make, and the embedded server as `make serve`'s",
+)
 @pytest.mark.skipif(bool(tensorflow_gpus()), reason="needs a TensorFlow that sees no GPU")
 def test_a_gpu_host_whose_tensorflow_sees_no_gpu_gets_the_cpu_batching_config(tmp_path):
     """nvidia-smi on PATH (a GPU host) is not enough: a CPU-only TensorFlow there serves on the CPU."""
@@ -222,7 +200,13 @@ def test_a_gpu_host_whose_tensorflow_sees_no_gpu_gets_the_cpu_batching_config(tm
     fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100'\n")
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
-    result = subprocess.run(["make", "-s", "-o", "venv", "serve", "DRY_RUN=1", f"BASE_PATH={tmp_path}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run(
+        ["make", "-s", "-o", "venv", "serve", "DRY_RUN=1", f"BASE_PATH={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert "--batching_parameters_file serving/batching_cpu.config" in result.stdout

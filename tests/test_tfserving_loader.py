@@ -84,18 +84,15 @@ def test_a_model_saved_the_old_way_is_refused_and_not_published(shapes_model, tm
 
     monkeypatch.setattr(savedmodel, "track_captured_variables", lambda explainer, signatures: None)
     with pytest.raises(VerificationError, match="Could not find variable") as caught:
-        savedmodel.export_savedmodel(str(shapes_model), "none", ["gradcam"], "old", str(tmp_path),
-                                     warmup_batch_sizes=(1,), log=synthetic.quiet)
+        synthetic.export_model(shapes_model, ["gradcam"], "old", tmp_path, warmup_batch_sizes=(1,))
     assert "TensorFlow Serving's loader cannot run signature" in str(caught.value)
     assert list((tmp_path / "old").iterdir()) == []  # neither a version nor the staging directory
 
 
 def test_the_exporter_prints_the_verification_line(shapes_model, tmp_path):
-    from export.savedmodel import export_savedmodel
 
     lines = []
-    export_savedmodel(str(shapes_model), "none", ["gradcam"], "m", str(tmp_path), warmup_batch_sizes=(1, 2),
-                      log=lines.append)
+    synthetic.export_model(shapes_model, ["gradcam"], "m", tmp_path, warmup_batch_sizes=(1, 2), log=lines.append)
     (line,) = [line for line in lines if "verified with TensorFlow Serving's loader" in line]
     assert "(LoadSavedModel + Session::Run): 14 warm-up requests over 7 signatures" in line
 
@@ -115,8 +112,10 @@ def run_error(session, signature: str, **inputs) -> SessionError:
     return caught.value
 
 
-@pytest.mark.parametrize("shape", [(2, 63, 64, 3), (2, 64, 65, 3), (2, 64, 64, 4), (2, 64, 64, 1), (64, 64, 3),
-                                   (2, 64, 64, 3, 2), (2, 4096, 3), ()])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 63, 64, 3), (2, 64, 65, 3), (2, 64, 64, 4), (2, 64, 64, 1), (64, 64, 3), (2, 64, 64, 3, 2), (2, 4096, 3), ()],
+)
 def test_wrong_image_shapes_are_refused_by_the_graph(session, shape):
     bad = np.zeros(shape, np.uint8)
     for signature, extra in (("predict", {}), ("gradcam", {"class_index": np.full(2, -1, np.int32)})):

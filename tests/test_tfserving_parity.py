@@ -1,5 +1,5 @@
 """What TF Serving does, behaviour by behaviour (with the source file that says so), and a check
-that the embedded server does the same. README's "TF Serving parity" table is this list."""
+that the embedded server does the same. docs/DEPLOYING.md's "TF Serving parity" table is this list."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import math
 import pathlib
 import re
 import shutil
-import time
 from typing import Callable
 
 import grpc
@@ -25,12 +24,15 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-import rest_helpers
-from rest_helpers import SIZE, http
+import servers
+import synthetic
+from calls import wait_for
+from servers import http
 from serving import configs, json_tensor, rest
 from serving.__main__ import options_from_args, parser
 from serving.server import ServerOptions, StartupError, serve
 from serving.tfserving import server_flags
+from synthetic import TINY_SIZE as SIZE
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -39,7 +41,7 @@ State = get_model_status_pb2.ModelVersionStatus.State
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> pathlib.Path:
     """A version directory of the tiny model, copied into each test's own base paths."""
-    return rest_helpers.export_tiny(tmp_path_factory.mktemp("parity") / "tiny")
+    return synthetic.export_tiny(tmp_path_factory.mktemp("parity") / "tiny")
 
 
 def _copy(version_dir: pathlib.Path, base: pathlib.Path, name: str) -> None:
@@ -57,13 +59,6 @@ def _status(server, model: str) -> list[tuple[int, str, int, str]]:
             for s in response.model_version_status]
 
 
-def _wait_for(condition: Callable[[], bool], seconds: float = 60) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return condition()
-
-
 def _predict_version(server, model: str) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         request = predict_pb2.PredictRequest()
@@ -78,25 +73,25 @@ def _predict_version(server, model: str) -> int:
 
 def leading_zeros(tiny, tmp_path):
     _copy(tiny, tmp_path, "00000123")
-    with rest_helpers.running({"m": tmp_path}) as server:
+    with servers.running({"m": tmp_path}) as server:
         assert _status(server, "m") == [(123, "AVAILABLE", 0, "")]
         assert _predict_version(server, "m") == 123
 
 
 def every_version_newest_first(tiny, tmp_path):
     _copy(tiny, tmp_path, "1")
-    with rest_helpers.running({"m": tmp_path}) as server:
+    with servers.running({"m": tmp_path}) as server:
         broken = tmp_path / ".3-staging"
         broken.mkdir()
         (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
         broken.rename(tmp_path / "3")
         # The latest policy aims at 3, which fails: END with its error, and 1 stays served.
-        assert _wait_for(lambda: _status(server, "m")[0][:2] == (3, "END"))
+        assert wait_for(lambda: _status(server, "m")[0][:2] == (3, "END"), 60, 0.2)
         [(_, _, code3, message3), *others] = _status(server, "m")
         assert code3 != 0 and message3 and others == [(1, "AVAILABLE", 0, "")]
         _copy(tiny, tmp_path, "4")  # a newer good version: 1 is unloaded (END, OK) once 4 is available
-        assert _wait_for(lambda: [s[:3] for s in _status(server, "m")] ==
-                         [(4, "AVAILABLE", 0), (3, "END", code3), (1, "END", 0)])
+        assert wait_for(lambda: [s[:3] for s in _status(server, "m")] ==
+                         [(4, "AVAILABLE", 0), (3, "END", code3), (1, "END", 0)], 60, 0.2)
         status, _, text = http(server.rest_port, "/v1/models/m/labels/anything")  # a label is ignored here
         assert status == 200 and [s["version"] for s in json.loads(text)["model_version_status"]] == ["4", "3", "1"]
 
@@ -106,7 +101,7 @@ def startup_fails_on_a_failed_load(tiny, tmp_path):
     (tmp_path / "1" / "saved_model.pb").write_bytes(b"not a SavedModel")
     config = configs.single_model_config("m", str(tmp_path))
     with pytest.raises(StartupError, match=r"1 servable\(s\) did not become available: \{model m version 1: "):
-        rest_helpers.start({"m": tmp_path})
+        servers.start({"m": tmp_path})
     assert serve(config, ServerOptions(port=0)) == 255  # the exit status of TF Serving's main on this
 
 
@@ -115,7 +110,7 @@ def reload_config_request(tiny, tmp_path):
     (tmp_path / "b").mkdir()
     _copy(tiny, tmp_path / "a", "1")
     _copy(tiny, tmp_path / "b", "2")
-    with rest_helpers.running({"a": tmp_path / "a"}) as server:
+    with servers.running({"a": tmp_path / "a"}) as server:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = model_service_pb2_grpc.ModelServiceStub(channel)
             new = configs.single_model_config("b", str(tmp_path / "b"))
@@ -136,10 +131,10 @@ def config_file_poll(tiny, tmp_path):
     _copy(tiny, tmp_path / "a", "1")
     config_file = tmp_path / "models.config"
     config_file.write_text(str(configs.single_model_config("a", str(tmp_path / "a"))))
-    with rest_helpers.running({"a": tmp_path / "a"}, model_config_file=str(config_file),
+    with servers.running({"a": tmp_path / "a"}, model_config_file=str(config_file),
                                 model_config_file_poll_wait_seconds=0.3) as server:
         config_file.write_text(str(configs.single_model_config("b", str(tmp_path / "a"))))
-        assert _wait_for(lambda: server.registry.model_names == ["b"])
+        assert wait_for(lambda: server.registry.model_names == ["b"], 60, 0.2)
         assert _status(server, "b") == [(1, "AVAILABLE", 0, "")] and _predict_version(server, "b") == 1
 
 
@@ -150,14 +145,14 @@ def rest_off_by_default(tiny, tmp_path):
 
 def metrics_only_when_configured(tiny, tmp_path):
     _copy(tiny, tmp_path, "1")
-    with rest_helpers.running({"m": tmp_path}, metrics=False) as server:
+    with servers.running({"m": tmp_path}, metrics=False) as server:
         status, content_type, _ = http(server.rest_port, "/monitoring/prometheus/metrics")
         assert (status, content_type) == (404, "text/html")
 
 
 def status_and_metadata_json(tiny, tmp_path):
     _copy(tiny, tmp_path, "1")
-    with rest_helpers.running({"m": tmp_path}) as server:
+    with servers.running({"m": tmp_path}) as server:
         status, content_type, text = http(server.rest_port, "/v1/models/m")
         assert status == 200 and content_type == "application/json"
         assert json.loads(text) == {"model_version_status": [

@@ -22,13 +22,11 @@ import cv2
 import numpy as np
 import pytest
 
+import synthetic
 from client import GUIDED_PNG, CamClient, overlay
 from client.image_header import declared_size
 from client.web import PAGE, ExplainPage, PageError, PageLimits, make_server
-from rest_helpers import http, start
-from servers import ROOT
-
-import synthetic
+from servers import ROOT, http, start
 
 CHELSEA = ROOT / "samples" / "chelsea.png"
 METHODS = ("gradcam", "cam")
@@ -129,12 +127,25 @@ def test_guided_gradcam_also_returns_its_picture(page, served):
 REFUSALS = {  # what the page answers, before the model server or from it
     "not an image": ("/api/explain", b"GIF89a" + bytes(40), 415, "not a JPEG, PNG or BMP image"),
     "empty": ("/api/explain", b"", 400, "the file is empty"),
-    "too many pixels": ("/api/explain", _png(6000, 5000), 413,
-                        "6000×5000 = 30.0 million pixels, more than this page accepts"),
-    "unknown method": ("/api/explain?method=nope", _png(8, 8), 400, "has no method 'nope'; it has ablationcam, cam, eigencam"),
+    "too many pixels": (
+        "/api/explain",
+        _png(6000, 5000),
+        413,
+        "6000×5000 = 30.0 million pixels, more than this page accepts",
+    ),
+    "unknown method": (
+        "/api/explain?method=nope",
+        _png(8, 8),
+        400,
+        "has no method 'nope'; it has ablationcam, cam, eigencam",
+    ),
     "class not a number": ("/api/explain?class_index=x", _png(8, 8), 400, "class_index must be a class number"),
-    "class out of range": ("/api/explain?class_index=7", _png(8, 8), 400,
-                           "refused: assertion failed: class_index 7 is out of range: this model has 3 classes"),
+    "class out of range": (
+        "/api/explain?class_index=7",
+        _png(8, 8),
+        400,
+        "refused: assertion failed: class_index 7 is out of range: this model has 3 classes",
+    ),
     "unknown path": ("/api/other", b"x", 404, "nothing at /api/other"),
 }
 
@@ -176,9 +187,26 @@ def test_the_page_loads_nothing_from_elsewhere(page):
 
 def test_cli_binds_localhost_and_says_when_the_model_server_is_down(tmp_path):
     """`python -m client web` against a port where nothing listens: the page still opens and says why."""
-    run = subprocess.Popen([sys.executable, "-m", "client", "web", "--server", "127.0.0.1:9", "--port", "0",
-                            "--model", "shapes", "--timeout", "3"], cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "client",
+            "web",
+            "--server",
+            "127.0.0.1:9",
+            "--port",
+            "0",
+            "--model",
+            "shapes",
+            "--timeout",
+            "3",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = run.stdout.readline()
         found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
@@ -330,10 +358,13 @@ def test_compare_all_shows_every_method(browser, page):
     assert all(p.get_attribute("data-class-index") for p in panels)
 
 
-@pytest.mark.parametrize("limit, refusal", [
-    (PageLimits().max_pixels, "more than this page accepts (25.0 million, --max-pixels)"),
-    (10**9, "the image declares 6000x5000 pixels, more than the limit of 25000000 pixels"),  # the server's own
-])
+@pytest.mark.parametrize(
+    "limit, refusal",
+    [
+        (PageLimits().max_pixels, "more than this page accepts (25.0 million, --max-pixels)"),
+        (10**9, "the image declares 6000x5000 pixels, more than the limit of 25000000 pixels"),  # the server's own
+    ],
+)
 def test_an_oversized_image_is_refused_in_words(browser, served, tmp_path, limit, refusal):
     path = tmp_path / "huge.png"
     path.write_bytes(_png(6000, 5000))
