@@ -90,6 +90,14 @@ def start(models: dict[str, pathlib.Path], metrics: bool = True, **options) -> E
     return server
 
 
+def from_flags(*flags: str) -> EmbeddedServer:
+    """An EmbeddedServer built from `python -m serving`'s flags as its command line builds it (not started)."""
+    from serving.__main__ import options_from_args, parser
+
+    p = parser()
+    return EmbeddedServer(*options_from_args(p.parse_args(list(flags)), p))
+
+
 @contextlib.contextmanager
 def running(models: dict[str, pathlib.Path], **options):
     """`start`, stopped on leaving the block."""

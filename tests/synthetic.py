@@ -118,12 +118,8 @@ def transfer_model(kind: str):
     base = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(64, 64, 3))
     if kind == "sequential":
         return keras.Sequential(
-            [
-                keras.Input((64, 64, 3)),
-                base,
-                keras.layers.GlobalAveragePooling2D(),
-                keras.layers.Dense(3, activation="softmax"),
-            ]
+            [keras.Input((64, 64, 3)), base, keras.layers.GlobalAveragePooling2D(),
+             keras.layers.Dense(3, activation="softmax")]
         )
     inputs = keras.Input((64, 64, 3))
     x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)

@@ -489,18 +489,8 @@ def test_end_to_end_with_embedded_server(served_tiny, tmp_path):
     # Guided Grad-CAM: its picture too, at the photo's size
     assert (
         cli_main(
-            [
-                "explain",
-                str(path),
-                "--server",
-                address,
-                "--model",
-                model,
-                "--out",
-                str(tmp_path),
-                "--method",
-                "guided_gradcam",
-            ]
+            ["explain", str(path), "--server", address, "--model", model, "--out", str(tmp_path), "--method",
+             "guided_gradcam"]
         )
         == 0
     )

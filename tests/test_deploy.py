@@ -438,16 +438,8 @@ class Replica(ServerProcess):
     def __init__(self, prefix: str, base_path: pathlib.Path):
         self.prefix = prefix
         super().__init__(
-            [
-                "--port",
-                "0",
-                "--model_name",
-                "tiny",
-                "--model_base_path",
-                str(base_path),
-                "--shutdown_grace_seconds",
-                "1",
-            ],
+            ["--port", "0", "--model_name", "tiny", "--model_base_path", str(base_path), "--shutdown_grace_seconds",
+             "1"],
             env={"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""},
         )
 
@@ -489,19 +481,8 @@ def test_client_spreads_calls_over_the_replicas(replicas, tmp_path):
     image_path = tmp_path / "image.png"
     image_path.write_bytes(image)
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "client",
-            "predict",
-            str(image_path),
-            "--server",
-            server,
-            "--model",
-            "tiny",
-            "--top-k",
-            "1",
-        ],
+        [sys.executable, "-m", "client", "predict", str(image_path), "--server", server, "--model", "tiny", "--top-k",
+         "1"],
         cwd=ROOT,
         capture_output=True,
         text=True,

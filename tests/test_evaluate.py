@@ -48,21 +48,8 @@ def test_real_heatmaps_beat_a_random_map(shapes_server, image_dir):
 
 def test_evaluate_and_feature_grid_command_lines(shapes_server, image_dir, tmp_path):
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "client",
-            "evaluate",
-            str(image_dir),
-            "--server",
-            shapes_server,
-            "--model",
-            "shapes",
-            "--methods",
-            "gradcam",
-            "--steps",
-            "5",
-        ],
+        [sys.executable, "-m", "client", "evaluate", str(image_dir), "--server", shapes_server, "--model", "shapes",
+         "--methods", "gradcam", "--steps", "5"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -72,20 +59,8 @@ def test_evaluate_and_feature_grid_command_lines(shapes_server, image_dir, tmp_p
     assert "gradcam" in run.stdout and "random" in run.stdout and "deletion AUC" in run.stdout
     image = image_dir / "00.png"
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "client",
-            "explain",
-            str(image),
-            "--server",
-            shapes_server,
-            "--model",
-            "shapes",
-            "--feature-grid",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", "client", "explain", str(image), "--server", shapes_server, "--model", "shapes",
+         "--feature-grid", "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,

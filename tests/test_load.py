@@ -41,21 +41,9 @@ def test_load_mixed_requests_all_correct_and_memory_flat(rel_model, rel_referenc
         f"allowed_batch_sizes: {MAX_BATCH}\nbatch_timeout_micros {{ value: 2000 }}\n"
         "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 1000 }\n")
     server = ServerProcess(
-        [
-            "--port",
-            "0",
-            "--model_name",
-            "rel",
-            "--model_base_path",
-            str(rel_model),
-            "--enable_batching",
-            "--batching_parameters_file",
-            str(tmp_path / "batching.config"),
-            "--max_concurrent_requests",
-            str(2 * CALLERS),
-            "--file_system_poll_wait_seconds",
-            "0",
-        ],
+        ["--port", "0", "--model_name", "rel", "--model_base_path", str(rel_model), "--enable_batching",
+         "--batching_parameters_file", str(tmp_path / "batching.config"), "--max_concurrent_requests",
+         str(2 * CALLERS), "--file_system_poll_wait_seconds", "0"],
         env=SERVER_ENV,
     )
     try:

@@ -23,6 +23,7 @@ import numpy as np
 import psutil
 import pytest
 import tensorflow as tf
+from google.protobuf import text_format
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_status_pb2,
@@ -32,7 +33,7 @@ from tensorflow_serving.apis import (
 
 from calls import arrays, bytes_request, explain_request, fake_server, model_spec, predict_request, wait_for
 from images import bmp_claiming, encode, gif, jpeg_claiming, png_bomb, random_images
-from servers import ServerProcess
+from servers import ServerProcess, from_flags
 from serving import configs
 from serving.__main__ import options_from_args, parser
 from serving.server import EmbeddedServer, ServerOptions
@@ -305,27 +306,11 @@ def _hostile_requests() -> dict:
     }
 
 
-HOSTILE_REQUESTS = [
-    "wrong dtype",
-    "NaN and inf floats",
-    "class_index int64",
-    "wrong rank",
-    "wrong image size",
-    "batch sizes differ",
-    "scalar input",
-    "class_index = number of classes",
-    "class_index < -1",
-    "empty batch",
-    "batch over the maximum",
-    "unknown input name",
-    "missing input",
-    "unknown output_filter",
-    "unknown signature",
-    "unknown model",
-    "tensor_content too short",
-    "shape without values",
-    "message over the limit",
-]
+HOSTILE_REQUESTS = ["wrong dtype", "NaN and inf floats", "class_index int64", "wrong rank", "wrong image size",
+                    "batch sizes differ", "scalar input", "class_index = number of classes", "class_index < -1",
+                    "empty batch", "batch over the maximum", "unknown input name", "missing input",
+                    "unknown output_filter", "unknown signature", "unknown model", "tensor_content too short",
+                    "shape without values", "message over the limit"]
 
 
 @pytest.mark.parametrize("case", HOSTILE_REQUESTS)
@@ -391,18 +376,8 @@ def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
     return bytes(data)
 
 
-DTYPES = [
-    types_pb2.DT_UINT8,
-    types_pb2.DT_INT32,
-    types_pb2.DT_INT64,
-    types_pb2.DT_FLOAT,
-    types_pb2.DT_STRING,
-    types_pb2.DT_BOOL,
-    types_pb2.DT_HALF,
-    types_pb2.DT_VARIANT,
-    types_pb2.DT_RESOURCE,
-    77,
-]
+DTYPES = [types_pb2.DT_UINT8, types_pb2.DT_INT32, types_pb2.DT_INT64, types_pb2.DT_FLOAT, types_pb2.DT_STRING,
+          types_pb2.DT_BOOL, types_pb2.DT_HALF, types_pb2.DT_VARIANT, types_pb2.DT_RESOURCE, 77]
 
 
 def _random_tensor(rng: np.random.Generator) -> tensor_pb2.TensorProto:
@@ -565,22 +540,9 @@ def test_a_call_that_times_out_in_the_batch_queue_is_dropped(rel_model):
 
 
 def test_max_concurrent_requests_refuses_the_excess_with_resource_exhausted(rel_model, rel_reference):
-    p = parser()
-    config, options = options_from_args(
-        p.parse_args(
-            [
-                "--port=0",
-                "--model_name=rel",
-                f"--model_base_path={rel_model}",
-                "--max_concurrent_requests=2",
-                "--enable_model_warmup=false",
-                "--file_system_poll_wait_seconds=0",
-            ]
-        ),
-        p,
-    )
-    assert options.max_concurrent_requests == 2 and ServerOptions().max_concurrent_requests == 0
-    server = EmbeddedServer(config, options)
+    server = from_flags("--port=0", "--model_name=rel", f"--model_base_path={rel_model}", "--max_concurrent_requests=2",
+                        "--enable_model_warmup=false", "--file_system_poll_wait_seconds=0")
+    assert server.options.max_concurrent_requests == 2 and ServerOptions().max_concurrent_requests == 0
     server.start()
     try:
         gate, runs = _gate(server)
@@ -719,21 +681,9 @@ def test_mutual_tls_refuses_plaintext_wrong_ca_and_clients_without_a_certificate
 
     ssl = configs.read_text_proto(pki / "ssl.config", configs.SSLConfig)  # as `make certs` writes it
     assert ssl.client_verify and ssl.custom_ca == (pki / "ca.pem").read_text()
-    p = parser()
-    config, options = options_from_args(
-        p.parse_args(
-            [
-                "--port=0",
-                "--model_name=rel",
-                f"--model_base_path={rel_model}",
-                f"--ssl_config_file={pki / 'ssl.config'}",
-                "--enable_model_warmup=false",
-                "--file_system_poll_wait_seconds=0",
-            ]
-        ),
-        p,
-    )
-    server = EmbeddedServer(config, options)
+    flags = ["--port=0", "--model_name=rel", f"--model_base_path={rel_model}", "--enable_model_warmup=false",
+             "--file_system_poll_wait_seconds=0"]
+    server = from_flags(*flags, f"--ssl_config_file={pki / 'ssl.config'}")
     port = server.start()
     address = f"localhost:{port}"
     image = tmp_path / "image.png"
@@ -746,20 +696,8 @@ def test_mutual_tls_refuses_plaintext_wrong_ca_and_clients_without_a_certificate
                 assert client.predict(image.read_bytes()).class_label.startswith("class_")
         assert (
             client_main(
-                [
-                    "predict",
-                    str(image),
-                    "--server",
-                    address,
-                    "--model",
-                    "rel",
-                    "--ca-cert",
-                    str(pki / "ca.pem"),
-                    "--client-cert",
-                    str(pki / "client.pem"),
-                    "--client-key",
-                    str(pki / "client.key"),
-                ]
+                ["predict", str(image), "--server", address, "--model", "rel", "--ca-cert", str(pki / "ca.pem"),
+                 "--client-cert", str(pki / "client.pem"), "--client-key", str(pki / "client.key")]
             )
             == 0
         )
@@ -788,14 +726,10 @@ def test_mutual_tls_refuses_plaintext_wrong_ca_and_clients_without_a_certificate
             tls_credentials(pki / "ca.pem", pki / "client.pem")
     finally:
         server.stop(grace=1)
+    no_ca = configs.SSLConfig(server_key=ssl.server_key, server_cert=ssl.server_cert, client_verify=True)
+    (tmp_path / "no_ca.config").write_text(text_format.MessageToString(no_ca))
     with pytest.raises(ValueError, match="client_verify needs custom_ca"):
-        EmbeddedServer(
-            config,
-            ServerOptions(
-                port=0,
-                ssl=configs.SSLConfig(server_key=ssl.server_key, server_cert=ssl.server_cert, client_verify=True),
-            ),
-        ).start()
+        from_flags(*flags, f"--ssl_config_file={tmp_path / 'no_ca.config'}").start()
 
 
 def test_binds_loopback_by_default(served):

@@ -19,7 +19,6 @@ import pathlib
 import re
 import shutil
 import signal
-import subprocess
 import threading
 import time
 
@@ -41,7 +40,7 @@ import synthetic
 from calls import arrays, predict_request, rpc_error, wait_for
 from export.tfs_loader import WARMUP_FILE, SessionError
 from images import png, random_images
-from servers import ServerProcess
+from servers import ServerProcess, from_flags
 from serving import configs
 from serving.__main__ import options_from_args, parser
 from serving.batching import Batcher
@@ -98,15 +97,8 @@ def batching_process(tiny_models, tmp_path_factory):
         "batch_timeout_micros { value: 300000 }\nnum_batch_threads { value: 1 }\nmax_enqueued_batches { value: 4 }\n"
     )
     server = ServerProcess(
-        [
-            "--port",
-            "0",
-            "--model_config_file",
-            str(model_config),
-            "--enable_batching",
-            f"--batching_parameters_file={root / 'batching.config'}",
-            "--file_system_poll_wait_seconds=0",
-        ]
+        ["--port", "0", "--model_config_file", str(model_config), "--enable_batching",
+         f"--batching_parameters_file={root / 'batching.config'}", "--file_system_poll_wait_seconds=0"]
     )
     yield server
     if server.proc.poll() is None:
@@ -390,22 +382,9 @@ def _bad_requests(target: Target) -> dict:
     }
 
 
-BAD_REQUESTS = [
-    "unknown model",
-    "unknown version",
-    "unknown signature",
-    "missing input",
-    "extra input",
-    "bad dtype",
-    "bad shape",
-    "batch sizes differ",
-    "truncated tensor_content",
-    "unknown output_filter",
-    "class_index out of range",
-    "class_index below -1",
-    "corrupt image bytes",
-    "truncated image",
-]
+BAD_REQUESTS = ["unknown model", "unknown version", "unknown signature", "missing input", "extra input", "bad dtype",
+                "bad shape", "batch sizes differ", "truncated tensor_content", "unknown output_filter",
+                "class_index out of range", "class_index below -1", "corrupt image bytes", "truncated image"]
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)
@@ -450,13 +429,11 @@ class _FailingSession:
 @local_only
 @pytest.mark.parametrize(
     "error, code",
-    [
-        (SessionError(8, "OOM when allocating tensor with shape[8,2048]"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (SessionError(9, "Could not find variable dense/kernel"), grpc.StatusCode.FAILED_PRECONDITION),
-        (SessionError(11, "End of sequence"), grpc.StatusCode.OUT_OF_RANGE),
-        (SessionError(12, "No registered kernel"), grpc.StatusCode.UNIMPLEMENTED),
-        (RuntimeError("something unexpected"), grpc.StatusCode.INTERNAL),
-    ],
+    [(SessionError(8, "OOM when allocating tensor with shape[8,2048]"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+     (SessionError(9, "Could not find variable dense/kernel"), grpc.StatusCode.FAILED_PRECONDITION),
+     (SessionError(11, "End of sequence"), grpc.StatusCode.OUT_OF_RANGE),
+     (SessionError(12, "No registered kernel"), grpc.StatusCode.UNIMPLEMENTED),
+     (RuntimeError("something unexpected"), grpc.StatusCode.INTERNAL)],
 )
 def test_runtime_failures_keep_tensorflow_status(stub, target, local_server, monkeypatch, caplog, error, code):
     """TensorFlow's own status codes come back as they are (they are gRPC's); only our own bugs are INTERNAL."""
@@ -576,18 +553,8 @@ def test_command_line_flag_forms():
     p = parser()
     config, options = options_from_args(
         p.parse_args(
-            [
-                "--port=9000",
-                "--model_name",
-                "m",
-                "--model_base_path=/x/m",
-                "--enable_batching",
-                "--grpc_max_threads",
-                "3",
-                "--enable_model_warmup=false",
-                "--host",
-                "0.0.0.0",
-            ]
+            ["--port=9000", "--model_name", "m", "--model_base_path=/x/m", "--enable_batching", "--grpc_max_threads",
+             "3", "--enable_model_warmup=false", "--host", "0.0.0.0"]
         ),
         p,
     )
@@ -596,14 +563,8 @@ def test_command_line_flag_forms():
     assert [(m.name, m.base_path) for m in config.model_config_list.config] == [("m", "/x/m")]
     config, options = options_from_args(
         p.parse_args(
-            [
-                "--model_config_file",
-                str(ROOT / "serving" / "models.config"),
-                "--enable_batching=true",
-                "--batching_parameters_file",
-                str(ROOT / "serving" / "batching.config"),
-                "--models_root=/srv/m",
-            ]
+            ["--model_config_file", str(ROOT / "serving" / "models.config"), "--enable_batching=true",
+             "--batching_parameters_file", str(ROOT / "serving" / "batching.config"), "--models_root=/srv/m"]
         ),
         p,
     )
@@ -624,49 +585,18 @@ def test_command_line_flag_forms():
 @local_only
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_tls_with_an_ssl_config_file(tiny_models, tmp_path):
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(tmp_path / "key.pem"),
-            "-out",
-            str(tmp_path / "cert.pem"),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    cert = (tmp_path / "cert.pem").read_bytes()
-    ssl = configs.SSLConfig(server_key=(tmp_path / "key.pem").read_text(), server_cert=cert.decode())
+    """Server-side TLS only (no client certificates), with `make certs`' CA and server certificate."""
+    from serving.certs import make_ca, make_certificate
+
+    make_ca(tmp_path)
+    make_certificate(tmp_path, "server", server=True)
+    ssl = configs.SSLConfig(server_key=(tmp_path / "server.key").read_text(),
+                            server_cert=(tmp_path / "server.pem").read_text())
     (tmp_path / "ssl.config").write_text(text_format.MessageToString(ssl))
-    p = parser()
-    config, options = options_from_args(
-        p.parse_args(
-            [
-                "--port=0",
-                "--model_name=tiny",
-                f"--model_base_path={tiny_models}",
-                f"--ssl_config_file={tmp_path / 'ssl.config'}",
-                "--enable_model_warmup=false",
-                "--file_system_poll_wait_seconds=0",
-            ]
-        ),
-        p,
-    )
-    server = EmbeddedServer(config, options)
+    cert = (tmp_path / "ca.pem").read_bytes()
+    server = from_flags("--port=0", "--model_name=tiny", f"--model_base_path={tiny_models}",
+                        f"--ssl_config_file={tmp_path / 'ssl.config'}", "--enable_model_warmup=false",
+                        "--file_system_poll_wait_seconds=0")
     port = server.start()
     try:
         with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(root_certificates=cert)) as secure:
@@ -969,17 +899,10 @@ def test_clean_tf_message_reads_like_a_sentence():
 
 @pytest.mark.parametrize(
     "array",
-    [
-        np.random.default_rng(0).random((2, 3, 4), dtype=np.float32),
-        np.random.default_rng(0).random(5),
-        np.random.default_rng(0).integers(0, 256, (3, 7, 5), dtype=np.uint8),
-        np.array([0, 127, 128, 255], np.uint8),
-        np.array([[-1, 3], [2**31 - 1, -(2**31)]], np.int32),
-        np.array([2**40, -5], np.int64),
-        np.array([True, False]),
-        np.array([[b"a", b""], [b"\xff" * 300, b"d"]], object),
-        np.zeros((0, 4), np.float32),
-    ],
+    [np.random.default_rng(0).random((2, 3, 4), dtype=np.float32), np.random.default_rng(0).random(5),
+     np.random.default_rng(0).integers(0, 256, (3, 7, 5), dtype=np.uint8), np.array([0, 127, 128, 255], np.uint8),
+     np.array([[-1, 3], [2**31 - 1, -(2**31)]], np.int32), np.array([2**40, -5], np.int64), np.array([True, False]),
+     np.array([[b"a", b""], [b"\xff" * 300, b"d"]], object), np.zeros((0, 4), np.float32)],
 )
 def test_encode_tensor_round_trips_in_typed_fields(array):
     proto = encode_tensor(array)

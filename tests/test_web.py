@@ -188,20 +188,8 @@ def test_the_page_loads_nothing_from_elsewhere(page):
 def test_cli_binds_localhost_and_says_when_the_model_server_is_down(tmp_path):
     """`python -m client web` against a port where nothing listens: the page still opens and says why."""
     run = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "client",
-            "web",
-            "--server",
-            "127.0.0.1:9",
-            "--port",
-            "0",
-            "--model",
-            "shapes",
-            "--timeout",
-            "3",
-        ],
+        [sys.executable, "-m", "client", "web", "--server", "127.0.0.1:9", "--port", "0", "--model", "shapes",
+         "--timeout", "3"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
