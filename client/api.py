@@ -260,9 +260,10 @@ class CamClient:
         for group, raw in ((encoded, False), (arrays, True)):  # one signature each: split mixed lists
             for start in range(0, len(group), self.batch_size):
                 chunk = group[start:start + self.batch_size]
+                size = self.model_image_size(method) if raw else None
                 request = protos.predict_request(
                     self._spec(method if raw else method + "_bytes"),
-                    images=np.stack([_sized(items[i], self.model_image_size(method)) for i in chunk]) if raw else None,
+                    images=np.stack([_sized(items[i], size) for i in chunk]) if raw else None,
                     image_bytes=None if raw else [_read(items[i]) for i in chunk],
                     class_index=None if method == "predict" else [classes[i] for i in chunk],
                     output_filter=wanted,

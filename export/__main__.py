@@ -8,11 +8,13 @@ from export.options import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.savedmodel import export_savedmodel
     from export.verify import VerificationError
 
     try:
-        export_savedmodel(parse_args(argv, prog="python -m export", description=__doc__))
+        options = parse_args(argv, prog="python -m export", description=__doc__)
+        from export.savedmodel import export_savedmodel  # Keras: once the flags are good
+
+        export_savedmodel(options)
     except (ValueError, FileNotFoundError, FileExistsError, VerificationError) as error:
         print(f"export: error: {error}", file=sys.stderr)
         return 2

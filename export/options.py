@@ -69,17 +69,11 @@ class ExportOptions:
             object.__setattr__(self, "methods", tuple(METHODS))
         if not self.methods:
             raise ValueError("give at least one method")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
 
     @property
     def channels(self) -> dict[str, int]:
         """How many channels each method that scores channels one by one scores."""
         return {"scorecam": self.scorecam_channels, "ablationcam": self.ablationcam_channels}
-
-
-def flag(field: dataclasses.Field) -> str:
-    return "--" + field.name.replace("_", "-")
 
 
 def comma_list(element: type):
@@ -98,13 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             settings["type"] = comma_list(settings.get("type", str))
         elif isinstance(field.default, int):
             settings["type"] = int
-        parser.add_argument(
-            flag(field),
-            dest=field.name,
-            required=required,
-            **({} if required else {"default": field.default}),
-            **settings,
-        )
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, required=required,
+                            default=None if required else field.default, **settings)
 
 
 def from_args(args: argparse.Namespace) -> ExportOptions:

@@ -83,9 +83,8 @@ def shapes_model(tmp_path_factory) -> pathlib.Path:
     return shared(tmp_path_factory, "shapes_model", train) / "shapes.keras"
 
 
-def _shared_export(tmp_path_factory, name: str, *args, **options) -> pathlib.Path:
-    """synthetic.export_model(*args, name, <shared folder>, **options), once per run."""
-    backbone, methods = args
+def _shared_export(tmp_path_factory, name: str, backbone, methods, **options) -> pathlib.Path:
+    """synthetic.export_model(backbone, methods, name, <shared folder>, **options), once per run."""
     folder = shared(tmp_path_factory, name, lambda f: synthetic.export_model(backbone, methods, name, f, **options))
     return folder / name / "1"
 
