@@ -2,13 +2,13 @@
 
 1. Exports the backbone (ResNet50 with random weights; the same weights every time) with gradcam in
    each --precision (float32, bfloat16, float16), with and without --jit-compile.
-2. Loads each float32/bfloat16/float16 export the way TF Serving does (export/tfs_loader.py:
-   LoadSavedModel with `log_device_placement` in the session config, then Session::Run) in a child
-   process, runs `gradcam` once, and lists the device of every explain-path op (gradient, pooling,
-   weighting, ReLU, normalisation, resize, casts, PNG encode) from the graphs that Session::Run
-   executed. (The placement log itself names only the signature's function calls: their bodies are
-   placed when the session inlines them; it is kept in <out>/gpu_check_placement.log.)
-3. Times predict vs gradcam through the same loader at batch 1, 8 and 64, round-robin, medians.
+2. Times predict vs gradcam through TF Serving's loader (export/tfs_loader.py: LoadSavedModel, then
+   Session::Run) at batch 1, 8 and 64, round-robin, medians.
+3. Loads each float32/bfloat16/float16 export the same way with `log_device_placement` in the session
+   config, in one child process, runs `gradcam` once, and lists the device of every explain-path op
+   (gradient, pooling, weighting, ReLU, normalisation, resize, casts, PNG encode) from the graphs that
+   Session::Run executed. (The placement log itself names only the signature's function calls: their
+   bodies are placed when the session inlines them; it is kept in <out>/gpu_check_placement.log.)
 
 Writes <out>/gpu_check.json and <out>/gpu_check.png. Runs on a CPU-only machine too (every op then says
 CPU); `--short` (batches 1 and 2, 3 rounds) with a small `--backbone` is the CI-sized run of the tests.
@@ -55,36 +55,40 @@ def op_type(op: str) -> str:
     return op
 
 
-def _placement_child(model_dir: str, image_size: int) -> None:
-    """In the child: load with TF Serving's loader and log_device_placement, run gradcam once, print
-    {op type: {device: count}} of the executed graphs as the last line of stdout."""
+def _placement_child(model_dirs: list[str], image_size: int) -> None:
+    """In the child: load each model with TF Serving's loader and log_device_placement, run gradcam
+    once, and print {model_dir: {op type: {device: count}}} of the executed graphs as the last line."""
     from tensorflow.core.protobuf import config_pb2
 
     from export.tfs_loader import SavedModelSession
 
     config = config_pb2.ConfigProto(log_device_placement=True)
-    trace = config_pb2.RunOptions(output_partition_graphs=True)
-    metadata = config_pb2.RunMetadata()
     inputs = {"images": np.zeros((2, image_size, image_size, 3), np.uint8), "class_index": np.array([-1, 0], np.int32)}
-    with SavedModelSession(model_dir, config=config.SerializeToString()) as session:
-        session.run_signature("gradcam", inputs, options=trace, metadata=metadata)
-    devices: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for graph in metadata.partition_graphs:
-        for node in graph.node:
-            devices[op_type(node.op)][node.device.rpartition("device:")[2] or "?"] += 1
+    report = {}
+    for model_dir in model_dirs:
+        metadata = config_pb2.RunMetadata()
+        with SavedModelSession(model_dir, config=config.SerializeToString()) as session:
+            session.run_signature("gradcam", inputs, options=config_pb2.RunOptions(output_partition_graphs=True),
+                                  metadata=metadata)
+        devices: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for graph in metadata.partition_graphs:
+            for node in graph.node:
+                devices[op_type(node.op)][node.device.rpartition("device:")[2] or "?"] += 1
+        report[model_dir] = {op: dict(counts) for op, counts in devices.items()}
     sys.stdout.flush()
-    print("\n" + json.dumps({op: dict(counts) for op, counts in devices.items()}))
+    print("\n" + json.dumps(report))
 
 
-def placement_report(model_dir: pathlib.Path, image_size: int, log: pathlib.Path) -> dict[str, dict[str, int]]:
-    """{op type: {device: node count}} of one gradcam Session::Run, from a child process (whose
-    placement log is appended to `log`)."""
-    code = f"from bench.gpu_check import _placement_child; _placement_child({str(model_dir)!r}, {image_size})"
+def placement_report(model_dirs: list[pathlib.Path], image_size: int,
+                     log: pathlib.Path) -> dict[str, dict[str, dict[str, int]]]:
+    """{model_dir: {op type: {device: node count}}} of one gradcam Session::Run per model, from one
+    child process (TensorFlow's placement log goes to its stderr, written to `log`)."""
+    dirs = [str(d) for d in model_dirs]
+    code = f"from bench.gpu_check import _placement_child; _placement_child({dirs!r}, {image_size})"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
                          cwd=pathlib.Path(__file__).resolve().parent.parent)
-    with log.open("a") as f:
-        f.write(f"=== {model_dir}\n{run.stdout}{run.stderr}")
+    log.write_text(f"=== {', '.join(dirs)}\n{run.stdout}{run.stderr}")
     if run.returncode:
         raise RuntimeError(f"placement run failed ({run.returncode}); see {log}:\n{run.stderr[-2000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -155,7 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "gpu_check_placement.log"
-    log.write_text("")
     work = pathlib.Path(tempfile.mkdtemp(prefix="gpu_check_"))
     weights = "none"
     if not args.backbone.endswith(".keras"):  # one set of random weights for every export
@@ -168,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"gpus": [str(d) for d in details], "tensorflow": tf.__version__, "backbone": args.backbone,
                      "batches": args.batches, "repeats": args.repeats, "placement": {}, "timings": {}}
     rng = np.random.default_rng(0)
+    placed: dict[str, pathlib.Path] = {}  # precision -> its export without XLA, for the placement report
     for precision in args.precisions:
         for jit in (False, True):
             name = precision + (" xla" if jit else "")
@@ -187,11 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             with SavedModelSession(model_dir) as session:
                 size = session.signature_defs["predict"].inputs["images"].tensor_shape.dim[1].size
                 if not jit:
-                    devices = placement_report(model_dir, size, log)
-                    results["placement"][precision] = devices
-                    print(f"{precision}: explain-path ops of gradcam under Session::Run (nodes per device):")
-                    for op, found in explain_path(devices).items():
-                        print(f"  {op:<15s} {EXPLAIN_OPS[op]:<52s} {found}")
+                    placed[precision] = model_dir
                 images = rng.integers(0, 256, (max(args.batches), size, size, 3), dtype=np.uint8)
                 for batch in args.batches:
                     calls = signature_calls(session, ["predict", "gradcam"], batch, images, [b""])
@@ -203,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"gradcam {medians['gradcam']:9.2f} ms  ({medians['gradcam'] / medians['predict']:.3f}x)",
                         flush=True,
                     )
+    devices = placement_report(list(placed.values()), size, log)
+    for precision, model_dir in placed.items():
+        results["placement"][precision] = devices[str(model_dir)]
+        print(f"{precision}: explain-path ops of gradcam under Session::Run (nodes per device):")
+        for op, found in explain_path(results["placement"][precision]).items():
+            print(f"  {op:<15s} {EXPLAIN_OPS[op]:<52s} {found}")
     results["seconds"] = round(time.perf_counter() - started, 1)
     (out / "gpu_check.json").write_text(json.dumps(results, indent=1))
     chart(results["timings"], args.batches, out / "gpu_check.png")

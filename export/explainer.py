@@ -18,6 +18,7 @@ Around it, outside any XLA cluster: the checks of the request, decoding, names, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import keras
@@ -110,11 +111,14 @@ class Explainer(tf.Module):
         self.feature_maps = min(options.feature_maps, int(backbone.features.output.shape[-1]))
         self._preprocess = backbone.preprocess
         self._jit_compile = options.jit_compile
+        # The backbone's forward pass, traced where it is called (under the layers' dtype policy of the
+        # moment: export/precision.py switches it), until `signatures` makes it one shared function.
+        self._backbone = functools.partial(run, self.features)
 
     # --- the pipeline -------------------------------------------------------------------------
 
     def _forward(self, pixels: tf.Tensor) -> tf.Tensor:
-        return run(self.features, self._preprocess(pixels))
+        return self._backbone(self._preprocess(pixels))
 
     def _prediction(self, logits: tf.Tensor, target: tf.Tensor) -> dict[str, tf.Tensor]:
         probabilities = tf.nn.softmax(logits)
@@ -140,7 +144,7 @@ class Explainer(tf.Module):
                 guided_relus(self.features) if method.guided else contextlib.nullcontext():
             pixel_tape.watch(pixels)
             x = self._preprocess(pixels)
-            activations = run(self.features, x)
+            activations = run(self.features, x) if method.guided else self._backbone(x)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(activations)
             logits = run(self.head, activations)
@@ -219,7 +223,7 @@ class Explainer(tf.Module):
         evidence = Evidence(
             activations, gradients, class_weights, targets=tf.reshape(targets, [-1]),
             scores=tf.reshape(scores, [-1]), inputs=x,
-            features=lambda inputs: run(self.features, inputs),
+            features=self._backbone,
             head=lambda a: run(self.head, a),
             channels=self.channels.get(method.name, 0),
         )
@@ -344,12 +348,22 @@ class Explainer(tf.Module):
         def from_images(images):
             return tf.cast(images, tf.float32), tf.fill(tf.shape(images)[:1], "")
 
-        def from_bytes(image_bytes):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def from_bytes(image_bytes):  # one decoder in the function library for every _bytes signature
             return decode_images(image_bytes, self.image_size, self.max_image_pixels)
 
-        def signature(compute, to_pixels, spec, explains: bool):
-            core = tf.function(compute, jit_compile=self._jit_compile)
+        pixels_spec = tf.TensorSpec([None, height, width, 3], tf.float32)
+        # One copy of the backbone in the SavedModel's function library, called by every signature but
+        # guided ones (whose forward pass runs through guided ReLUs). Its size is paid for in every
+        # signature's first Session::Run, which builds an executor from the whole library.
+        self._backbone = tf.function(functools.partial(run, self.features), input_signature=[pixels_spec])
 
+        def core(compute, explains: bool) -> tf.types.experimental.GenericFunction:
+            """The numeric part of a signature, traced once for its images and its _bytes signature."""
+            specs = [pixels_spec, class_spec] if explains else [pixels_spec]
+            return tf.function(compute, input_signature=specs, jit_compile=self._jit_compile)
+
+        def signature(compute, to_pixels, spec, explains: bool):
             def run(x, *class_index):
                 x, class_index = self._checked_request(x, class_index[0] if explains else None)
                 pixels, errors = to_pixels(x)
@@ -359,21 +373,23 @@ class Explainer(tf.Module):
                     errors = tf.where(tf.equal(errors, ""), class_errors, errors)
                     arguments.append(class_index)
                 with tf.control_dependencies([self._some_row_valid(errors)]):
-                    return self._presented(core(*arguments), tf.identity(errors))
+                    return self._presented(compute(*arguments), tf.identity(errors))
 
             specs = [spec, class_spec] if explains else [spec]
             return tf.function(run, input_signature=specs).get_concrete_function()
 
+        computations = {"predict": core(self._predict, explains=False)}
+        for name, method in self.methods.items():
+            computations[name] = core(lambda pixels, c, method=method: self.explain(method, pixels, c), explains=True)
+        for name in self.fused_methods:
+            computations[f"{name}_fused"] = core(
+                lambda pixels, c, method=self.methods[name]: self._explain_fused(method, pixels, c), explains=True)
+        if self.feature_maps:
+            computations["feature_maps"] = core(self._feature_maps, explains=False)
         sigs = {}
         for suffix, to_pixels, spec in (("", from_images, images_spec), ("_bytes", from_bytes, bytes_spec)):
-            sigs[f"predict{suffix}"] = signature(self._predict, to_pixels, spec, explains=False)
-            for name, method in self.methods.items():
-                explain = lambda pixels, c, method=method: self.explain(method, pixels, c)  # noqa: E731
-                sigs[f"{name}{suffix}"] = signature(explain, to_pixels, spec, explains=True)
-            for name in self.fused_methods:
-                explain = lambda pixels, c, method=self.methods[name]: self._explain_fused(method, pixels, c)  # noqa: E731
-                sigs[f"{name}_fused{suffix}"] = signature(explain, to_pixels, spec, explains=True)
-            if self.feature_maps:
-                sigs[f"feature_maps{suffix}"] = signature(self._feature_maps, to_pixels, spec, explains=False)
+            for name, compute in computations.items():
+                explains = name not in ("predict", "feature_maps")
+                sigs[f"{name}{suffix}"] = signature(compute, to_pixels, spec, explains)
         sigs["serving_default"] = sigs[f"{default_method}_bytes"]
         return sigs

@@ -17,8 +17,9 @@ from serving import configs
 from serving.server import EmbeddedServer, ServerOptions
 
 
-def test_bench_runs_every_configuration(shapes_export, tmp_path):
-    config = configs.single_model_config("shapes", str(shapes_export.parent))
+def test_bench_runs_every_configuration(fused_export, tmp_path):
+    # The fused export: two methods and no feature maps, so the server's warm-up is short.
+    config = configs.single_model_config("shapes", str(fused_export.parent))
     batching = configs.read_batching_parameters(bench.SAMPLE.parent.parent / "serving" / "batching_cpu.config")
     server = EmbeddedServer(config, ServerOptions(port=0, rest_api_port=free_port(), batching=batching,
                                                   file_system_poll_wait_seconds=0))
@@ -27,7 +28,7 @@ def test_bench_runs_every_configuration(shapes_export, tmp_path):
         assert (
             bench.main([
                 "--server", f"localhost:{port}", "--rest", f"localhost:{server.rest_port}", "--model", "shapes",
-                "--model-dir", str(shapes_export.parent), "--methods", "gradcam,cam", "--skip-seed", "--repeats",
+                "--model-dir", str(fused_export.parent), "--methods", "gradcam,layercam", "--skip-seed", "--repeats",
                 "3", "--seconds", "0.3", "--out", str(tmp_path)
             ])
             == 0
@@ -38,10 +39,11 @@ def test_bench_runs_every_configuration(shapes_export, tmp_path):
     assert (tmp_path / "latency.png").stat().st_size > 0
     rows = {r["name"]: r for r in results["rows"]}
     expected = {
-        f"in-process {s} b{b}" for s in ("predict", "gradcam", "cam", "predict_bytes", "gradcam_bytes") for b in (1, 8)
+        f"in-process {s} b{b}" for s in ("predict", "gradcam", "layercam", "predict_bytes", "gradcam_bytes")
+        for b in (1, 8)
     }
-    expected |= {bench.config_name(c) for c in bench.grpc_configs(["gradcam", "cam"])}
-    expected |= {bench.config_name(c) + " interleaved" for c in bench.grpc_configs(["gradcam", "cam"])[:3]}
+    expected |= {bench.config_name(c) for c in bench.grpc_configs(["gradcam", "layercam"])}
+    expected |= {bench.config_name(c) + " interleaved" for c in bench.grpc_configs(["gradcam", "layercam"])[:3]}
     expected |= {f"{kind} gradcam_bytes b1 c1 all outputs interleaved" for kind in ("grpc", "rest")}
     assert set(rows) == expected
     for name, row in rows.items():

@@ -363,8 +363,9 @@ def test_an_oversized_image_is_refused_in_words(browser, served, tmp_path, limit
         assert refusal in panel.find_element("css selector", ".error").text
 
 
-def test_a_stopped_server_is_reported_unavailable(browser, shapes_export):
-    server = start({"shapes": pathlib.Path(shapes_export).parent}, metrics=False)
+def test_a_stopped_server_is_reported_unavailable(browser, tmp_path):
+    # A server of its own, to stop: the tiny model (under the name the page asks for) loads in seconds.
+    server = start({"shapes": synthetic.export_tiny(tmp_path / "shapes").parent}, metrics=False)
     with page_on(server.port) as port:
         _open(browser, port)  # the page has learnt the model's methods
         server.stop(grace=1)
