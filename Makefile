@@ -36,12 +36,11 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-# One pytest process per core, at most 4 (each holds TensorFlow and its models: ~1-2 GB). Tests that
-# share a module-scoped fixture (a server) stay in one process (tests/conftest.py); the others spread.
-# TEST_WORKERS=0: everything in one process.
+# One pytest process per core, at most 4 (each holds TensorFlow and its models: ~1-2 GB); a test file
+# runs whole in one of them. TEST_WORKERS=0: everything in one process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 test: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 -m "not load" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not load" tests
 
 # ruff (pinned in requirements.txt, configured in pyproject.toml): pyflakes, import order, 120 columns.
 lint: venv

@@ -4,6 +4,7 @@ also when pytest-xdist runs the tests in several processes (`shared`)."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import pathlib
 import shutil
@@ -33,16 +34,10 @@ def shared(tmp_path_factory, name: str, build: Callable[[pathlib.Path], object])
     return folder
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """For `--dist loadgroup` (make test): the tests that share a module-scoped fixture (a server, a
-    session) run in one process, as a group named for their module; every other test may run in any
-    process, so that one long module does not hold a worker alone."""
-    for item in items:
-        fixtures = getattr(item, "_fixtureinfo", None)
-        definitions = fixtures.name2fixturedefs.values() if fixtures else ()
-        if any(d.scope == "module" for defs in definitions for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+@pytest.fixture(scope="session")
+def build_once(tmp_path_factory) -> Callable[[str, Callable[[pathlib.Path], object]], pathlib.Path]:
+    """`shared` for the test modules: build_once(name, build) -> the folder, built once per run."""
+    return functools.partial(shared, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ differences must stay within the published tolerances (export/precision.py, docs
 
 from __future__ import annotations
 
+import json
+import pathlib
 import warnings
 
 import numpy as np
@@ -25,24 +27,23 @@ TYPES = {"bfloat16": types_pb2.DT_BFLOAT16, "float16": types_pb2.DT_HALF}
 
 
 @pytest.fixture(scope="session")
-def precision_exports(shapes_model, models_dir):
-    """precision -> (exported dir, warnings the export raised): the shapes model with every method."""
+def precision_exports(shapes_model, build_once):
+    """precision -> (exported dir, messages of the warnings the export raised): the shapes model with
+    every method, exported once per run (whichever test process asks first)."""
 
-    exports = {}
-    for precision in PRECISIONS:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", PrecisionWarning)
-            path = synthetic.export_model(
-                shapes_model,
-                list(METHODS),
-                f"shapes_{precision}",
-                models_dir,
-                precision=precision,
-                warmup_batch_sizes=(1, 2),
-                feature_maps=0,
-            )
-        exports[precision] = path, [w for w in caught if issubclass(w.category, PrecisionWarning)]
-    return exports
+    def build(folder: pathlib.Path) -> None:
+        raised = {}
+        for precision in PRECISIONS:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", PrecisionWarning)
+                synthetic.export_model(shapes_model, list(METHODS), f"shapes_{precision}", folder,
+                                       precision=precision, warmup_batch_sizes=(1, 2), feature_maps=0)
+            raised[precision] = [str(w.message) for w in caught if issubclass(w.category, PrecisionWarning)]
+        (folder / "warnings.json").write_text(json.dumps(raised))
+
+    folder = build_once("precision_exports", build)
+    raised = json.loads((folder / "warnings.json").read_text())
+    return {precision: (folder / f"shapes_{precision}" / "1", raised[precision]) for precision in PRECISIONS}
 
 
 def _heatmaps(session: SavedModelSession, method: str, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -67,7 +68,7 @@ def test_reduced_precision_stays_within_the_published_tolerance(precision_export
     images, labels, boxes = HELD_OUT
     path, raised = precision_exports[precision]
     tolerance = TOLERANCES[precision]
-    assert not raised, [str(w.message) for w in raised]  # the exporter's own check agreed
+    assert not raised, raised  # the exporter's own check agreed
     with SavedModelSession(path) as reduced:
         for method in METHODS:
             expected = float32_outputs[method]
