@@ -358,10 +358,11 @@ class Explainer(tf.Module):
         # signature's first Session::Run, which builds an executor from the whole library.
         self._backbone = tf.function(functools.partial(run, self.features), input_signature=[pixels_spec])
 
-        def core(compute, explains: bool) -> tf.types.experimental.GenericFunction:
-            """The numeric part of a signature, traced once for its images and its _bytes signature."""
+        def core(compute, explains: bool) -> tuple[tf.types.experimental.GenericFunction, bool]:
+            """(the numeric part of a signature, traced once for its images and its _bytes signature,
+            whether it takes class_index)."""
             specs = [pixels_spec, class_spec] if explains else [pixels_spec]
-            return tf.function(compute, input_signature=specs, jit_compile=self._jit_compile)
+            return tf.function(compute, input_signature=specs, jit_compile=self._jit_compile), explains
 
         def signature(compute, to_pixels, spec, explains: bool):
             def run(x, *class_index):
@@ -388,8 +389,7 @@ class Explainer(tf.Module):
             computations["feature_maps"] = core(self._feature_maps, explains=False)
         sigs = {}
         for suffix, to_pixels, spec in (("", from_images, images_spec), ("_bytes", from_bytes, bytes_spec)):
-            for name, compute in computations.items():
-                explains = name not in ("predict", "feature_maps")
+            for name, (compute, explains) in computations.items():
                 sigs[f"{name}{suffix}"] = signature(compute, to_pixels, spec, explains)
         sigs["serving_default"] = sigs[f"{default_method}_bytes"]
         return sigs
