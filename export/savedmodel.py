@@ -52,16 +52,20 @@ def python_callback_ops(signature: tf.types.experimental.ConcreteFunction) -> se
     return {n.op for n in nodes} & PYTHON_CALLBACK_OPS
 
 
-def track_captured_variables(explainer: Explainer, signatures: dict) -> None:
-    """Make the saved object track every variable the signatures capture.
+def servable(explainer: Explainer, signatures: dict) -> tf.Module:
+    """The object to save: the variables the signatures capture, and nothing else.
 
     TF Serving restores variables with the saver's restore op, which covers only the variables the
     saved object graph tracks. Keras 3 layers held by a tf.Module are not tracked that way, so
-    their variables would exist in the graph but never be restored ("Could not find variable" at
-    the first Session::Run), although `tf.saved_model.load` would run the model fine.
+    saving the explainer itself would leave their variables in the graph but never restore them
+    ("Could not find variable" at the first Session::Run), although `tf.saved_model.load` would run
+    the model fine. Leaving the Keras objects out also stores each weight once and spares the saver
+    a walk through every layer. The signatures (passed to tf.saved_model.save) bring the functions.
     """
+    root = tf.Module(name=explainer.name)
     captured = {id(v): v for signature in signatures.values() for v in signature.variables}
-    explainer.serving_variables = list(captured.values())
+    root.serving_variables = list(captured.values())
+    return root
 
 
 def warmup_requests(signatures: dict, image_size: tuple[int, int], batch_sizes: Sequence[int]):
@@ -136,13 +140,12 @@ def export_savedmodel(options: ExportOptions | None = None, *, log: Callable[[st
     for name, signature in signatures.items():
         if python_callback_ops(signature):
             raise RuntimeError(f"signature {name!r} calls back into Python: TF Serving cannot run it")
-    track_captured_variables(explainer, signatures)
 
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
     try:
         step(f"saving {len(signatures)} signatures: {', '.join(signatures)}")
-        tf.saved_model.save(explainer, str(staging), signatures=signatures)
+        tf.saved_model.save(servable(explainer, signatures), str(staging), signatures=signatures)
         warmup_path = staging / WARMUP_FILE
         warmup_path.parent.mkdir()
         count = 0

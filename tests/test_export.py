@@ -219,6 +219,19 @@ def test_labels_travel_inside_the_savedmodel(resnet50, load):
     assert labels[0] == "tench" and len(labels) == 1000
 
 
+def test_each_weight_is_saved_once(resnet50):
+    """The checkpoint holds the model's weights, each once, with their values (not the Keras layers' copies)."""
+    import tensorflow as tf
+
+    model, path = resnet50
+    reader = tf.train.load_checkpoint(str(path / "variables" / "variables"))
+    saved = sorted((reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+                    if name.endswith("/.ATTRIBUTES/VARIABLE_VALUE")), key=lambda a: (a.shape, a.sum()))
+    weights = sorted((w.numpy() for w in model.weights), key=lambda a: (a.shape, a.sum()))
+    assert len(saved) == len(weights) == 320
+    assert all(np.array_equal(a, b) for a, b in zip(saved, weights))
+
+
 def test_bytes_signatures_match_tensor_signatures(shapes_export, load):
     model = load(shapes_export)
     images, _, _ = synthetic.dataset(2, seed=12)

@@ -77,12 +77,12 @@ def test_output_filter_is_the_fetch_list(shapes_export, load):
 
 
 def test_a_model_saved_the_old_way_is_refused_and_not_published(shapes_model, tmp_path, monkeypatch):
-    """Without tracking the captured variables the TF2 path runs the model, TF Serving cannot:
-    the exporter's check must catch it and leave no version behind."""
+    """Saving the explainer itself (its Keras layers, without the captured variables tracked), the TF2
+    path runs the model, TF Serving cannot: the exporter's check must catch it and leave no version behind."""
     import export.savedmodel as savedmodel
     from export.verify import VerificationError
 
-    monkeypatch.setattr(savedmodel, "track_captured_variables", lambda explainer, signatures: None)
+    monkeypatch.setattr(savedmodel, "servable", lambda explainer, signatures: explainer)
     with pytest.raises(VerificationError, match="Could not find variable") as caught:
         synthetic.export_model(shapes_model, ["gradcam"], "old", tmp_path, warmup_batch_sizes=(1,))
     assert "TensorFlow Serving's loader cannot run signature" in str(caught.value)
