@@ -114,6 +114,10 @@ class Explainer(tf.Module):
         # The backbone's forward pass, traced where it is called (under the layers' dtype policy of the
         # moment: export/precision.py switches it), until `signatures` makes it one shared function.
         self._backbone = functools.partial(run, self.features)
+        # The head under a tape, with dy_c/dA (backward) or without (forward), which every method runs
+        # alike: inline until `signatures` makes them shared functions too.
+        self._head_forward = functools.partial(self._head_pass, gradients=False)
+        self._head_backward = functools.partial(self._head_pass, gradients=True)
 
     # --- the pipeline -------------------------------------------------------------------------
 
@@ -145,17 +149,9 @@ class Explainer(tf.Module):
             pixel_tape.watch(pixels)
             x = self._preprocess(pixels)
             activations = run(self.features, x) if method.guided else self._backbone(x)
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(activations)
-            logits = run(self.head, activations)
-            target = self._target(logits, class_index)
-            # Column 0: the class explained; then the top classes when --top-k-maps asks for them.
-            targets = target[:, tf.newaxis]
-            if self.top_k_maps:
-                top = tf.math.top_k(logits, k=self.top_k_maps).indices
-                targets = tf.concat([targets, top], axis=1)
-            scores = tf.gather(logits, targets, batch_dims=1)  # [N, T]
-        maps = normalise(self._saliency(method, x, activations, targets, tape, scores))
+        head = self._head_backward if method.needs_gradient else self._head_forward
+        logits, target, targets, scores, gradients = head(activations, class_index)
+        maps = normalise(self._saliency(method, x, activations, targets, scores, gradients))
         outputs = {**self._prediction(logits, target), **self._heatmaps(maps[:, 0])}
         if self.top_k_maps:
             n, t, h, w = tf.unstack(tf.shape(maps))
@@ -182,6 +178,26 @@ class Explainer(tf.Module):
         maps = [normalise(method.saliency(Evidence(a, g, None))) for a, g in zip(activations, gradients)]
         return {**self._prediction(logits, target), **self._heatmaps(fuse(maps))}
 
+    def _head_pass(self, activations: tf.Tensor, class_index: tf.Tensor, gradients: bool):
+        """(logits, target [N], targets [N, T], scores [N, T], dy_c/dA [N*T, h, w, C] or None): the head
+        under a tape watching A. Column 0 of the targets is the class explained; then the top classes
+        when --top-k-maps asks for them."""
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(activations)
+            logits = run(self.head, activations)
+            target = self._target(logits, class_index)
+            targets = target[:, tf.newaxis]
+            if self.top_k_maps:
+                top = tf.math.top_k(logits, k=self.top_k_maps).indices
+                targets = tf.concat([targets, top], axis=1)
+            scores = tf.gather(logits, targets, batch_dims=1)
+        if not gradients:
+            return logits, target, targets, scores, None
+        if targets.shape[1] == 1:  # images are independent in inference mode: d(sum of scores)/dA is per image
+            return logits, target, targets, scores, tape.gradient(scores, activations)
+        jacobian = tape.batch_jacobian(scores, activations)  # one backward pass through the head per target class
+        return logits, target, targets, scores, tf.reshape(jacobian, tf.concat([[-1], tf.shape(activations)[1:]], 0))
+
     @staticmethod
     def _target(logits: tf.Tensor, class_index: tf.Tensor) -> tf.Tensor:
         """The class each image explains: class_index, or the predicted class where it is -1."""
@@ -204,16 +220,10 @@ class Explainer(tf.Module):
             score = tf.gather(run(self.head, activations), target, batch_dims=1)
         return pixel_tape.gradient(score, pixels)
 
-    def _saliency(self, method: Method, x, activations, targets, tape, scores) -> tf.Tensor:
+    def _saliency(self, method: Method, x, activations, targets, scores, gradients) -> tf.Tensor:
         """Raw maps [N, T, h, w], one per target class: the method applied to each (image, class)."""
         n, t = tf.shape(targets)[0], targets.shape[1]
-        gradients = class_weights = None
-        if method.needs_gradient:
-            if t == 1:  # images are independent in inference mode: d(sum of scores)/dA is per image
-                gradients = tape.gradient(scores, activations)
-            else:  # one backward pass through the head per target class
-                gradients = tape.batch_jacobian(scores, activations)
-                gradients = tf.reshape(gradients, tf.concat([[n * t], tf.shape(activations)[1:]], 0))
+        class_weights = None
         if method.needs_gap_dense_head:
             # Gather the few columns first: transposing the whole [K, C] kernel costs more than CAM.
             class_weights = tf.transpose(tf.gather(self.cam_kernel, tf.reshape(targets, [-1]), axis=1))
@@ -353,10 +363,17 @@ class Explainer(tf.Module):
             return decode_images(image_bytes, self.image_size, self.max_image_pixels)
 
         pixels_spec = tf.TensorSpec([None, height, width, 3], tf.float32)
-        # One copy of the backbone in the SavedModel's function library, called by every signature but
-        # guided ones (whose forward pass runs through guided ReLUs). Its size is paid for in every
-        # signature's first Session::Run, which builds an executor from the whole library.
+        # Every part that signatures have in common is one function in the SavedModel's library, which
+        # every signature's first Session::Run walks whole when it builds its executor: the backbone
+        # (called by all but the guided signatures, whose forward pass runs through guided ReLUs), the
+        # head with its backward pass, each method's numeric part, the request checks, the decoder and
+        # the string outputs.
         self._backbone = tf.function(functools.partial(run, self.features), input_signature=[pixels_spec])
+        activations_spec = tf.TensorSpec([None, *self.features.output.shape[1:]], tf.float32)
+        self._head_forward, self._head_backward = (
+            tf.function(functools.partial(self._head_pass, gradients=g), input_signature=[activations_spec, class_spec])
+            for g in (False, True)
+        )
 
         def core(compute, explains: bool) -> tuple[tf.types.experimental.GenericFunction, bool]:
             """(the numeric part of a signature, traced once for its images and its _bytes signature,
@@ -364,8 +381,10 @@ class Explainer(tf.Module):
             specs = [pixels_spec, class_spec] if explains else [pixels_spec]
             return tf.function(compute, input_signature=specs, jit_compile=self._jit_compile), explains
 
-        def signature(compute, to_pixels, spec, explains: bool):
-            def run(x, *class_index):
+        def checked(to_pixels, spec, explains: bool):
+            """The request's checks, its pixels and its per-row errors: one function for every signature
+            that takes `spec` (and class_index). The model runs only once the call as a whole is valid."""
+            def prepare(x, *class_index):
                 x, class_index = self._checked_request(x, class_index[0] if explains else None)
                 pixels, errors = to_pixels(x)
                 arguments = [pixels]
@@ -374,7 +393,16 @@ class Explainer(tf.Module):
                     errors = tf.where(tf.equal(errors, ""), class_errors, errors)
                     arguments.append(class_index)
                 with tf.control_dependencies([self._some_row_valid(errors)]):
-                    return self._presented(compute(*arguments), tf.identity(errors))
+                    return [tf.identity(a) for a in arguments], tf.identity(errors)
+
+            return tf.function(prepare, input_signature=[spec, class_spec] if explains else [spec])
+
+        present = tf.function(self._presented)  # one function per output structure
+
+        def signature(compute, prepare, spec, explains: bool):
+            def run(x, *class_index):
+                arguments, errors = prepare(x, *class_index)
+                return present(compute(*arguments), errors)
 
             specs = [spec, class_spec] if explains else [spec]
             return tf.function(run, input_signature=specs).get_concrete_function()
@@ -389,7 +417,8 @@ class Explainer(tf.Module):
             computations["feature_maps"] = core(self._feature_maps, explains=False)
         sigs = {}
         for suffix, to_pixels, spec in (("", from_images, images_spec), ("_bytes", from_bytes, bytes_spec)):
+            prepare = {explains: checked(to_pixels, spec, explains) for explains in (False, True)}
             for name, (compute, explains) in computations.items():
-                sigs[f"{name}{suffix}"] = signature(compute, to_pixels, spec, explains)
+                sigs[f"{name}{suffix}"] = signature(compute, prepare[explains], spec, explains)
         sigs["serving_default"] = sigs[f"{default_method}_bytes"]
         return sigs
