@@ -368,12 +368,10 @@ class Explainer(tf.Module):
         # (called by all but the guided signatures, whose forward pass runs through guided ReLUs), the
         # head with its backward pass, each method's numeric part, the request checks, the decoder and
         # the string outputs.
-        self._backbone = tf.function(functools.partial(run, self.features), input_signature=[pixels_spec])
-        activations_spec = tf.TensorSpec([None, *self.features.output.shape[1:]], tf.float32)
-        self._head_forward, self._head_backward = (
-            tf.function(functools.partial(self._head_pass, gradients=g), input_signature=[activations_spec, class_spec])
-            for g in (False, True)
-        )
+        self._backbone = tf.function(self._backbone, input_signature=[pixels_spec])
+        head_specs = [tf.TensorSpec([None, *self.features.output.shape[1:]], tf.float32), class_spec]
+        self._head_forward = tf.function(self._head_forward, input_signature=head_specs)
+        self._head_backward = tf.function(self._head_backward, input_signature=head_specs)
 
         def core(compute, explains: bool) -> tuple[tf.types.experimental.GenericFunction, bool]:
             """(the numeric part of a signature, traced once for its images and its _bytes signature,
