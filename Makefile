@@ -2,8 +2,10 @@
 PYTHON_BIN ?= python3.11
 VENV       := .venv
 PY         := $(VENV)/bin/python
-MODEL      ?= resnet50_cam
-BACKBONE   ?= resnet50
+# The default model is real offline: EfficientNet-Lite0 with the ImageNet weights its pinned package ships.
+# The seed notebook's models: BACKBONE=resnet50 WEIGHTS=imagenet (or vgg16; downloads once into ~/.keras).
+BACKBONE   ?= efficientnet_lite0
+MODEL      ?= $(BACKBONE)_cam
 WEIGHTS    ?= auto
 METHODS    ?= gradcam,cam
 BASE_PATH  ?= models
@@ -12,7 +14,7 @@ REST_PORT  ?= 8501
 # glibc malloc arenas of the servers these targets start: 2 instead of 8 per core keeps the
 # embedded server's RSS ~100 MB lower and flat under load (docs/OPERATIONS.md "Memory").
 MALLOC_ARENA_MAX ?= 2
-serve demo bench web: export MALLOC_ARENA_MAX := $(MALLOC_ARENA_MAX)
+serve demo evaluate bench web: export MALLOC_ARENA_MAX := $(MALLOC_ARENA_MAX)
 # Server-side batching for the embedded server of serve, demo and bench: serving/batching.config
 # when TensorFlow sees a GPU (asked only where nvidia-smi exists: serving/gpu.py), else
 # serving/batching_cpu.config; BATCHING= turns batching off.
@@ -24,7 +26,7 @@ EMBEDDED    = $(PY) -m serving --port $(PORT) --rest_api_port $(REST_PORT) --hos
 	--model_base_path $(BASE_PATH)/$(MODEL) --monitoring_config_file serving/monitoring.config \
 	$(if $(BATCHING),--enable_batching --batching_parameters_file $(BATCHING))
 
-.PHONY: venv test lint certs export explain demo bench web gpu-check clean
+.PHONY: venv test lint certs export explain demo evaluate bench web gpu-check clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -66,9 +68,10 @@ export: venv
 explain: venv
 	$(PY) -m client explain samples/*.png samples/*.jpg --server localhost:$(PORT) --model $(MODEL) --out out
 
-# Everything from a fresh clone: venv, export ResNet50 (ImageNet weights when cached or downloadable,
-# WEIGHTS=path for a local file, else random with a one-line warning), serve it in the background,
-# explain the sample photos into out/, stop the server.
+# Everything from a fresh clone, offline: venv, export EfficientNet-Lite0 with its packaged ImageNet
+# weights (BACKBONE=resnet50: Keras' ImageNet weights when cached or downloadable, WEIGHTS=path for a
+# local file, else random with a one-line warning), serve it in the background, explain the sample
+# photos into out/, stop the server.
 demo: venv
 	@test -n "$$(ls $(BASE_PATH)/$(MODEL) 2>/dev/null)" || $(MAKE) --no-print-directory export
 	@$(WITH_EMBEDDED) \
@@ -78,17 +81,28 @@ demo: venv
 	$(PY) -m client explain samples/*.png samples/*.jpg --server localhost:$(PORT) --model $(MODEL) \
 		--method cam --out out
 
+# The faithfulness table (docs/BENCHMARKS.md): deletion/insertion AUC and the drop at 20 % of every
+# method against a random map, on every sample photo, from a model exported with every method
+# ($(BACKBONE)_all, exported first if missing) served by the embedded server started here.
+evaluate: MODEL = $(BACKBONE)_all
+evaluate: venv
+	@test -n "$$(ls $(BASE_PATH)/$(MODEL) 2>/dev/null)" || $(MAKE) --no-print-directory export METHODS=all MODEL=$(MODEL)
+	@$(WITH_EMBEDDED) \
+	$(PY) -m client wait --server localhost:$(PORT) --model $(MODEL) --timeout 600 && \
+	$(PY) -m client evaluate samples/ --server localhost:$(PORT) --model $(MODEL) --methods all --per-image
+
 # Latency benchmark against SERVER (default: starts the embedded server on the exported model
 # itself); BENCH_ARGS passes more flags (python -m bench --help). Figures: bench/results.json.
 SERVER     ?=
 bench: venv
 	@test -n "$$(ls $(BASE_PATH)/$(MODEL) 2>/dev/null)" || $(MAKE) --no-print-directory export
 	@if [ -n "$(SERVER)" ]; then \
-		$(PY) -m bench --server $(SERVER) --model $(MODEL) --model-dir $(BASE_PATH)/$(MODEL) $(BENCH_ARGS); \
+		$(PY) -m bench --server $(SERVER) --model $(MODEL) --model-dir $(BASE_PATH)/$(MODEL) --backbone $(BACKBONE) \
+			$(BENCH_ARGS); \
 	else \
 		$(WITH_EMBEDDED) \
 		$(PY) -m bench --server localhost:$(PORT) --rest localhost:$(REST_PORT) --model $(MODEL) \
-			--model-dir $(BASE_PATH)/$(MODEL) $(BENCH_ARGS); \
+			--model-dir $(BASE_PATH)/$(MODEL) --backbone $(BACKBONE) $(BENCH_ARGS); \
 	fi
 
 # The explain page (python -m client web) on http://127.0.0.1:$(WEB_PORT)/, against SERVER when given

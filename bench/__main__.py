@@ -181,10 +181,11 @@ def summary_ratios(by_name: dict, rows: list[dict], methods: list[str], configs:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--server", default="localhost:8500", help="gRPC address; empty: in-process only")
-    p.add_argument("--model", default="resnet50_cam")
-    p.add_argument("--model-dir", default="models/resnet50_cam", help="the exported model, for in-process")
-    p.add_argument("--backbone", default="resnet50", help="for the seed notebook's way")
-    p.add_argument("--target-layer", default="conv5_block3_out")
+    p.add_argument("--model", default="efficientnet_lite0_cam")
+    p.add_argument("--model-dir", default="models/efficientnet_lite0_cam", help="the exported model, for in-process")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="for the seed notebook's way: the served model's")
+    p.add_argument("--target-layer", default="",
+                   help="for the seed notebook's way (default: found as the exporter does)")
     p.add_argument("--weights", default="auto", help="for the seed's way (timing does not depend on values)")
     p.add_argument("--methods", default="", help="comma list of explain methods (default: every one the model has)")
     p.add_argument("--repeats", type=int, default=12, help="in-process calls per configuration and batch")

@@ -49,9 +49,10 @@ def seed_gradcam(backbone: str, target_layer: str, weights: str):
     import keras
     import tensorflow as tf
 
-    from export.backbone import load_model
+    from export.backbone import find_target_layer, load_model
 
     model, preprocess = load_model(backbone, weights, None)
+    target_layer = target_layer or find_target_layer(model)
     grad_model = keras.Model(model.input, [model.get_layer(target_layer).output, model.output])
 
     def explain(images: np.ndarray) -> np.ndarray:

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.web_page", description=__doc__.split("\n")[0])
     parser.add_argument("--server", default="localhost:8500", help="gRPC address of the model server")
-    parser.add_argument("--model", default="resnet50_cam")
+    parser.add_argument("--model", default="efficientnet_lite0_cam")
     parser.add_argument("--method", default="gradcam")
     parser.add_argument("--image", default="samples/chelsea.png")
     parser.add_argument("--runs", type=int, default=10)

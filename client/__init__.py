@@ -3,7 +3,7 @@
 Needs only grpcio, protobuf, numpy and OpenCV: importing it does not import TensorFlow.
 
     from client import CamClient
-    with CamClient("localhost:8500", model="resnet50_cam") as c:
+    with CamClient("localhost:8500", model="efficientnet_lite0_cam") as c:
         e = c.explain("samples/chelsea.png", method="gradcam")
         print(e.top_k, e.class_label, e.heatmap.shape)
 """

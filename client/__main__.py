@@ -106,9 +106,14 @@ def cmd_evaluate(args) -> int:
         else:
             paths.append(item)
     with _client(args) as client:
-        results = evaluate.evaluate(client, paths, [m for m in args.methods.split(",") if m], args.steps)
-    print(f"{len(paths)} images, {args.steps} steps")
-    print(evaluate.table(results))
+        methods = client.explain_methods() if args.methods == "all" else [m for m in args.methods.split(",") if m]
+        per_image = evaluate.score_images(client, paths, methods, args.steps)
+    print(f"{len(paths)} images, {args.steps} steps; mean over the images:")
+    print(evaluate.table({method: evaluate.mean(scores) for method, scores in per_image.items()}))
+    if args.per_image:
+        for i, path in enumerate(paths):
+            print(f"\n{path}:")
+            print(evaluate.table({method: scores[i] for method, scores in per_image.items()}))
     return 0
 
 
@@ -144,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument("--server", default=os.environ.get("CAMSERVE_SERVER", "localhost:8500"),
                             help=SERVER_HELP)
-    connection.add_argument("--model", default="resnet50_cam", help="model name on the server")
+    connection.add_argument("--model", default="efficientnet_lite0_cam", help="model name on the server")
     connection.add_argument("--ca-cert", default=None, help="PEM root certificate that signed the server's: use TLS")
     connection.add_argument("--client-cert", default=None, help="PEM client certificate, for a server that requires "
                             "one (mutual TLS); with --client-key")
@@ -176,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("predict", parents=[common], help="top-k only").set_defaults(func=cmd_predict)
     evaluate = sub.add_parser("evaluate", parents=[common],
                               help="deletion/insertion AUC and drop at 20%% per method vs a random map")
-    evaluate.add_argument("--methods", default="gradcam,cam", help="comma list of explain signatures")
+    evaluate.add_argument("--methods", default="gradcam,cam",
+                          help="comma list of explain signatures, or all (every one the model has)")
+    evaluate.add_argument("--per-image", action="store_true", help="also a table for each image")
     evaluate.add_argument("--steps", type=int, default=10, help="deletion/insertion steps")
     evaluate.set_defaults(func=cmd_evaluate)
     wait = sub.add_parser("wait", parents=[connection], help="wait until the server serves the model")

@@ -97,7 +97,7 @@ class CamClient:
     `credentials`: e.g. `tls_credentials(ca_cert=..., client_cert=..., client_key=...)` for TLS.
     """
 
-    def __init__(self, target: str = "localhost:8500", model: str = "resnet50_cam", timeout: float = 30.0,
+    def __init__(self, target: str = "localhost:8500", model: str = "efficientnet_lite0_cam", timeout: float = 30.0,
                  version: int | None = None, *, credentials: grpc.ChannelCredentials | None = None,
                  image_size: tuple[int, int] | None = None, batch_size: int = 8,
                  channel_options: Sequence[tuple[str, object]] = (), retry: RetryPolicy | None = None):

@@ -66,10 +66,10 @@ def score(client: CamClient, image: np.ndarray, heatmap: np.ndarray, class_index
     )
 
 
-def evaluate(
+def score_images(
     client: CamClient, paths: Sequence[str], methods: Sequence[str], steps: int = 10, seed: int = 0
-) -> dict[str, Scores]:
-    """Mean scores per method (and `random`) over the images, each explained for its top-1 class."""
+) -> dict[str, list[Scores]]:
+    """Scores per method (and `random`), one per image in `paths` order, each explained for its top-1 class."""
     rng = np.random.default_rng(seed)
     size = client.model_image_size()
     per_method: dict[str, list[Scores]] = {m: [] for m in [*methods, "random"]}
@@ -80,17 +80,26 @@ def evaluate(
             per_method[method].append(score(client, image, result.heatmap, result.class_index, steps))
         random_map = cv2.resize(rng.random((7, 7), np.float32), (size[1], size[0]))
         per_method["random"].append(score(client, image, random_map, result.class_index, steps))
-    return {
-        method: Scores(*(float(np.mean([getattr(s, f.name) for s in scores])) for f in dataclasses.fields(Scores)))
-        for method, scores in per_method.items()
-    }
+    return per_method
+
+
+def mean(scores: Sequence[Scores]) -> Scores:
+    return Scores(*(float(np.mean([getattr(s, f.name) for s in scores])) for f in dataclasses.fields(Scores)))
+
+
+def evaluate(
+    client: CamClient, paths: Sequence[str], methods: Sequence[str], steps: int = 10, seed: int = 0
+) -> dict[str, Scores]:
+    """Mean scores per method (and `random`) over the images, each explained for its top-1 class."""
+    return {method: mean(scores) for method, scores in score_images(client, paths, methods, steps, seed).items()}
 
 
 def table(results: dict[str, Scores]) -> str:
+    width = max(len("method"), *map(len, results))
     lines = [
-        f"{'method':<12s} {'deletion AUC (lower better)':>28s} {'insertion AUC (higher)':>23s} "
+        f"{'method':<{width}s} {'deletion AUC (lower better)':>28s} {'insertion AUC (higher)':>23s} "
         f"{'drop at 20% (higher)':>21s}"
     ]
     for method, s in results.items():
-        lines.append(f"{method:<12s} {s.deletion_auc:28.3f} {s.insertion_auc:23.3f} {s.drop_at_20:21.3f}")
+        lines.append(f"{method:<{width}s} {s.deletion_auc:28.3f} {s.insertion_auc:23.3f} {s.drop_at_20:21.3f}")
     return "\n".join(lines)

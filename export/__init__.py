@@ -1,8 +1,8 @@
 """Export a Keras classifier as a SavedModel whose signatures return predictions and CAM heatmaps.
 
     from export import ExportOptions, export_savedmodel
-    export_savedmodel(ExportOptions(backbone="resnet50", weights="auto", methods=("gradcam", "cam"),
-                                    model_name="resnet50_cam"))
+    export_savedmodel(ExportOptions(backbone="efficientnet_lite0", weights="auto", methods=("gradcam", "cam"),
+                                    model_name="efficientnet_lite0_cam"))
 
 The names load on first use, so that the run-time modules under export/ (the TF Serving loader, the
 image decoder) do not pull in Keras.

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import keras
 import tensorflow as tf
 
+from export import efficientnet_lite
 from export.options import PRECISIONS
 
 POOLING_LAYERS = (
@@ -49,6 +50,12 @@ class Backbone:
         return int(self.head.output.shape[-1])
 
 
+# Backbones built here rather than by keras.applications, by normalised name: each module has
+# `build_with(weights, image_size)`, `preprocess_input` and `packaged_weights()` (its ImageNet weights
+# from an installed package, so that they need no internet).
+OWN_BACKBONES = {"efficientnetlite0": efficientnet_lite}
+
+
 def application_constructors() -> dict[str, Callable[..., keras.Model]]:
     """`keras.applications` model constructors by lower-case name without underscores."""
     return {
@@ -77,6 +84,8 @@ def preprocess_by_name(name: str) -> Callable[[tf.Tensor], tf.Tensor]:
         return _identity
     constructors = application_constructors()
     key = _normalise_name(name)
+    if key in OWN_BACKBONES:
+        return OWN_BACKBONES[key].preprocess_input
     if key not in constructors:
         raise ValueError(f"unknown preprocessing {name!r}: use 'none' or a keras.applications name")
     return _preprocess_of(constructors[key])
@@ -104,6 +113,20 @@ def _build_application(constructor: Callable, weights: str, image_size: int | No
         return constructor(**{**kwargs, "weights": None})
 
 
+def _build_own(module, weights: str, image_size: int | None) -> keras.Model:
+    """A backbone of OWN_BACKBONES; imagenet and auto take the packaged weights (auto: random without them)."""
+    path = None if weights == "none" else weights
+    if weights in ("imagenet", "auto"):
+        try:
+            path = module.packaged_weights()
+        except FileNotFoundError as error:
+            if weights == "imagenet":
+                raise
+            print(f"{error}: using random weights, so the labels are meaningless")
+            path = None
+    return module.build_with(path, image_size)
+
+
 def load_model(
     backbone: str, weights: str, image_size: int | None
 ) -> tuple[keras.Model, Callable[[tf.Tensor], tf.Tensor] | None]:
@@ -114,12 +137,15 @@ def load_model(
         model = keras.models.load_model(backbone, compile=False)
         preprocess = None
     else:
-        constructors = application_constructors()
         key = _normalise_name(backbone)
+        if key in OWN_BACKBONES:
+            module = OWN_BACKBONES[key]
+            return _build_own(module, weights, image_size), module.preprocess_input
+        constructors = application_constructors()
         if key not in constructors:
             raise ValueError(
                 f"unknown backbone {backbone!r}: give a .keras file or one of "
-                + ", ".join(sorted(constructors))
+                + ", ".join(sorted([*constructors, *(module.NAME for module in OWN_BACKBONES.values())]))
             )
         constructor = constructors[key]
         model = _build_application(constructor, weights, image_size)

@@ -7,9 +7,11 @@ warm-up requests in `assets.extra/` so that the first real request is not slow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 import time
@@ -30,6 +32,8 @@ from serving.versions import numeric_versions
 
 IMAGENET_LABELS = pathlib.Path(__file__).parent / "data" / "imagenet_classes.txt"
 PYTHON_CALLBACK_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc", "NumpyFunction"}
+# What TensorFlow accepts as the first name scope of a graph node (tensorflow/python/framework/ops.py).
+ROOT_SCOPE_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_./>-]*$")
 
 
 def load_labels(path: str | None, num_classes: int) -> list[str]:
@@ -63,9 +67,37 @@ def servable(explainer: Explainer, signatures: dict) -> tf.Module:
     a walk through every layer. The signatures (passed to tf.saved_model.save) bring the functions.
     """
     root = tf.Module(name=explainer.name)
-    captured = {id(v): v for signature in signatures.values() for v in signature.variables}
-    root.serving_variables = list(captured.values())
+    root.serving_variables = captured_variables(signatures)
     return root
+
+
+def captured_variables(signatures: dict) -> list[tf.Variable]:
+    """Every variable the signatures capture, once."""
+    return list({id(v): v for signature in signatures.values() for v in signature.variables}.values())
+
+
+@contextlib.contextmanager
+def graph_safe_variable_names(variables: Sequence[tf.Variable]):
+    """Let the saver name each variable's node in the saved graph, whatever its layer is called.
+
+    Keras accepts layer names that a graph node may not start with (`_blocks__12___project_conv`),
+    and its variables carry them. The saver makes a graph node per variable named after it, so
+    saving failed ("... is not a valid root scope name"). While saving, such a variable is named
+    "v" + its name. The node name is all that changes: TF Serving restores variables by their
+    checkpoint keys, which follow the saved object (`serving_variables/N`), not the node names, and
+    the layers keep their names. TensorFlow has no public way to rename a variable: the saver reads
+    the name from the variable's handle name (`_shared_name` is that name without ":0").
+    """
+    renamed = []
+    for variable in variables:
+        if not ROOT_SCOPE_NAME.match(variable._shared_name):
+            renamed.append((variable, variable._handle_name))
+            variable._handle_name = "v" + variable._handle_name
+    try:
+        yield
+    finally:
+        for variable, name in renamed:
+            variable._handle_name = name
 
 
 def warmup_requests(signatures: dict, image_size: tuple[int, int], batch_sizes: Sequence[int]):
@@ -95,8 +127,8 @@ def export_savedmodel(options: ExportOptions | None = None, *, log: Callable[[st
                       **fields) -> pathlib.Path:
     """Export a backbone with the given CAM methods; returns `<base_path>/<model_name>/<version>`.
 
-    Takes an ExportOptions, or its fields as keywords: `export_savedmodel(backbone="resnet50",
-    weights="none", methods=["gradcam", "cam"], model_name="resnet50_cam")`.
+    Takes an ExportOptions, or its fields as keywords: `export_savedmodel(backbone="efficientnet_lite0",
+    weights="none", methods=["gradcam", "cam"], model_name="efficientnet_lite0_cam")`.
     """
     if options is None:
         options = ExportOptions(**fields)
@@ -145,7 +177,8 @@ def export_savedmodel(options: ExportOptions | None = None, *, log: Callable[[st
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
     try:
         step(f"saving {len(signatures)} signatures: {', '.join(signatures)}")
-        tf.saved_model.save(servable(explainer, signatures), str(staging), signatures=signatures)
+        with graph_safe_variable_names(captured_variables(signatures)):
+            tf.saved_model.save(servable(explainer, signatures), str(staging), signatures=signatures)
         warmup_path = staging / WARMUP_FILE
         warmup_path.parent.mkdir()
         count = 0

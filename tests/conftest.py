@@ -179,3 +179,13 @@ def load():
         return cache[path]
 
     return loader
+
+
+@pytest.fixture(scope="session")
+def lite0_export(tmp_path_factory) -> pathlib.Path:
+    """EfficientNet-Lite0 with its packaged ImageNet weights and every method: the real model of the
+    real-photo tests (verified through TF Serving's loader by the export itself)."""
+    from export.methods import METHODS
+
+    return _shared_export(tmp_path_factory, "lite0", "efficientnet_lite0", list(METHODS), weights="imagenet",
+                          warmup_batch_sizes=(1,), feature_maps=0)

@@ -402,7 +402,8 @@ def test_cli_predict_and_error_exit_codes(fake, capsys):
 # -- optional: a real TF Serving or embedded server ------------------------------------------------
 @pytest.mark.skipif(not os.environ.get("CAMSERVE_SERVER"), reason="set CAMSERVE_SERVER=host:port to run")
 def test_live_server_explains_samples():
-    with CamClient(os.environ["CAMSERVE_SERVER"], model=os.environ.get("CAMSERVE_MODEL", "resnet50_cam")) as client:
+    model = os.environ.get("CAMSERVE_MODEL", "efficientnet_lite0_cam")
+    with CamClient(os.environ["CAMSERVE_SERVER"], model=model) as client:
         results = client.explain([str(p) for p in SAMPLES])
         raw = client.explain(ov.read_image(SAMPLES[0])[:, :, ::-1].copy())
     for r in results + [raw]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import pathlib
 import re
 import shlex
@@ -56,9 +57,11 @@ METRICS_PATH = configs.read_text_proto(SERVING / "monitoring.config", configs.Mo
 
 
 def _make_default(name: str) -> str:
-    found = re.search(rf"^{name}\s*\?=\s*(\S+)\s*$", (ROOT / "Makefile").read_text(), re.M)
-    assert found, f"Makefile has no default for {name}"
-    return found[1]
+    """The value make gives the Makefile's variable `name` (defaults may refer to other variables)."""
+    value = subprocess.run(["make", "-s", "--no-print-directory", "--eval", "print-%: ; @echo $($*)", f"print-{name}"],
+                           cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "MAKEFLAGS": ""})
+    assert value.stdout.strip(), f"Makefile has no default for {name}"
+    return value.stdout.strip()
 
 
 # --- Dockerfile --------------------------------------------------------------------------------

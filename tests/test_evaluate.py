@@ -49,7 +49,7 @@ def test_real_heatmaps_beat_a_random_map(shapes_server, image_dir):
 def test_evaluate_and_feature_grid_command_lines(shapes_server, image_dir, tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "client", "evaluate", str(image_dir), "--server", shapes_server, "--model", "shapes",
-         "--methods", "gradcam", "--steps", "5"],
+         "--methods", "all", "--per-image", "--steps", "5"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -57,6 +57,9 @@ def test_evaluate_and_feature_grid_command_lines(shapes_server, image_dir, tmp_p
     )
     assert run.returncode == 0, run.stderr
     assert "gradcam" in run.stdout and "random" in run.stdout and "deletion AUC" in run.stdout
+    tables = run.stdout.split("\n\n")  # the mean over the images, then one table per image
+    assert len(tables) == 1 + len(list(image_dir.iterdir())) and f"{image_dir / '00.png'}:" in tables[1]
+    assert all(f"\n{method} " in tables[0] for method in ("scorecam", "guided_gradcam", "eigencam"))  # --methods all
     image = image_dir / "00.png"
     run = subprocess.run(
         [sys.executable, "-m", "client", "explain", str(image), "--server", shapes_server, "--model", "shapes",

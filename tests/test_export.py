@@ -355,3 +355,40 @@ def test_imagenet_weights_that_cannot_be_downloaded_are_a_one_line_error(monkeyp
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("export: error: --weights imagenet") and "--weights FILE" in error
     assert not (tmp_path / "m").exists()
+
+
+def test_layer_names_starting_with_an_underscore_export_and_serve(tmp_path, monkeypatch):
+    """Keras models converted from PyTorch keep its keys as layer names (`_blocks.12._project_conv`):
+    a graph node may not start with "_", so saving failed. The export must save, TF Serving's loader
+    must restore the right values, and the layers keep their names."""
+    import keras
+
+    import export.savedmodel as savedmodel
+    from export.tfs_loader import SavedModelSession
+
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="_blocks__12___project_conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="_avg")(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="_fc")(x))
+    model.save(tmp_path / "underscored.keras")
+    saved_variables = []
+    rename = savedmodel.graph_safe_variable_names
+
+    def recording(variables):
+        saved_variables.extend(variables)
+        return rename(variables)
+
+    monkeypatch.setattr(savedmodel, "graph_safe_variable_names", recording)
+    version = synthetic.export_model(tmp_path / "underscored.keras", ["gradcam", "cam"], "underscored",
+                                     tmp_path / "models", warmup_batch_sizes=(1,), feature_maps=0)
+    image = random_images(1, 32, 8)
+    with SavedModelSession(version) as session:
+        assert session.signature_defs["predict"].inputs["images"].dtype == tf.uint8.as_datatype_enum
+        served = session.run_signature("predict", {"images": image}, ["logits"])["logits"]
+    expected = model(image.astype(np.float32), training=False).numpy()
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    # The saver's renaming is undone: the exported model's variables have their layers' names again.
+    assert {v.name.split(":")[0] for v in saved_variables} >= {"_blocks__12___project_conv/kernel", "_fc/kernel"}
+    reloaded = keras.models.load_model(tmp_path / "underscored.keras")
+    assert reloaded.get_layer("_blocks__12___project_conv").kernel.shape == (3, 3, 3, 8)

@@ -29,7 +29,7 @@ from synthetic import TINY_SIZE as SIZE
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVING = ROOT / "serving"
-PROBE_MODEL = "resnet50_cam"  # the name the manifests' probes ask for
+PROBE_MODEL = "efficientnet_lite0_cam"  # the name the manifests' probes ask for
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ A tiny GAP CNN is exported twice (version 1 with gradcam and cam, version 2 with
 that a pinned version is visibly the one that answered) and served by an in-process
 `EmbeddedServer`; a `python -m serving` subprocess with batching covers the command line,
 concurrency and SIGTERM. With TFSERVING_ADDRESS=host:port the protocol tests target that server
-instead (model TFSERVING_MODEL, default resnet50_cam; set TFSERVING_MODEL_DIR to the served
+instead (model TFSERVING_MODEL, default efficientnet_lite0_cam; set TFSERVING_MODEL_DIR to the served
 version's directory to compare heatmaps with an in-process call); tests that need the local
 process are skipped.
 """
@@ -149,7 +149,7 @@ def target(local_server, request) -> Target:
     if not REMOTE:
         served = request.getfixturevalue("tiny_models") / "2"
         return Target(f"127.0.0.1:{local_server.port}", "tiny", True, 2, SIZE, NUM_CLASSES, served)
-    model = os.environ.get("TFSERVING_MODEL", "resnet50_cam")
+    model = os.environ.get("TFSERVING_MODEL", "efficientnet_lite0_cam")
     stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(REMOTE))
     metadata = _metadata(stub, model)
     gradcam = metadata["gradcam"]
@@ -570,7 +570,7 @@ def test_command_line_flag_forms():
     )
     assert options.batching.allowed_batch_sizes == (1, 8) and options.host == "127.0.0.1" and options.port == 8500
     if not os.path.isdir("/models"):  # the container path of models.config, read from --models_root here
-        assert config.model_config_list.config[0].base_path == "/srv/m/resnet50_cam"
+        assert config.model_config_list.config[0].base_path == "/srv/m/efficientnet_lite0_cam"
     for bad in (
         ["--model_base_path=/x", "--model_config_file=/y"],
         [],

@@ -32,7 +32,8 @@ def _parse(path: pathlib.Path, message):
 def test_models_config_parses_as_model_server_config():
     config = _parse(SERVING / "models.config", model_server_config_pb2.ModelServerConfig())
     (model,) = config.model_config_list.config
-    assert (model.name, model.base_path, model.model_platform) == ("resnet50_cam", "/models/resnet50_cam", "tensorflow")
+    expected = ("efficientnet_lite0_cam", "/models/efficientnet_lite0_cam", "tensorflow")
+    assert (model.name, model.base_path, model.model_platform) == expected
     assert model.model_version_policy.latest.num_versions == 1
     assert configs.read_model_server_config(SERVING / "models.config") == config
 
@@ -100,7 +101,7 @@ def test_binary_command(capsys, tmp_path):
     assert flags["xla_cpu_compilation_enabled"] == "true" and flags["per_process_gpu_memory_fraction"] == "0.5"
     # the files it names exist and parse; /models in models.config became the local base path
     local = configs.read_model_server_config(flags["model_config_file"])
-    assert local.model_config_list.config[0].base_path == str(tmp_path.resolve() / "resnet50_cam")
+    assert local.model_config_list.config[0].base_path == str(tmp_path.resolve() / "efficientnet_lite0_cam")
     configs.read_batching_parameters(flags["batching_parameters_file"])
     configs.read_text_proto(flags["monitoring_config_file"], configs.MonitoringConfig)
 

@@ -298,6 +298,13 @@ def test_guided_gradcam_shows_its_picture_under_the_overlay(browser, page):
     assert browser.execute_script("return [arguments[0].width, arguments[0].naturalWidth]", picture) == [451, 64]
 
 
+def test_other_methods_show_no_picture_under_the_overlay(browser, page):
+    """Only a method whose answer has a picture shows one: no empty picture frame under Grad-CAM's overlay."""
+    _open(browser, page)
+    [panel] = _explain(browser, CHELSEA)
+    assert not panel.find_element("css selector", "img.guided").is_displayed()
+
+
 def test_downloads_are_the_overlay_and_the_heatmap_at_the_image_size(browser, page):
     from selenium.webdriver.support.ui import WebDriverWait
 
