@@ -33,7 +33,7 @@ from export.options import ExportOptions
 # LayerCAM (Jiang et al. 2021, eq. 9): each layer's normalised map M is scaled to tanh(γ M) before
 # the element-wise max, which lifts the weaker maps of shallow layers; γ = 2 as in the paper.
 FUSION_GAMMA = 2.0
-PNG_COMPRESSION = 2  # zlib level of the PNG outputs (see Explainer._heatmap_png)
+PNG_COMPRESSION = 2  # zlib level of the PNG outputs (see Explainer._pngs)
 
 
 def run(model: keras.Model, x: tf.Tensor) -> tf.Tensor:
@@ -257,22 +257,16 @@ class Explainer(tf.Module):
         return outputs
 
     @staticmethod
-    def _heatmap_png(heatmap_uint8: tf.Tensor) -> tf.Tensor:
-        """The 8-bit maps [N,H,W] as grayscale PNGs [N].
+    def _pngs(images: tf.Tensor) -> tf.Tensor:
+        """uint8 images [N,H,W,C] (C = 1: the heatmaps; 3: Guided Grad-CAM's pictures) as PNGs [N].
 
-        Compact on any server: TF Serving sends uint8 tensors as one varint per value (~100 KB for
-        224x224); a PNG string travels as its bytes (~5-25 KB). The output's name ends in "_bytes"
+        Compact on any server: TF Serving sends uint8 tensors as one varint per value (~100 KB for a
+        224x224 map); a PNG string travels as its bytes (~5-25 KB). The outputs' names end in "_bytes"
         because TF Serving's REST API writes a string output as {"b64": ...} only then
         (util/json_tensor.cc); any other string goes out raw, which PNG bytes cannot. zlib level 2: a
         quarter of the default level's time (0.9 vs 3.8 ms a 224x224 map in the graph, one CPU core), ~15 % larger.
         """
-        return tf.map_fn(lambda m: tf.io.encode_png(m[..., tf.newaxis], compression=PNG_COMPRESSION), heatmap_uint8,
-                         fn_output_signature=tf.string)
-
-    @staticmethod
-    def _guided_png(guided: tf.Tensor) -> tf.Tensor:
-        """Guided Grad-CAM's pictures [N,H,W,3] as 8-bit RGB PNGs [N]."""
-        return tf.map_fn(lambda g: tf.io.encode_png(g, compression=PNG_COMPRESSION), guided_image(guided),
+        return tf.map_fn(lambda image: tf.io.encode_png(image, compression=PNG_COMPRESSION), images,
                          fn_output_signature=tf.string)
 
     # --- the input contract (outside any XLA cluster, so it always runs) ----------------------
@@ -407,17 +401,16 @@ class Explainer(tf.Module):
         present = tf.function(self._presented)  # one function per output structure
         # The PNGs are functions of their own: a call whose outputs a request's output_filter leaves
         # out is pruned from the run, so a caller that fetches no PNG does not pay for its encoding.
-        heatmap_png = tf.function(self._heatmap_png, input_signature=[tf.TensorSpec([None, height, width], tf.uint8)])
-        guided_png = tf.function(self._guided_png, input_signature=[tf.TensorSpec([None, height, width, 3])])
+        pngs = tf.function(self._pngs, input_signature=[tf.TensorSpec([None, height, width, None], tf.uint8)])
 
         def signature(compute, prepare, spec, explains: bool):
             def run(x, *class_index):
                 arguments, errors = prepare(x, *class_index)
                 outputs = present(compute(*arguments), errors)
                 if "heatmap_uint8" in outputs:
-                    outputs["heatmap_png_bytes"] = heatmap_png(outputs["heatmap_uint8"])
-                if "guided" in outputs:
-                    outputs["guided_png_bytes"] = guided_png(outputs["guided"])
+                    outputs["heatmap_png_bytes"] = pngs(outputs["heatmap_uint8"][..., tf.newaxis])
+                if "guided" in outputs:  # Guided Grad-CAM's picture, 8-bit RGB
+                    outputs["guided_png_bytes"] = pngs(guided_image(outputs["guided"]))
                 return outputs
 
             specs = [spec, class_spec] if explains else [spec]
