@@ -26,7 +26,7 @@ EMBEDDED    = $(PY) -m serving --port $(PORT) --rest_api_port $(REST_PORT) --hos
 	--model_base_path $(BASE_PATH)/$(MODEL) --monitoring_config_file serving/monitoring.config \
 	$(if $(BATCHING),--enable_batching --batching_parameters_file $(BATCHING))
 
-.PHONY: venv test lint certs export explain demo evaluate bench web gpu-check clean
+.PHONY: venv test lint certs export explain demo evaluate bench cold-start web gpu-check clean
 
 # The virtual environment is rebuilt whenever requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -97,13 +97,19 @@ SERVER     ?=
 bench: venv
 	@test -n "$$(ls $(BASE_PATH)/$(MODEL) 2>/dev/null)" || $(MAKE) --no-print-directory export
 	@if [ -n "$(SERVER)" ]; then \
-		$(PY) -m bench --server $(SERVER) --model $(MODEL) --model-dir $(BASE_PATH)/$(MODEL) --backbone $(BACKBONE) \
+		$(PY) -m bench --server $(SERVER) --model $(MODEL) --model-dir $(BASE_PATH)/$(MODEL) --backbone $(BACKBONE) --weights $(WEIGHTS) \
 			$(BENCH_ARGS); \
 	else \
 		$(WITH_EMBEDDED) \
-		$(PY) -m bench --server localhost:$(PORT) --rest localhost:$(REST_PORT) --model $(MODEL) \
+		$(PY) -m bench --server localhost:$(PORT) --rest localhost:$(REST_PORT) --model $(MODEL) --weights $(WEIGHTS) \
 			--model-dir $(BASE_PATH)/$(MODEL) --backbone $(BACKBONE) $(BENCH_ARGS); \
 	fi
+
+# A fresh server's costs (bench/cold_start.py): LoadSavedModel and each warm-up record, start -> ready,
+# and the first call of each signature as the client sends it vs the next ones. Figures: bench/cold_start.json.
+cold-start: venv
+	@test -n "$$(ls $(BASE_PATH)/$(MODEL) 2>/dev/null)" || $(MAKE) --no-print-directory export
+	$(PY) -m bench.cold_start --model $(MODEL) --model-dir $(BASE_PATH)/$(MODEL) $(COLD_START_ARGS)
 
 # The explain page (python -m client web) on http://127.0.0.1:$(WEB_PORT)/, against SERVER when given
 # (any TF Serving that hosts the model), else against the embedded server started here on the

@@ -1,20 +1,23 @@
 """python -m bench: latency and throughput, side by side in one run.
 
 1. in-process: the SavedModel's signatures called directly, as TF Serving runs them (LoadSavedModel,
-   one Session::Run per call): predict vs each explain method, batch 1 and 8, the floor that the
-   server adds to;
-2. the seed notebook's way (eager tape over the Keras model, numpy channel loop, cv2.resize),
+   one Session::Run per call): predict vs each explain method, batch 1 and 8, what the server's
+   own cost adds to;
+2. the floor (bench/floor.py): predict and each explain method against a minimal plain forward and a
+   minimal Grad-CAM of the same backbone, all on TF Serving's path, fetching probabilities or heatmap only;
+3. the seed notebook's way (eager tape over the Keras model, numpy channel loop, cv2.resize),
    the reference users come from;
-3. over gRPC against a running server: signatures, encoded bytes vs uint8 tensor, full outputs vs
+4. over gRPC against a running server: signatures, encoded bytes vs uint8 tensor, full outputs vs
    the compact heatmap only, batch 1 and 8, closed-loop concurrency 1, 4 and 16;
-4. with --rest: one image through the REST API (JSON, b64) against the same call over gRPC,
-   interleaved.
+5. with --rest: one image through the REST API (JSON, b64) against the same work over gRPC,
+   interleaved: every output, and the compact answer (`<method>_compact`).
 Writes a table to stdout, `<out>/results.json` and `<out>/latency.png`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -194,6 +197,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-in-flight", type=int, default=32,
                    help="leave out gRPC configurations with more images in flight (batch x concurrency)")
     p.add_argument("--wait", type=float, default=300, help="seconds to wait for the server to serve the model")
+    p.add_argument("--floor-rounds", type=int, default=20,
+                   help="rounds of the floor phase (minimal models built from --backbone, --weights, --target-layer) "
+                        "at batch 1 and 8; 0: no floor phase")
     p.add_argument("--skip-seed", action="store_true")
     p.add_argument("--skip-inprocess", action="store_true", help="gRPC figures only (no ratios to in-process)")
     p.add_argument("--rest", default="", help="REST address (host:8501) for the REST vs gRPC phase; empty: none")
@@ -230,6 +236,7 @@ class Run:
             dims = self.model.signature_defs["predict"].inputs["images"].tensor_shape.dim
             height, width = dims[1].size, dims[2].size
             available = explain_methods(self.model.signature_defs)
+        self.available = list(available)
         # gradcam first where there is one: the configurations beyond one call per method use the first.
         self.methods = [m for m in args.methods.split(",") if m] or sorted(available, key=lambda m: (m != "gradcam", m))
         self.configs = [c for c in grpc_configs(self.methods, args.max_in_flight)
@@ -239,7 +246,7 @@ class Run:
         self.image = cv2.cvtColor(cv2.resize(cv2.imread(str(SAMPLE)), (width, height)), cv2.COLOR_BGR2RGB)
         self.images = np.stack([self.image] * 8)
         self.total = (0 if args.skip_inprocess else 2) + (0 if args.skip_seed else 2) + len(self.configs)
-        self.total += bool(args.rest)
+        self.total += bool(args.rest) + (3 if args.floor_rounds > 0 else 0)
         self.done = 0
 
     def step(self, label: str) -> None:
@@ -278,6 +285,42 @@ def in_process_phase(run: Run) -> list[dict]:
         if channel is not None:
             channel.close()
     return rows
+
+
+def floor_phase(run: Run) -> tuple[list[dict], dict]:
+    """Our predict and explain signatures against the minimal models of bench/floor.py, interleaved round by
+    round at batch 1 and 8: the rows, and the summary written to results.json as "floor"."""
+    from bench.floor import FORWARD, GRADCAM, floor_calls, floor_methods, heatmap_difference, minimal_models
+    from export.tfs_loader import SavedModelSession
+
+    args = run.args
+    started = time.perf_counter()
+    methods = floor_methods(run.available, [m for m in args.methods.split(",") if m])
+    run.step("floor: building the minimal models")
+    with contextlib.ExitStack() as stack:
+        ours = run.model or stack.enter_context(SavedModelSession(run.version_dir))
+        minimal = stack.enter_context(minimal_models(args.backbone, args.weights, args.target_layer,
+                                                     run.image.shape[:2]))
+        summary = {"rounds": args.floor_rounds, "methods": methods, "backbone": args.backbone, "weights": args.weights,
+                   "target_layer": minimal.target_layer, "build_s": round(minimal.build_seconds, 1)}
+        rows = []
+        for batch in (1, 8):
+            run.step(f"floor batch {batch}")
+            calls = floor_calls(ours, minimal, methods, run.images[:batch])
+            measured = {name: row(f"floor {name} b{batch}", "floor", name.split()[-1], batch, times)
+                        for name, times in round_robin(calls, args.floor_rounds, warmup=1).items()}
+            rows += measured.values()
+            ratios = {f"{GRADCAM} / {FORWARD}": paired(measured[GRADCAM], measured[FORWARD])}
+            for method in methods:
+                ratios[f"our {method} / our predict"] = paired(measured[f"our {method}"], measured["our predict"])
+            ratios[f"our predict / {FORWARD}"] = paired(measured["our predict"], measured[FORWARD])
+            summary[f"b{batch}"] = {"medians_ms": {name: round(r["p50_ms"], 2) for name, r in measured.items()},
+                                    "ratios": ratios}
+        # With the same weights the two Grad-CAMs are one computation: their maps agree (not with random weights).
+        summary["heatmap_max_abs_diff"] = (heatmap_difference(ours, minimal, run.images[:1])
+                                           if "gradcam" in run.available else None)
+    summary["phase_s"] = round(time.perf_counter() - started, 1)
+    return rows, summary
 
 
 def seed_phase(run: Run) -> list[dict]:
@@ -324,22 +367,31 @@ def grpc_phase(run: Run) -> list[dict]:
 
 
 def rest_phase(run: Run) -> list[dict]:
-    """One image, every output (REST has no output_filter), over REST (JSON, b64) and gRPC in turn."""
+    """One image over REST (JSON, b64) and over gRPC, interleaved: every output of `<method>_bytes`
+    (REST has no output_filter), and the compact answer, `<method>_compact` over REST against
+    `<method>_bytes` with the same outputs over gRPC (one executor on the server: the same work)."""
     from bench.rest import rest_predict
+    from client.outputs import EXPLAIN
 
     run.step("REST vs gRPC")
-    signature = f"{run.methods[0]}_bytes"
-    config = dict(signature=signature, batch=1, concurrency=1, outputs=[])
-    body = run.payload(config)
+    method = run.methods[0]
     channel, grpc_call = raw_predict(run.args.server)
-    rest_call, rest_bytes = rest_predict(run.args.rest, run.args.model, signature, run.jpeg)
-    sizes = {"grpc": (len(body), len(grpc_call(body, timeout=60))), "rest": (rest_bytes, len(rest_call()))}
-    calls = {"grpc": lambda: grpc_call(body, timeout=60), "rest": rest_call}
-    times = round_robin(calls, run.args.repeats, warmup=1)
+    cases = {}  # name -> (config, request body, call, request bytes)
+    for outputs, rest_signature, label in (([], f"{method}_bytes", "all outputs"),
+                                           (EXPLAIN, f"{method}_compact", "compact")):
+        config = dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=outputs)
+        body = run.payload(config)
+        cases[f"grpc {config['signature']} b1 c1 {label} interleaved"] = (
+            config, len(body), lambda b=body: grpc_call(b, timeout=60))
+        rest_call, rest_bytes = rest_predict(run.args.rest, run.args.model, rest_signature, run.jpeg)
+        cases[f"rest {rest_signature} b1 c1 {label} interleaved"] = (
+            dict(config, signature=rest_signature, outputs=[]), rest_bytes, rest_call)
+    sizes = {name: len(call()) for name, (_, _, call) in cases.items()}
+    times = round_robin({name: call for name, (_, _, call) in cases.items()}, run.args.repeats, warmup=1)
     channel.close()
-    return [{"name": f"{kind} {signature} b1 c1 all outputs interleaved", "kind": kind, **config,
-             "request_bytes": sizes[kind][0], "response_bytes": sizes[kind][1], **stats(times[kind], 1)}
-            for kind in calls]
+    return [{"name": name, "kind": name.split()[0], **config, "request_bytes": request_bytes,
+             "response_bytes": sizes[name], **stats(times[name], 1)}
+            for name, (config, request_bytes, _) in cases.items()]
 
 
 def print_table(rows: list[dict], ratios: dict[str, dict]) -> None:
@@ -359,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run = Run(args)
     rows = [] if args.skip_inprocess else in_process_phase(run)
+    floor_rows, floor = floor_phase(run) if args.floor_rounds > 0 else ([], None)
+    rows += floor_rows
     rows += [] if args.skip_seed else seed_phase(run)
     rows += grpc_phase(run)
     rows += rest_phase(run) if args.rest and args.server else []
@@ -367,11 +421,20 @@ def main(argv: list[str] | None = None) -> int:
 
     by_name = {r["name"]: r for r in rows}
     ratios = {} if args.skip_inprocess or args.only else summary_ratios(by_name, rows, run.methods, run.configs)
-    rest_rows = [r for r in rows if r["kind"] == "rest"]
-    if rest_rows:
-        grpc_row = by_name[rest_rows[0]["name"].replace("rest ", "grpc ")]
-        ratios[f"rest/grpc {rest_rows[0]['signature']} b1, all outputs, interleaved"] = paired(rest_rows[0], grpc_row)
+    for rest_row in (r for r in rows if r["kind"] == "rest"):  # against the gRPC call of the same work
+        label = rest_row["name"].split(" c1 ")[1]
+        grpc_row = next(r for r in rows if r["kind"] == "grpc" and r["name"].endswith(f" c1 {label}"))
+        ratios[f"rest/grpc {rest_row['signature']} b1, {label}"] = paired(rest_row, grpc_row)
+    for batch in (1, 8):
+        for key, ratio in (floor or {}).get(f"b{batch}", {}).get("ratios", {}).items():
+            ratios[f"floor {key} b{batch}"] = ratio
     print_table(rows, ratios)
+    if floor:
+        difference = floor["heatmap_max_abs_diff"]
+        print(f"\nfloor: {floor['rounds']} rounds, {floor['phase_s']:.0f} s (minimal models built in "
+              f"{floor['build_s']:.0f} s); our signatures fetch probabilities or heatmap only"
+              + ("" if difference is None else f"; minimal vs our Grad-CAM heatmap, same image: max |diff| "
+                 f"{difference:.1e} (large when the weights differ, e.g. random)"))
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -382,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(run.version_dir),
         "rows": rows,
         "ratios": ratios,
+        **({"floor": floor} if floor else {}),
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     chart(rows, out / "latency.png")

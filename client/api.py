@@ -18,11 +18,11 @@ import numpy as np
 from . import protos
 from .channel import channel_options as _channel_options
 from .channel import grpc_target
+from .outputs import HEATMAP_PNG, SUMMARY
 
 Image = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's 4 MiB default fails at ~80 float heatmaps
-_SUMMARY = ["class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels", "error"]
-_HEATMAP_OUTPUT = {"png": "heatmap_png_bytes", "uint8": "heatmap_uint8", "float": "heatmap", "none": None}
+_HEATMAP_OUTPUT = {"png": HEATMAP_PNG, "uint8": "heatmap_uint8", "float": "heatmap", "none": None}
 GUIDED_METHOD, GUIDED_PNG = "guided_gradcam", "guided_png_bytes"  # the method with a picture of its own
 
 
@@ -140,13 +140,13 @@ class CamClient:
         """
         if heatmap not in _HEATMAP_OUTPUT:
             raise ValueError(f"heatmap must be one of {sorted(_HEATMAP_OUTPUT)}, not {heatmap!r}")
-        wanted = _SUMMARY + [o for o in (_HEATMAP_OUTPUT[heatmap], *outputs) if o and o not in _SUMMARY]
+        wanted = SUMMARY + [o for o in (_HEATMAP_OUTPUT[heatmap], *outputs) if o and o not in SUMMARY]
         return self._run(images, method, wanted, class_index, top_k, Explanation)
 
     def predict(self, images: Image | Sequence[Image], top_k: int | None = None,
                 outputs: Sequence[str] = ()) -> Prediction | list[Prediction]:
         """Classify without explaining (the `predict` / `predict_bytes` signatures)."""
-        wanted = _SUMMARY + [o for o in outputs if o not in _SUMMARY]
+        wanted = SUMMARY + [o for o in outputs if o not in SUMMARY]
         return self._run(images, "predict", wanted, None, top_k, Prediction)
 
     def call(self, signature: str, inputs: dict[str, np.ndarray], outputs: Sequence[str] = ()) -> dict[str, np.ndarray]:

@@ -24,11 +24,13 @@ import math
 import keras
 import tensorflow as tf
 
+from client.outputs import default_output_sets
 from export.backbone import Backbone
 from export.decode import decode_images
 from export.guided import guided_relus
 from export.methods import Evidence, Method, top_channels
 from export.options import ExportOptions
+from export.signature_defs import COMPACT
 
 # LayerCAM (Jiang et al. 2021, eq. 9): each layer's normalised map M is scaled to tanh(γ M) before
 # the element-wise max, which lifts the weaker maps of shallow layers; γ = 2 as in the paper.
@@ -352,7 +354,7 @@ class Explainer(tf.Module):
 
     def signatures(self, default_method: str) -> dict[str, tf.types.experimental.ConcreteFunction]:
         """predict, <method> for each method, <method>_fused with --target-layers, feature_maps, each
-        also as _bytes; serving_default."""
+        also as _bytes; <name>_compact of each but feature_maps; serving_default."""
         height, width = self.image_size
         images_spec = tf.TensorSpec([None, height, width, 3], tf.uint8, name="images")
         bytes_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
@@ -403,7 +405,7 @@ class Explainer(tf.Module):
         # out is pruned from the run, so a caller that fetches no PNG does not pay for its encoding.
         pngs = tf.function(self._pngs, input_signature=[tf.TensorSpec([None, height, width, None], tf.uint8)])
 
-        def signature(compute, prepare, spec, explains: bool):
+        def signature(compute, prepare, spec, explains: bool, keep: list[str] | None = None):
             def run(x, *class_index):
                 arguments, errors = prepare(x, *class_index)
                 outputs = present(compute(*arguments), errors)
@@ -411,7 +413,7 @@ class Explainer(tf.Module):
                     outputs["heatmap_png_bytes"] = pngs(outputs["heatmap_uint8"][..., tf.newaxis])
                 if "guided" in outputs:  # Guided Grad-CAM's picture, 8-bit RGB
                     outputs["guided_png_bytes"] = pngs(guided_image(outputs["guided"]))
-                return outputs
+                return {name: outputs[name] for name in keep} if keep else outputs
 
             specs = [spec, class_spec] if explains else [spec]
             return tf.function(run, input_signature=specs).get_concrete_function()
@@ -424,10 +426,17 @@ class Explainer(tf.Module):
                 lambda pixels, c, method=self.methods[name]: self._explain_fused(method, pixels, c), explains=True)
         if self.feature_maps:
             computations["feature_maps"] = core(self._feature_maps, explains=False)
-        sigs = {}
+        sigs, prepared = {}, {}
         for suffix, to_pixels, spec in (("", from_images, images_spec), ("_bytes", from_bytes, bytes_spec)):
-            prepare = {explains: checked(to_pixels, spec, explains) for explains in (False, True)}
+            prepared[suffix] = {explains: checked(to_pixels, spec, explains) for explains in (False, True)}
             for name, (compute, explains) in computations.items():
-                sigs[f"{name}{suffix}"] = signature(compute, prepare[explains], spec, explains)
+                sigs[f"{name}{suffix}"] = signature(compute, prepared[suffix][explains], spec, explains)
+        # The compact answer for REST, which cannot filter outputs: labels, scores and the PNG heatmap
+        # of encoded images. The exporter makes each one share its _bytes signature's tensors (signature_defs.py).
+        for name, (compute, explains) in computations.items():
+            output_sets = default_output_sets(sigs[f"{name}_bytes"].structured_outputs)
+            if output_sets:
+                sigs[f"{name}{COMPACT}"] = signature(compute, prepared["_bytes"][explains], bytes_spec, explains,
+                                                     output_sets[0])
         sigs["serving_default"] = sigs[f"{default_method}_bytes"]
         return sigs

@@ -15,20 +15,25 @@ import re
 import shutil
 import tempfile
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from export.backbone import load_backbone
 from export.explainer import Explainer
+from export.gpu_kernels import check_saved_model as check_gpu_kernels
 from export.guided import survey
 from export.methods import get_method
 from export.options import ExportOptions
 from export.precision import check as check_precision
+from export.signature_defs import aliases, share_tensors
 from export.tfs_loader import WARMUP_FILE
 from export.verify import verify
 from serving.versions import numeric_versions
+
+if TYPE_CHECKING:
+    from tensorflow_serving.apis import predict_pb2
 
 IMAGENET_LABELS = pathlib.Path(__file__).parent / "data" / "imagenet_classes.txt"
 PYTHON_CALLBACK_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc", "NumpyFunction"}
@@ -100,27 +105,53 @@ def graph_safe_variable_names(variables: Sequence[tf.Variable]):
             variable._handle_name = name
 
 
-def warmup_requests(signatures: dict, image_size: tuple[int, int], batch_sizes: Sequence[int]):
-    """One PredictionLog per signature (serving_default too: its own feeds and fetches, so its own
-    executor in TF Serving's session) and batch size, with plausible inputs (noise, -1)."""
-    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+def request_maker(image_size: tuple[int, int]) -> Callable[..., "predict_pb2.PredictRequest"]:
+    """A function (signature name, signature, batch size, outputs) -> PredictRequest on plausible
+    inputs: the same noise image (as uint8 pixels or a JPEG) and class -1 in every row."""
+    from tensorflow_serving.apis import predict_pb2
 
     from client import protos
 
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, size=(*image_size, 3), dtype=np.uint8)
+    image = np.random.default_rng(0).integers(0, 256, size=(*image_size, 3), dtype=np.uint8)
     jpeg = tf.io.encode_jpeg(image).numpy()
-    for name in signatures:
-        inputs = {spec.name for spec in tf.nest.flatten(signatures[name].structured_input_signature)}
-        for batch in batch_sizes:
-            request = protos.predict_request(
-                protos.ModelSpec(signature_name=name),
-                images=np.stack([image] * batch) if "images" in inputs else None,
-                image_bytes=[jpeg] * batch if "image_bytes" in inputs else None,
-                class_index=np.full(batch, -1, np.int32) if "class_index" in inputs else None,
-            )
-            yield prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(
-                request=predict_pb2.PredictRequest.FromString(request.SerializeToString())))
+
+    def make(name: str, signature, batch: int, outputs: Sequence[str] = ()) -> predict_pb2.PredictRequest:
+        inputs = {spec.name for spec in tf.nest.flatten(signature.structured_input_signature)}
+        request = protos.predict_request(
+            protos.ModelSpec(signature_name=name),
+            images=np.stack([image] * batch) if "images" in inputs else None,
+            image_bytes=[jpeg] * batch if "image_bytes" in inputs else None,
+            class_index=np.full(batch, -1, np.int32) if "class_index" in inputs else None,
+            output_filter=outputs,
+        )
+        return predict_pb2.PredictRequest.FromString(request.SerializeToString())
+
+    return make
+
+
+def warmup_requests(signatures: dict, image_size: tuple[int, int], batch_sizes: Sequence[int],
+                    alias_targets: Collection[str] = ()) -> Iterator["predict_pb2.PredictRequest"]:
+    """The warm-up: each executor that the client, the CLI and the page use by default, built before
+    the server says it is ready.
+
+    TF Serving's session builds one executor per set of feeds and fetches, so each signature gets a
+    request at the first batch size for each output set our callers send by default
+    (client/outputs.py), and none for what nobody sends by default (every output; the feature_maps
+    debug view). Aliases (signature_defs.py) run their target's tensors and need none. Further batch
+    sizes warm what depends on shapes (XLA's compilations, cuDNN's algorithm choice), once per
+    numeric core, which a `<name>` and its `<name>_bytes` signature share.
+    """
+    from client.outputs import default_output_sets
+
+    make = request_maker(image_size)
+    for batch in batch_sizes:
+        first = batch == batch_sizes[0]
+        for name, signature in signatures.items():
+            if name in alias_targets or (not first and f"{name}_bytes" in signatures):
+                continue
+            output_sets = default_output_sets(signature.structured_outputs)
+            for outputs in output_sets if first else output_sets[:1]:
+                yield make(name, signature, batch, outputs)
 
 
 def export_savedmodel(options: ExportOptions | None = None, *, log: Callable[[str], None] = print,
@@ -130,6 +161,8 @@ def export_savedmodel(options: ExportOptions | None = None, *, log: Callable[[st
     Takes an ExportOptions, or its fields as keywords: `export_savedmodel(backbone="efficientnet_lite0",
     weights="none", methods=["gradcam", "cam"], model_name="efficientnet_lite0_cam")`.
     """
+    from tensorflow_serving.apis import prediction_log_pb2
+
     if options is None:
         options = ExportOptions(**fields)
     elif fields:
@@ -169,6 +202,7 @@ def export_savedmodel(options: ExportOptions | None = None, *, log: Callable[[st
             step(f"  {drift}")
     step("tracing signatures")
     signatures = explainer.signatures(default_method=method_objects[0].name)
+    alias_targets = aliases(signatures, default_method=method_objects[0].name)
     for name, signature in signatures.items():
         if python_callback_ops(signature):
             raise RuntimeError(f"signature {name!r} calls back into Python: TF Serving cannot run it")
@@ -179,15 +213,21 @@ def export_savedmodel(options: ExportOptions | None = None, *, log: Callable[[st
         step(f"saving {len(signatures)} signatures: {', '.join(signatures)}")
         with graph_safe_variable_names(captured_variables(signatures)):
             tf.saved_model.save(servable(explainer, signatures), str(staging), signatures=signatures)
+        share_tensors(staging, alias_targets)
+        step(str(check_gpu_kernels(staging, jit=o.jit_compile)))  # refuses a CPU-only op between GPU ops
         warmup_path = staging / WARMUP_FILE
         warmup_path.parent.mkdir()
         count = 0
         with tf.io.TFRecordWriter(str(warmup_path)) as writer:
-            for record in warmup_requests(signatures, split.image_size, o.warmup_batch_sizes):
+            for request in warmup_requests(signatures, split.image_size, o.warmup_batch_sizes, alias_targets):
+                record = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
                 writer.write(record.SerializeToString())
                 count += 1
         step(f"wrote {count} warm-up requests (batch sizes {list(o.warmup_batch_sizes)})")
-        step(str(verify(staging, signatures)))
+        step("signatures that run another's tensors, sharing its executor and warm-up: "
+             + ", ".join(f"{alias} -> {target}" for alias, target in alias_targets.items()))
+        make = request_maker(split.image_size)  # and every output of every signature, aliases included:
+        step(str(verify(staging, signatures, [make(name, signature, 1) for name, signature in signatures.items()])))
         if o.jit_compile:
             step("compiled with XLA: TF Serving runs it only with --xla_cpu_compilation_enabled=true or "
                  "--xla_gpu_compilation_enabled=true (python -m serving.tfserving adds the flag itself)")

@@ -4,8 +4,9 @@
 (variables captured by a function but not tracked by the saved object are not restored by the
 saver: "Could not find variable ..."). So the exporter loads the staged directory the way TF Serving
 does (export/tfs_loader.py: LoadSavedModel + Session::Run), replays its whole warm-up file with each
-record's output_filter as the fetch list, as TF Serving does before it serves a version, and
-compares every output with the TF2 function that was saved. Any failure raises VerificationError,
+record's output_filter as the fetch list, as TF Serving does before it serves a version, calls every
+signature (aliases too: signature_defs.py) once for all its outputs, and compares every output with
+the TF2 function that was saved. Any failure raises VerificationError,
 and the version directory never appears.
 """
 
@@ -13,14 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
 
 from export.tfs_loader import SavedModelSession, SessionError, warmup_requests
 
-DEFAULT_SIGNATURE = "serving_default"
 # Session::Run and the TF2 function runtime run the same kernels; float outputs may still differ
 # in the last bits where graph rewrites (op fusion) change the order of a sum.
 FLOAT_TOLERANCE = 1e-4  # relative to the output's largest magnitude (at least 1)
@@ -40,8 +41,8 @@ class Verified:
     def __str__(self) -> str:
         return (
             f"verified with TensorFlow Serving's loader (LoadSavedModel + Session::Run): {self.requests} warm-up "
-            f"requests over {self.signatures} signatures, outputs equal to the TF2 functions (largest float "
-            f"difference {self.max_float_diff:.1e}, integer {self.max_int_diff})"
+            f"requests and every output of {self.signatures} signatures, outputs equal to the TF2 functions "
+            f"(largest float difference {self.max_float_diff:.1e}, integer {self.max_int_diff})"
         )
 
 
@@ -70,9 +71,11 @@ def difference(name: str, served: np.ndarray, expected: np.ndarray) -> tuple[flo
 
 
 def verify(
-    export_dir: str | pathlib.Path, signatures: Mapping[str, tf.types.experimental.ConcreteFunction]
+    export_dir: str | pathlib.Path, signatures: Mapping[str, tf.types.experimental.ConcreteFunction],
+    requests: Iterable[predict_pb2.PredictRequest] = (),
 ) -> Verified:
-    """Load `export_dir` with TF Serving's loader, replay its warm-up, compare with `signatures`."""
+    """Load `export_dir` with TF Serving's loader, replay its warm-up, then run `requests` (one per
+    signature, for every output); compare every output with `signatures`' TF2 functions."""
     try:
         session = SavedModelSession(export_dir)
     except SessionError as error:
@@ -81,20 +84,24 @@ def verify(
         missing = set(signatures) - set(session.signature_defs)
         if missing:
             raise VerificationError(f"signatures {sorted(missing)} are not in the saved MetaGraph")
-        requests = list(warmup_requests(export_dir))
-        unwarmed = set(signatures) - {r.model_spec.signature_name or DEFAULT_SIGNATURE for r in requests}
-        if unwarmed:
-            raise VerificationError(f"signatures {sorted(unwarmed)} have no warm-up request")
+        warmup = list(warmup_requests(export_dir))
+        expected_cache: dict = {}
         float_diff, int_diff = 0.0, 0
-        for request in requests:
-            name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        for request in [*warmup, *requests]:
+            name = request.model_spec.signature_name
             inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
             try:
                 served = session.run_signature(name, inputs, request.output_filter)
             except SessionError as error:
                 raise VerificationError(f"TensorFlow Serving's loader cannot run signature {name!r}: {error}") from None
-            expected = signatures[name](**{k: tf.constant(v) for k, v in inputs.items()})
+            key = (name, tuple(sorted((k, v.shape) for k, v in inputs.items())))  # every request: the same image
+            if key not in expected_cache:
+                expected_cache[key] = signatures[name](**{k: tf.constant(v) for k, v in inputs.items()})
+            expected = expected_cache[key]
+            if not request.output_filter and set(served) != set(expected):
+                raise VerificationError(f"signature {name!r} returns {sorted(served)} under TF Serving's loader, "
+                                        f"{sorted(expected)} from its TF2 function")
             for alias, value in served.items():
                 f, i = difference(alias, value, expected[alias].numpy())
                 float_diff, int_diff = max(float_diff, f), max(int_diff, i)
-    return Verified(len(requests), len(signatures), float_diff, int_diff)
+    return Verified(len(warmup), len(signatures), float_diff, int_diff)

@@ -45,8 +45,8 @@ class Signature:
 
     @property
     def explains(self) -> bool:
-        """It returns a heatmap (an explain signature, not predict)."""
-        return "heatmap" in self.outputs or "heatmap_uint8" in self.outputs
+        """It returns a heatmap (an explain signature, its compact answer; not predict)."""
+        return not {"heatmap", "heatmap_uint8", "heatmap_png_bytes"}.isdisjoint(self.outputs)
 
     def check_output_filter(self, output_filter: Sequence[str]) -> tuple[str, ...] | None:
         """The outputs to compute (None: all), or INVALID_ARGUMENT naming the unknown one."""

@@ -29,7 +29,7 @@ def test_bench_runs_every_configuration(fused_export, tmp_path):
             bench.main([
                 "--server", f"localhost:{port}", "--rest", f"localhost:{server.rest_port}", "--model", "shapes",
                 "--model-dir", str(fused_export.parent), "--methods", "gradcam,layercam", "--skip-seed", "--repeats",
-                "3", "--seconds", "0.3", "--out", str(tmp_path)
+                "3", "--seconds", "0.3", "--floor-rounds", "0", "--out", str(tmp_path)
             ])
             == 0
         )
@@ -45,6 +45,7 @@ def test_bench_runs_every_configuration(fused_export, tmp_path):
     expected |= {bench.config_name(c) for c in bench.grpc_configs(["gradcam", "layercam"])}
     expected |= {bench.config_name(c) + " interleaved" for c in bench.grpc_configs(["gradcam", "layercam"])[:3]}
     expected |= {f"{kind} gradcam_bytes b1 c1 all outputs interleaved" for kind in ("grpc", "rest")}
+    expected |= {"grpc gradcam_bytes b1 c1 compact interleaved", "rest gradcam_compact b1 c1 compact interleaved"}
     assert set(rows) == expected
     for name, row in rows.items():
         assert row["n"] > 0 and row["p50_ms"] > 0 and not row.get("errors"), (name, row)
@@ -55,7 +56,12 @@ def test_bench_runs_every_configuration(fused_export, tmp_path):
     # JSON text of every output (b64 PNG, the float heatmap as decimals) is larger than protobuf.
     rest, grpc_ = (rows[f"{kind} gradcam_bytes b1 c1 all outputs interleaved"] for kind in ("rest", "grpc"))
     assert rest["response_bytes"] > grpc_["response_bytes"] > compact
-    assert len(results["ratios"]) == 11  # 13 with the seed notebook's way
+    # The compact signature answers REST with the labels, scores and PNG: far less than every output,
+    # and the same outputs as gRPC's compact call.
+    rest_compact = rows["rest gradcam_compact b1 c1 compact interleaved"]["response_bytes"]
+    grpc_compact = rows["grpc gradcam_bytes b1 c1 compact interleaved"]["response_bytes"]
+    assert grpc_compact < rest_compact < rest["response_bytes"] / 4
+    assert len(results["ratios"]) == 12  # 14 with the seed notebook's way
     for name, ratio in results["ratios"].items():  # each with the figures it divides, as printed
         assert math.isfinite(ratio["value"]) and ratio["value"] > 0 and " / " in ratio["figures"], (name, ratio)
 
@@ -64,8 +70,8 @@ def test_bench_measures_every_method_of_the_model_by_default(fused_export, tmp_p
     """Without --methods, the cost of every explain method the model has, against predict, at batch 1 and 8."""
     assert (
         bench.main([
-            "--server", "", "--model-dir", str(fused_export.parent), "--skip-seed", "--repeats", "2", "--out",
-            str(tmp_path)
+            "--server", "", "--model-dir", str(fused_export.parent), "--skip-seed", "--repeats", "2",
+            "--floor-rounds", "0", "--out", str(tmp_path)
         ])
         == 0
     )
@@ -76,6 +82,55 @@ def test_bench_measures_every_method_of_the_model_by_default(fused_export, tmp_p
             name = f"in-process {method}/predict b{batch}"
             assert ratios[name]["value"] > 0
             assert f"{name:<72s} {ratios[name]['value']:6.3f}  = {ratios[name]['figures']}" in printed
+
+
+def test_floor_is_measured_against_minimal_models_that_compute_the_same(fused_export, shapes_model, tmp_path,
+                                                                        capsys):
+    """The floor phase on the shapes model, built from its .keras file (the export's own weights): every call
+    of each batch is timed, the ratios are finite, and the minimal models compute what our signatures do."""
+    import numpy as np
+
+    import synthetic
+    from bench import floor
+    from export.tfs_loader import SavedModelSession
+
+    assert bench.main([
+        "--server", "", "--model-dir", str(fused_export.parent), "--backbone", str(shapes_model), "--methods",
+        "gradcam,layercam", "--skip-seed", "--repeats", "1", "--floor-rounds", "3", "--out", str(tmp_path)
+    ]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    printed = capsys.readouterr().out
+    summary = results["floor"]
+    assert summary["methods"] == ["gradcam", "layercam"] and summary["target_layer"] == "last_conv"
+    calls = ["plain forward", "our predict", "minimal gradcam", "our gradcam", "our layercam"]
+    rows = {r["name"]: r for r in results["rows"] if r["kind"] == "floor"}
+    assert set(rows) == {f"floor {name} b{batch}" for name in calls for batch in (1, 8)}
+    assert all(r["n"] == 3 and r["p50_ms"] > 0 for r in rows.values()), rows
+    for batch in (1, 8):
+        assert list(summary[f"b{batch}"]["medians_ms"]) == calls
+        assert all(ms > 0 for ms in summary[f"b{batch}"]["medians_ms"].values())
+        ratios = summary[f"b{batch}"]["ratios"]
+        assert list(ratios) == ["minimal gradcam / plain forward", "our gradcam / our predict",
+                                "our layercam / our predict", "our predict / plain forward"]
+        for key, ratio in ratios.items():
+            assert math.isfinite(ratio["value"]) and ratio["value"] > 0, (key, ratio)
+            name = f"floor {key} b{batch}"
+            assert results["ratios"][name] == ratio
+            assert f"{name:<72s} {ratio['value']:6.3f}  = {ratio['figures']}" in printed
+    assert summary["heatmap_max_abs_diff"] < 1e-4 and summary["phase_s"] > summary["build_s"] > 0
+
+    # Images whose maps are not flat (a shape on noise): the same heatmaps and probabilities as ours.
+    images = synthetic.dataset(4, seed=7)[0]
+    with SavedModelSession(fused_export) as ours, \
+            floor.minimal_models(str(shapes_model), "auto", "", (synthetic.SIZE, synthetic.SIZE)) as minimal:
+        heatmaps = ours.run_signature("gradcam", {"images": images, "class_index": np.full(4, -1, np.int32)},
+                                      ["heatmap"])["heatmap"]
+        assert (heatmaps.max(axis=(1, 2)) > 0.5).all() and heatmaps.min() == 0.0  # peaks < 1 after the resize
+        np.testing.assert_allclose(minimal.gradcam.run_signature("gradcam", {"images": images})["heatmap"], heatmaps,
+                                   atol=1e-4)
+        probabilities = ours.run_signature("predict", {"images": images}, ["probabilities"])["probabilities"]
+        np.testing.assert_allclose(minimal.forward.run_signature("predict", {"images": images})["probabilities"],
+                                   probabilities, atol=1e-5)
 
 
 def test_gpu_check_runs_to_completion_on_a_cpu(shapes_model, tmp_path):
@@ -121,3 +176,24 @@ def test_gpu_check_runs_to_completion_on_a_cpu(shapes_model, tmp_path):
         in (tmp_path / "gpu_check_placement.log").read_text()
     )
     assert "/job:localhost" not in run.stdout
+
+
+def test_cold_start_times_every_warmup_record_and_first_call(fused_export, tmp_path):
+    """`python -m bench.cold_start` on the shapes model: the replay is split into executor builds and
+    repeats as the session keys its executors, and a fresh server's first calls are timed per signature."""
+    from bench import cold_start
+
+    assert cold_start.main(["--model", "shapes", "--model-dir", str(fused_export.parent), "--runs", "1",
+                            "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "cold_start.json").read_text())
+    records = result["breakdown"]["records"]
+    keys = {(r["signature"], tuple(r["outputs"])) for r in records}
+    assert len(records) > result["breakdown"]["executors"] == len(keys)  # an executor per signature and outputs
+    assert all(r["new_executor"] == (r["batch"] == 1) for r in records)  # further sizes reuse the executor
+    [run] = result["runs"]
+    assert run["ready_s"] > 0 and any("warm-up requests" in line for line in run["server_log"])
+    expected = {"predict", "predict_bytes", "gradcam", "gradcam_bytes", "layercam", "layercam_bytes",
+                "gradcam_compact (all outputs)", "layercam_compact (all outputs)", "predict_compact (all outputs)"}
+    assert expected <= set(run["first_calls"])
+    for name, call in run["first_calls"].items():
+        assert call["first_ms"] > 0 and call["next_median_ms"] > 0, name

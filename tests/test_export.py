@@ -181,7 +181,8 @@ def test_batch_equals_single_calls_and_class_index_per_image(shapes_export, load
 def test_signature_contract(resnet50, load):
     model = load(resnet50[1])
     names = {"predict", "predict_bytes", "gradcam", "gradcam_bytes", "cam", "cam_bytes", "serving_default"}
-    assert set(model.signatures) == names | {"feature_maps", "feature_maps_bytes"}
+    assert set(model.signatures) == names | {"feature_maps", "feature_maps_bytes", "predict_compact",
+                                             "gradcam_compact", "cam_compact"}
     for name in names:
         inputs = model.signatures[name].structured_input_signature[1]
         outputs = model.signatures[name].structured_outputs
@@ -264,36 +265,65 @@ def test_no_python_callback_ops_in_any_signature(resnet50):
     assert not ops & {"PyFunc", "PyFuncStateless", "EagerPyFunc", "NumpyFunction"}
 
 
-def test_warmup_records_cover_every_signature_and_run(resnet50, load):
+def test_warmup_records_build_the_executors_our_callers_use_and_run(resnet50, load):
+    """One record per signature and output set that the client, CLI and page send by default at the
+    first batch size; the second batch size once per numeric core (the _bytes signature); none for
+    aliases (serving_default, *_compact) nor for feature_maps, which nobody calls by default."""
     from tensorflow_serving.apis import prediction_log_pb2
 
     from export.tfs_loader import WARMUP_FILE
 
     path = resnet50[1] / WARMUP_FILE
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
-    seen = set()
+    summary = {"class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels", "error"}
+    explain = summary | {"heatmap_png_bytes"}
+    seen = []
     for log in logs:
         request = log.predict_log.request
         sizes = {tensor.tensor_shape.dim[0].size for tensor in request.inputs.values()}
         assert len(sizes) == 1, request.model_spec.signature_name
-        seen.add((request.model_spec.signature_name, sizes.pop()))
-    signatures = {
-        "predict",
-        "predict_bytes",
-        "gradcam",
-        "gradcam_bytes",
-        "cam",
-        "cam_bytes",
-        "feature_maps",
-        "feature_maps_bytes",
-        "serving_default",
-    }
-    assert seen == {(s, b) for s in signatures for b in (1, 2)}
+        seen.append((request.model_spec.signature_name, sizes.pop(), frozenset(request.output_filter)))
+    expected = [(s, 1, frozenset(summary)) for s in ("predict", "predict_bytes")]
+    expected += [(s, 1, frozenset(explain)) for s in ("gradcam", "gradcam_bytes", "cam", "cam_bytes")]
+    expected += [("predict_bytes", 2, frozenset(summary))]
+    expected += [(s, 2, frozenset(explain)) for s in ("gradcam_bytes", "cam_bytes")]
+    assert sorted(seen) == sorted(expected)
     model = load(resnet50[1])
     for log in logs:
         request = log.predict_log.request
         inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
         model.signatures[request.model_spec.signature_name](**inputs)
+
+
+def test_aliases_run_their_targets_tensors_under_tf_servings_loader(resnet50, load):
+    """serving_default and <name>_compact name the tensors of the signature they copy, so TF Serving
+    builds no executor of theirs; their answers are those of their own TF2 functions."""
+    from client.outputs import EXPLAIN, SUMMARY
+    from export.tfs_loader import SavedModelSession
+
+    images = np.random.default_rng(3).integers(0, 256, (2, 224, 224, 3), np.uint8)
+    jpegs = np.array([tf.io.encode_jpeg(image).numpy() for image in images], dtype=object)
+    tf2 = load(resnet50[1])
+    with SavedModelSession(resnet50[1]) as session:
+        defs = session.signature_defs
+        for alias, target, outputs in (("serving_default", "gradcam_bytes", None), ("gradcam_compact", "gradcam_bytes",
+                                       EXPLAIN), ("cam_compact", "cam_bytes", EXPLAIN),
+                                       ("predict_compact", "predict_bytes", SUMMARY)):
+            assert set(defs[alias].outputs) == set(outputs or defs[target].outputs), alias
+            assert all(info.name == defs[target].inputs[key].name for key, info in defs[alias].inputs.items())
+            assert all(info.name == defs[target].outputs[key].name for key, info in defs[alias].outputs.items())
+            inputs = {"image_bytes": jpegs, "class_index": np.array([-1, 7], np.int32)}
+            inputs = {k: v for k, v in inputs.items() if k in defs[alias].inputs}
+            served = session.run_signature(alias, inputs)
+            expected = tf2.signatures[alias](**{k: tf.constant(v) for k, v in inputs.items()})
+            assert set(served) == set(expected), alias
+            for name, value in served.items():
+                if value.dtype.kind == "f":
+                    np.testing.assert_allclose(value, expected[name].numpy(), atol=1e-4, err_msg=name)
+                elif not name.endswith("_png_bytes"):
+                    assert value.tolist() == expected[name].numpy().tolist(), (alias, name)
+            if "heatmap_png_bytes" in served:
+                assert tf.io.decode_png(served["heatmap_png_bytes"][1]).shape == (224, 224, 1), alias
 
 
 def test_out_of_range_class_index_is_an_invalid_argument(shapes_export, load):

@@ -8,6 +8,7 @@ Everything runs through TF Serving's loader (LoadSavedModel + Session::Run).
 
 from __future__ import annotations
 
+import base64
 import json
 import pathlib
 import re
@@ -18,11 +19,13 @@ import numpy as np
 import pytest
 
 import synthetic
+from client.outputs import EXPLAIN
 from export.methods import METHODS
 from export.precision import TOLERANCES, PrecisionWarning
 from export.tfs_loader import SavedModelSession
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+CHELSEA = ROOT / "samples" / "chelsea.png"
 OBJECTS = json.loads((ROOT / "tests" / "data" / "objects.json").read_text())["samples"]
 LABELS = (ROOT / "export" / "data" / "imagenet_classes.txt").read_text().splitlines()
 PEAK_METHODS = ("gradcam", "cam", "gradcampp", "layercam", "scorecam")
@@ -180,3 +183,13 @@ def test_every_method_serves_the_real_model(lite0_export):
             e = client.explain(str(ROOT / "samples" / "chelsea.png"), method=method)
             assert e.class_label in OBJECTS["chelsea.png"]["classes"], (method, e.top_k)
             assert e.heatmap.shape == (224, 224) and e.heatmap.max() > 0.99, method
+            # REST has no output_filter: <method>_compact answers with the summary and the PNG alone.
+            body = {"signature_name": f"{method}_compact", "instances": [
+                {"image_bytes": {"b64": base64.b64encode(CHELSEA.read_bytes()).decode()}, "class_index": -1}]}
+            status, _, text = servers.http(server.rest_port, "/v1/models/lite0:predict", body)
+            assert status == 200 and len(text.encode()) <= 16 * 1024, (method, status, len(text), text[:300])
+            answer = json.loads(text)["predictions"][0]
+            assert set(answer) == set(EXPLAIN) and answer["class_label"] == e.class_label, method
+            png = cv2.imdecode(np.frombuffer(base64.b64decode(answer["heatmap_png_bytes"]["b64"]), np.uint8),
+                               cv2.IMREAD_UNCHANGED)
+            assert np.array_equal(png.astype(np.float32) / 255, e.heatmap), method

@@ -53,16 +53,27 @@ def test_tf_serving_loader_runs_every_signature_like_the_tf2_path(request, load,
     with SavedModelSession(path) as session:
         servable = set(session.signature_defs) - {"__saved_model_init_op"}
         assert servable == set(tf2.signatures)
-        for warmup in warmup_requests(path):  # what TF Serving replays before it serves the version
-            name = warmup.model_spec.signature_name
-            inputs = {k: tf.make_ndarray(v) for k, v in warmup.inputs.items()}
-            served = session.run_signature(name, inputs, warmup.output_filter)
+        warmup = list(warmup_requests(path))  # what TF Serving replays before it serves the version
+        # Then every signature, aliases and feature_maps included, for every output: on the inputs of
+        # the first warm-up record that has the same inputs (batch 1).
+        defs = session.signature_defs
+        complete = [(name, next(r.inputs for r in warmup if set(r.inputs) == set(defs[name].inputs)), ())
+                    for name in sorted(servable)]
+        for name, tensors, output_filter in [*((r.model_spec.signature_name, r.inputs, r.output_filter)
+                                                for r in warmup), *complete]:
+            inputs = {k: tf.make_ndarray(v) for k, v in tensors.items()}
+            served = session.run_signature(name, inputs, output_filter)
             expected = tf2.signatures[name](**{k: tf.constant(v) for k, v in inputs.items()})
-            assert set(served) == set(warmup.output_filter or expected)
+            assert set(served) == set(output_filter or expected)
             for alias, value in served.items():
                 largest = max(largest, assert_same(f"{name}.{alias}", value, expected[alias].numpy()))
             replayed.add(name)
-    assert replayed == servable  # the warm-up file covers every signature, serving_default too
+    assert replayed == servable
+    # The warm-up builds what our callers use by default: not the aliases (they run another signature's
+    # tensors) nor feature_maps (a debug view).
+    aliases_and_debug = {n for n in servable if n.endswith("_compact") or n == "serving_default"
+                         or n.startswith("feature_maps")}
+    assert {r.model_spec.signature_name for r in warmup} == servable - aliases_and_debug
     print(f"{model}: {len(replayed)} signatures, largest difference from the TF2 path {largest}")
 
 
@@ -94,7 +105,9 @@ def test_the_exporter_prints_the_verification_line(shapes_model, tmp_path):
     lines = []
     synthetic.export_model(shapes_model, ["gradcam"], "m", tmp_path, warmup_batch_sizes=(1, 2), log=lines.append)
     (line,) = [line for line in lines if "verified with TensorFlow Serving's loader" in line]
-    assert "(LoadSavedModel + Session::Run): 14 warm-up requests over 7 signatures" in line
+    # predict, gradcam and their _bytes at batch 1; predict_bytes and gradcam_bytes at batch 2. Nine signatures:
+    # those four, feature_maps(_bytes), predict_compact, gradcam_compact and serving_default.
+    assert "(LoadSavedModel + Session::Run): 6 warm-up requests and every output of 9 signatures" in line
 
 
 # --- the input contract, enforced by the graph under Session::Run ----------------------------

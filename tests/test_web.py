@@ -25,6 +25,7 @@ import pytest
 import synthetic
 from client import GUIDED_PNG, CamClient, overlay
 from client.image_header import declared_size
+from client.outputs import EXPLAIN
 from client.web import PAGE, ExplainPage, PageError, PageLimits, make_server
 from servers import ROOT, http, start
 
@@ -379,3 +380,53 @@ def test_a_stopped_server_is_reported_unavailable(browser, tmp_path):
         [panel] = _explain(browser, CHELSEA)
         text = panel.find_element("css selector", ".error").text
     assert re.search(rf"The model server at 127\.0\.0\.1:{server.port} is unavailable .*Is it running\?", text), text
+
+
+# -- the warm-up covers what the client, the CLI and the page send --------------------------------
+def test_every_default_call_of_client_cli_and_page_was_warmed_up(served, page, shapes_export, monkeypatch, tmp_path):
+    """TF Serving builds an executor per (signature's tensors, fetched outputs) at its first call: each
+    call that CamClient, `python -m client` and the page make by default must find its executor built
+    by a warm-up record (the same signature, or the one whose tensors an alias runs, and the same outputs)."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from client.__main__ import main as cli
+    from export.tfs_loader import WARMUP_FILE, SavedModelSession
+
+    sent = []
+    original = CamClient._call
+
+    def recording(self, method, request, what, *args, **kwargs):
+        if hasattr(request, "output_filter"):
+            sent.append((request.model_spec.signature_name, frozenset(request.output_filter)))
+        return original(self, method, request, what, *args, **kwargs)
+
+    monkeypatch.setattr(CamClient, "_call", recording)
+    image = cv2.cvtColor(cv2.resize(cv2.imread(str(CHELSEA)), (64, 64)), cv2.COLOR_BGR2RGB)
+    with CamClient(f"127.0.0.1:{served.port}", model="shapes") as client:
+        methods = client.explain_methods()
+        for method in methods:
+            client.explain(str(CHELSEA), method=method)
+            client.explain(image, method=method)
+        client.predict(str(CHELSEA))
+        client.predict(image)
+    for method in methods:
+        assert http(page, f"/api/explain?method={method}", CHELSEA.read_bytes())[0] == 200, method
+        assert cli(["explain", str(CHELSEA), "--server", f"127.0.0.1:{served.port}", "--model", "shapes",
+                    "--method", method, "--out", str(tmp_path)]) == 0, method
+    assert cli(["predict", str(CHELSEA), "--server", f"127.0.0.1:{served.port}", "--model", "shapes"]) == 0
+    assert ("guided_gradcam_bytes", frozenset([*EXPLAIN, GUIDED_PNG])) in sent  # the CLI's and page's
+
+    with SavedModelSession(shapes_export) as session:  # which tensors each signature runs
+        defs = session.signature_defs
+    records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()).predict_log.request
+               for r in tf.data.TFRecordDataset(str(shapes_export / WARMUP_FILE))]
+
+    def executor(signature: str, outputs: frozenset) -> tuple:
+        outputs = outputs or frozenset(defs[signature].outputs)
+        return (frozenset(i.name for i in defs[signature].inputs.values()),
+                frozenset(defs[signature].outputs[o].name for o in outputs))
+
+    warmed = {executor(r.model_spec.signature_name, frozenset(r.output_filter)) for r in records}
+    unwarmed = {call for call in set(sent) if executor(*call) not in warmed}
+    assert not unwarmed and len(set(sent)) >= 2 * len(methods) + 2
