@@ -401,8 +401,9 @@ class Explainer(tf.Module):
             return tf.function(prepare, input_signature=[spec, class_spec] if explains else [spec])
 
         present = tf.function(self._presented)  # one function per output structure
-        # The PNGs are functions of their own: a call whose outputs a request's output_filter leaves
-        # out is pruned from the run, so a caller that fetches no PNG does not pay for its encoding.
+        # One PNG encoder in the library for the heatmap and Guided Grad-CAM's picture. A signature's
+        # function runs whole, so a request that leaves the PNG out of its output_filter still pays
+        # its encoding (~1 ms a 224x224 map on a CPU; docs/BENCHMARKS.md "Cold start" says why).
         pngs = tf.function(self._pngs, input_signature=[tf.TensorSpec([None, height, width, None], tf.uint8)])
 
         def signature(compute, prepare, spec, explains: bool, keep: list[str] | None = None):

@@ -6,21 +6,23 @@ saver: "Could not find variable ..."). So the exporter loads the staged director
 does (export/tfs_loader.py: LoadSavedModel + Session::Run), replays its whole warm-up file with each
 record's output_filter as the fetch list, as TF Serving does before it serves a version, calls every
 signature (aliases too: signature_defs.py) once for all its outputs, and compares every output with
-the TF2 function that was saved. Any failure raises VerificationError,
-and the version directory never appears.
+the TF2 function that was saved. Any failure raises VerificationError, and the version directory
+never appears.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2
 
 from export.tfs_loader import SavedModelSession, SessionError, warmup_requests
+
+if TYPE_CHECKING:
+    from tensorflow_serving.apis import predict_pb2
 
 # Session::Run and the TF2 function runtime run the same kernels; float outputs may still differ
 # in the last bits where graph rewrites (op fusion) change the order of a sum.
@@ -72,7 +74,7 @@ def difference(name: str, served: np.ndarray, expected: np.ndarray) -> tuple[flo
 
 def verify(
     export_dir: str | pathlib.Path, signatures: Mapping[str, tf.types.experimental.ConcreteFunction],
-    requests: Iterable[predict_pb2.PredictRequest] = (),
+    requests: Iterable["predict_pb2.PredictRequest"] = (),
 ) -> Verified:
     """Load `export_dir` with TF Serving's loader, replay its warm-up, then run `requests` (one per
     signature, for every output); compare every output with `signatures`' TF2 functions."""

@@ -150,3 +150,17 @@ def test_real_export_keeps_cpu_ops_at_the_edges(rel_model):
     assert report.signatures and all(s.gpu_ops > 0 for s in report.signatures.values())
     assert {"DecodeImage", "EncodePng", "ParallelMapDatasetV2", "StringFormat"} <= report.edge_ops
     assert not report.violations and not report.jit_compiled
+
+
+def test_the_exporter_refuses_a_cpu_only_op_in_the_explanation(shapes_model, tmp_path, monkeypatch):
+    """A string round trip planted between the raw map and its resize in our own explainer graph: the
+    export fails on the GPU check and publishes no version."""
+    import synthetic
+    from export import explainer
+
+    normalise = explainer.normalise
+    monkeypatch.setattr(explainer, "normalise",
+                        lambda raw: normalise(tf.strings.to_number(tf.strings.as_string(raw))))
+    with pytest.raises(GpuPlacementError, match="AsString"):
+        synthetic.export_model(shapes_model, ["gradcam"], "m", tmp_path, warmup_batch_sizes=(1,), feature_maps=0)
+    assert not [p for p in (tmp_path / "m").iterdir() if p.name.isdigit()]
