@@ -3,7 +3,7 @@ PYTHON_BIN ?= python3.11
 VENV       := .venv
 PY         := $(VENV)/bin/python
 # The default model is real offline: EfficientNet-Lite0 with the ImageNet weights its pinned package ships.
-# The seed notebook's models: BACKBONE=resnet50 WEIGHTS=imagenet (or vgg16; downloads once into ~/.keras).
+# The classic Keras ImageNet models: BACKBONE=resnet50 WEIGHTS=imagenet (or vgg16; downloads once into ~/.keras).
 BACKBONE   ?= efficientnet_lite0
 MODEL      ?= $(BACKBONE)_cam
 WEIGHTS    ?= auto
@@ -26,14 +26,16 @@ EMBEDDED    = $(PY) -m serving --port $(PORT) --rest_api_port $(REST_PORT) --hos
 	--model_base_path $(BASE_PATH)/$(MODEL) --monitoring_config_file serving/monitoring.config \
 	$(if $(BATCHING),--enable_batching --batching_parameters_file $(BATCHING))
 
-.PHONY: venv test lint certs export explain demo evaluate bench cold-start web gpu-check clean
+.PHONY: venv test test-quick lint certs export explain demo evaluate bench cold-start web gpu-check clean
 
-# The virtual environment is rebuilt whenever requirements.txt changes.
-$(VENV)/.installed: requirements.txt
+# The virtual environment is rebuilt whenever requirements.txt or pyproject.toml changes. The repository
+# itself is installed in editable mode: the rooms import each other as camserve.<room> (pyproject.toml).
+$(VENV)/.installed: requirements.txt pyproject.toml
 	@command -v $(PYTHON_BIN) >/dev/null || { echo "$(PYTHON_BIN) not found: install Python 3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	PYTHONWARNINGS=ignore $(PY) -m pip install --quiet --no-deps --no-build-isolation --editable .
 	touch $@
 
 venv: $(VENV)/.installed
@@ -43,6 +45,11 @@ venv: $(VENV)/.installed
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not load" tests
+
+# The edit loop: every test that exports no real backbone (the `real` marker: tests/conftest.py), ~11 min
+# on two cores. CI runs `make test`.
+test-quick: venv
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 -m "not load and not real" tests
 
 # ruff (pinned in requirements.txt, configured in pyproject.toml): pyflakes, import order, 120 columns.
 lint: venv

@@ -5,8 +5,8 @@
    own cost adds to;
 2. the floor (bench/floor.py): predict and each explain method against a minimal plain forward and a
    minimal Grad-CAM of the same backbone, all on TF Serving's path, fetching probabilities or heatmap only;
-3. the seed notebook's way (eager tape over the Keras model, numpy channel loop, cv2.resize),
-   the reference users come from;
+3. Grad-CAM computed eagerly (a tape over the Keras model, a numpy channel loop, cv2.resize),
+   the baseline;
 4. over gRPC against a running server: signatures, encoded bytes vs uint8 tensor, full outputs vs
    the compact heatmap only, batch 1 and 8, closed-loop concurrency 1, 4 and 16;
 5. with --rest: one image through the REST API (JSON, b64) against the same work over gRPC,
@@ -27,9 +27,10 @@ import time
 
 import numpy as np
 
-from bench.grpc_load import SUMMARY, closed_loop, raw_predict, serialised_request
-from bench.inprocess import round_robin, seed_gradcam, signature_calls
-from serving.versions import numeric_versions
+from camserve.serving.servables.versions import numeric_versions
+
+from .grpc_load import SUMMARY, closed_loop, raw_predict, serialised_request
+from .inprocess import eager_gradcam, round_robin, signature_calls
 
 SAMPLE = pathlib.Path(__file__).resolve().parent.parent / "samples" / "rocket.jpg"
 
@@ -150,10 +151,10 @@ def summary_ratios(by_name: dict, rows: list[dict], methods: list[str], configs:
         base = by_name[f"in-process predict b{batch}"]
         for method in methods:
             ratios[f"in-process {method}/predict b{batch}"] = paired(by_name[f"in-process {method} b{batch}"], base)
-        if f"seed-eager gradcam b{batch}" in by_name:
-            seed = by_name[f"seed-eager gradcam b{batch}"]["p50_ms"]
-            ratios[f"seed-eager gradcam / in-process predict b{batch}"] = {
-                "value": seed / base["p50_ms"], "figures": f"p50 {seed:.1f} / {base['p50_ms']:.1f} ms"}
+        if f"eager gradcam b{batch}" in by_name:
+            eager = by_name[f"eager gradcam b{batch}"]["p50_ms"]
+            ratios[f"eager gradcam / in-process predict b{batch}"] = {
+                "value": eager / base["p50_ms"], "figures": f"p50 {eager:.1f} / {base['p50_ms']:.1f} ms"}
     if not configs:
         return ratios
     compact = ["heatmap_png_bytes"]
@@ -186,10 +187,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server", default="localhost:8500", help="gRPC address; empty: in-process only")
     p.add_argument("--model", default="efficientnet_lite0_cam")
     p.add_argument("--model-dir", default="models/efficientnet_lite0_cam", help="the exported model, for in-process")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="for the seed notebook's way: the served model's")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="for the eager baseline: the served model's")
     p.add_argument("--target-layer", default="",
-                   help="for the seed notebook's way (default: found as the exporter does)")
-    p.add_argument("--weights", default="auto", help="for the seed's way (timing does not depend on values)")
+                   help="for the eager baseline (default: found as the exporter does)")
+    p.add_argument("--weights", default="auto", help="for the eager baseline (timing does not depend on values)")
     p.add_argument("--methods", default="", help="comma list of explain methods (default: every one the model has)")
     p.add_argument("--repeats", type=int, default=12, help="in-process calls per configuration and batch")
     p.add_argument("--seconds", type=float, default=2.5,
@@ -200,7 +201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--floor-rounds", type=int, default=20,
                    help="rounds of the floor phase (minimal models built from --backbone, --weights, --target-layer) "
                         "at batch 1 and 8; 0: no floor phase")
-    p.add_argument("--skip-seed", action="store_true")
+    p.add_argument("--skip-eager", action="store_true")
     p.add_argument("--skip-inprocess", action="store_true", help="gRPC figures only (no ratios to in-process)")
     p.add_argument("--rest", default="", help="REST address (host:8501) for the REST vs gRPC phase; empty: none")
     p.add_argument("--only", default="", help="run only the gRPC configurations whose name contains this")
@@ -208,7 +209,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.skip_inprocess and not args.server:
         p.error("--skip-inprocess needs --server: there would be nothing to measure")
-    args.skip_seed = args.skip_seed or args.skip_inprocess
+    args.skip_eager = args.skip_eager or args.skip_inprocess
     return args
 
 
@@ -216,14 +217,14 @@ class Run:
     """What every phase shares: the options, the model in-process, the methods, the sample image, progress."""
 
     def __init__(self, args: argparse.Namespace):
-        from client.api import CamClient, explain_methods
+        from camserve.client.api import CamClient, explain_methods
 
         self.args = args
         self.version_dir = latest_version(pathlib.Path(args.model_dir))
         self.jpeg = SAMPLE.read_bytes()
         self.model = None
         if not args.skip_inprocess:
-            from export.tfs_loader import SavedModelSession
+            from camserve.serving.servables.session import SavedModelSession
 
             self.model = SavedModelSession(self.version_dir)  # once, while the server loads too
         if args.server:
@@ -245,7 +246,7 @@ class Run:
 
         self.image = cv2.cvtColor(cv2.resize(cv2.imread(str(SAMPLE)), (width, height)), cv2.COLOR_BGR2RGB)
         self.images = np.stack([self.image] * 8)
-        self.total = (0 if args.skip_inprocess else 2) + (0 if args.skip_seed else 2) + len(self.configs)
+        self.total = (0 if args.skip_inprocess else 2) + (0 if args.skip_eager else 2) + len(self.configs)
         self.total += bool(args.rest) + (3 if args.floor_rounds > 0 else 0)
         self.done = 0
 
@@ -290,8 +291,9 @@ def in_process_phase(run: Run) -> list[dict]:
 def floor_phase(run: Run) -> tuple[list[dict], dict]:
     """Our predict and explain signatures against the minimal models of bench/floor.py, interleaved round by
     round at batch 1 and 8: the rows, and the summary written to results.json as "floor"."""
-    from bench.floor import FORWARD, GRADCAM, floor_calls, floor_methods, heatmap_difference, minimal_models
-    from export.tfs_loader import SavedModelSession
+    from camserve.serving.servables.session import SavedModelSession
+
+    from .floor import FORWARD, GRADCAM, floor_calls, floor_methods, heatmap_difference, minimal_models
 
     args = run.args
     started = time.perf_counter()
@@ -323,17 +325,17 @@ def floor_phase(run: Run) -> tuple[list[dict], dict]:
     return rows, summary
 
 
-def seed_phase(run: Run) -> list[dict]:
-    """The seed notebook's way (eager tape, numpy loop, cv2.resize), batch 1 and 8."""
-    predict, explain = seed_gradcam(run.args.backbone, run.args.target_layer, run.args.weights)
+def eager_phase(run: Run) -> list[dict]:
+    """The eager Grad-CAM baseline (a tape, a numpy loop, cv2.resize), batch 1 and 8."""
+    predict, explain = eager_gradcam(run.args.backbone, run.args.target_layer, run.args.weights)
     rows = []
     for batch in (1, 8):
-        run.step(f"seed notebook's way batch {batch}")
+        run.step(f"eager Grad-CAM baseline batch {batch}")
         images = run.images[:batch]
         times = round_robin({"predict": lambda: predict(images), "gradcam": lambda: explain(images)},
                             max(2, run.args.repeats // (3 if batch == 1 else 6)),
                             warmup=1 if batch == 1 else 0)  # eager: nothing is traced for batch 8
-        rows += [row(f"seed-eager {name} b{batch}", "seed", name, batch, t) for name, t in times.items()]
+        rows += [row(f"eager {name} b{batch}", "eager", name, batch, t) for name, t in times.items()]
     return rows
 
 
@@ -370,8 +372,9 @@ def rest_phase(run: Run) -> list[dict]:
     """One image over REST (JSON, b64) and over gRPC, interleaved: every output of `<method>_bytes`
     (REST has no output_filter), and the compact answer, `<method>_compact` over REST against
     `<method>_bytes` with the same outputs over gRPC (one executor on the server: the same work)."""
-    from bench.rest import rest_predict
-    from client.outputs import EXPLAIN
+    from camserve.client.outputs import EXPLAIN
+
+    from .rest import rest_predict
 
     run.step("REST vs gRPC")
     method = run.methods[0]
@@ -413,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [] if args.skip_inprocess else in_process_phase(run)
     floor_rows, floor = floor_phase(run) if args.floor_rounds > 0 else ([], None)
     rows += floor_rows
-    rows += [] if args.skip_seed else seed_phase(run)
+    rows += [] if args.skip_eager else eager_phase(run)
     rows += grpc_phase(run)
     rows += rest_phase(run) if args.rest and args.server else []
     progress(run.total, run.total, "done")

@@ -1,6 +1,6 @@
 """python -m bench.cold_start: what a freshly started server costs before and just after it is ready.
 
-1. In-process, the way TF Serving loads a version (export/tfs_loader.py): LoadSavedModel, then each
+1. In-process, the way TF Serving loads a version (serving/servables/session.py): LoadSavedModel, then each
    warm-up record replayed in file order, timed one by one; a record whose (signature, outputs) was
    not run before builds an executor (TF Serving's session builds one per distinct set of feeds and
    fetches, with Grappler over the graph), the others only run.
@@ -25,21 +25,21 @@ import time
 
 import numpy as np
 
-from bench.__main__ import SAMPLE, latest_version, machine
+from .__main__ import SAMPLE, latest_version, machine
 
 CALLS = 6  # after the first
 
 
 def replay_breakdown(version_dir: pathlib.Path) -> dict:
     """LoadSavedModel, then every warm-up record, timed; grouped by whether it built an executor."""
-    from export.tfs_loader import warmup_requests
-    from serving.signatures import ModelVersion
+    from camserve.serving.servables.warmup import read_warmup_requests
+    from camserve.serving.signatures import ModelVersion
 
     started = time.perf_counter()
     version = ModelVersion.load("m", 1, str(version_dir))
     load_s = time.perf_counter() - started
     records, seen = [], set()
-    for request in warmup_requests(version_dir):
+    for request in read_warmup_requests(version_dir):
         signature = version.signature(request.model_spec.signature_name)
         outputs = signature.check_output_filter(request.output_filter)
         inputs, batch = signature.decode_inputs(request.inputs, 2**31 - 1)
@@ -60,7 +60,7 @@ def replay_breakdown(version_dir: pathlib.Path) -> dict:
 
 def server_cold_start(model_dir: pathlib.Path, model: str, batching: str, timeout: float) -> dict:
     """Start an embedded server, wait until the model answers, then time first vs next calls."""
-    from client.api import CamClient
+    from camserve.client.api import CamClient
 
     port = free_port()
     command = [sys.executable, "-m", "serving", "--port", str(port), "--model_name", model,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 
 if TYPE_CHECKING:
-    from export.tfs_loader import SavedModelSession
+    from camserve.serving.servables.session import SavedModelSession
 
 FORWARD, GRADCAM = "plain forward", "minimal gradcam"
 
@@ -48,8 +48,8 @@ def save_minimal_models(folder: pathlib.Path, backbone: str, weights: str, targe
     returns the target layer. `image_size`: our model's input, which the backbone must have."""
     import tensorflow as tf
 
-    from export.backbone import load_backbone
-    from export.savedmodel import captured_variables, graph_safe_variable_names, servable
+    from camserve.export.backbone import load_backbone
+    from camserve.export.savedmodel import captured_variables, graph_safe_variable_names, servable
 
     height, width = image_size
     split = load_backbone(backbone, weights, target_layer or None, height if height == width else None)
@@ -87,7 +87,7 @@ def save_minimal_models(folder: pathlib.Path, backbone: str, weights: str, targe
 def minimal_models(backbone: str, weights: str, target_layer: str | None,
                    image_size: tuple[int, int]) -> Iterator[MinimalModels]:
     """Both minimal models in a temporary folder, loaded with TF Serving's loader; closed on exit."""
-    from export.tfs_loader import SavedModelSession
+    from camserve.serving.servables.session import SavedModelSession
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="floor-") as folder:

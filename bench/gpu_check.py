@@ -2,7 +2,7 @@
 
 1. Exports the backbone (ResNet50 with random weights; the same weights every time) with gradcam in
    each --precision (float32, bfloat16, float16), with and without --jit-compile.
-2. Times predict vs gradcam through TF Serving's loader (export/tfs_loader.py: LoadSavedModel, then
+2. Times predict vs gradcam through TF Serving's loader (serving/servables/session.py: LoadSavedModel, then
    Session::Run) at batch 1, 8 and 64, round-robin, medians.
 3. Loads each float32/bfloat16/float16 export the same way with `log_device_placement` in the session
    config, in one child process, runs `gradcam` once, and lists the device of every explain-path op
@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from export.options import PRECISIONS
+from camserve.export.options import PRECISIONS
 
 # Op types of the explain path (after the backbone) -> what they do there. CPU kernels of oneDNN
 # builds carry a _Mkl / _MklNative prefix, removed before the lookup.
@@ -60,7 +60,7 @@ def _placement_child(model_dirs: list[str], image_size: int) -> None:
     once, and print {model_dir: {op type: {device: count}}} of the executed graphs as the last line."""
     from tensorflow.core.protobuf import config_pb2
 
-    from export.tfs_loader import SavedModelSession
+    from camserve.serving.servables.session import SavedModelSession
 
     config = config_pb2.ConfigProto(log_device_placement=True)
     inputs = {"images": np.zeros((2, image_size, image_size, 3), np.uint8), "class_index": np.array([-1, 0], np.int32)}
@@ -149,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import tensorflow as tf
 
-    from bench.inprocess import round_robin, signature_calls
-    from export.savedmodel import export_savedmodel
-    from export.tfs_loader import SavedModelSession
+    from camserve.export.savedmodel import export_savedmodel
+    from camserve.serving.servables.session import SavedModelSession
+
+    from .inprocess import round_robin, signature_calls
 
     gpus = tf.config.list_physical_devices("GPU")
     details = [tf.config.experimental.get_device_details(d) for d in gpus]
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = "none"
     if not args.backbone.endswith(".keras"):  # one set of random weights for every export
         keras.utils.set_random_seed(0)
-        from export.backbone import load_model
+        from camserve.export.backbone import load_model
 
         model, _ = load_model(args.backbone, "none", None)
         weights = str(work / "weights.weights.h5")

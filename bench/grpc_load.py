@@ -12,8 +12,8 @@ import time
 import grpc
 import numpy as np
 
-from client import protos
-from client.api import MAX_MESSAGE_BYTES
+from camserve.client import protos
+from camserve.client.api import MAX_MESSAGE_BYTES
 
 SUMMARY = ["class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels"]
 

@@ -1,6 +1,6 @@
-"""In-process baselines: the SavedModel signatures called directly, and the seed notebook's way.
+"""In-process baselines: the SavedModel signatures called directly, and Grad-CAM computed eagerly.
 
-"Directly" means the way TF Serving runs them (export/tfs_loader.py: LoadSavedModel, one
+"Directly" means the way TF Serving runs them (serving/servables/session.py: LoadSavedModel, one
 Session::Run per call), so that the gRPC figures compare with the same computation in-process.
 
 Configurations are timed round-robin (one call of each in turn), so that the noise of a shared
@@ -44,12 +44,12 @@ def signature_calls(session, signatures: list[str], batch: int, images: np.ndarr
     return calls
 
 
-def seed_gradcam(backbone: str, target_layer: str, weights: str):
-    """The seed notebook's Grad-CAM: eager tape over the whole Keras model, numpy loop, cv2."""
+def eager_gradcam(backbone: str, target_layer: str, weights: str):
+    """The eager Grad-CAM baseline: a tape over the whole Keras model, a numpy loop over the channels, cv2."""
     import keras
     import tensorflow as tf
 
-    from export.backbone import find_target_layer, load_model
+    from camserve.export.backbone import find_target_layer, load_model
 
     model, preprocess = load_model(backbone, weights, None)
     target_layer = target_layer or find_target_layer(model)

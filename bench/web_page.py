@@ -67,8 +67,8 @@ def explained_panels(driver: webdriver.Chrome, rows: int, timeout: float = 120) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from client import CamClient
-    from client.web import ExplainPage, make_server
+    from camserve.client import CamClient
+    from camserve.client.web import ExplainPage, make_server
 
     parser = argparse.ArgumentParser(prog="python -m bench.web_page", description=__doc__.split("\n")[0])
     parser.add_argument("--server", default="localhost:8500", help="gRPC address of the model server")

@@ -3,8 +3,9 @@
 
 explain prints each image's top-k (rank, class, probability, as keras `decode_predictions`) and the
 explained class, and writes `<out>/<stem>_<method>_overlay.png` (heatmap over the photo, at the
-photo's size) and `<out>/<stem>_<method>_heatmap.png` (the heatmap alone, same size); with
-guided_gradcam also `<out>/<stem>_guided_gradcam_guided.png` (Guided Grad-CAM's picture, same size).
+photo's size) and `<out>/<stem>_<method>_heatmap.png` (the heatmap alone, same size); for a method
+whose signature has pictures of its own, also `<out>/<stem>_<method>_<picture>.png` each, same size
+(Guided Grad-CAM's `guided_png_bytes`: `<stem>_guided_gradcam_guided.png`).
 Exit status: 0 ok, 1 the server refused or failed, 2 bad arguments or unreadable files.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 from pathlib import Path
 
 from . import web  # the page's HTTP side: the CLI's, while `import client` stays free of it
-from .api import GUIDED_METHOD, GUIDED_PNG, CamClient, CamServingError, Prediction, tls_credentials
+from .api import CamClient, CamServingError, Prediction, tls_credentials
 
 
 def _credentials(args):
@@ -62,7 +63,7 @@ def cmd_explain(args) -> int:
     with _client(args) as client:
         results = client.explain(_inputs(args), method=args.method, class_index=args.class_index,
                                  top_k=args.top_k, heatmap="float" if args.float_heatmap else "png",
-                                 outputs=[GUIDED_PNG] if args.method == GUIDED_METHOD else [])
+                                 outputs=client.method_pictures().get(args.method, []))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stems: set[str] = set()
@@ -83,10 +84,10 @@ def cmd_explain(args) -> int:
         overlay.write_png(blend_path, overlay.overlay(image, result.heatmap, args.alpha))
         overlay.write_png(heat_path, overlay.colorize(result.heatmap, size))
         print(f"  -> {blend_path}  {heat_path}")
-        if result.guided is not None:
-            guided_path = out / f"{stem}_{args.method}_guided.png"
-            overlay.write_png(guided_path, overlay.resized(result.guided[:, :, ::-1], size))
-            print(f"  -> {guided_path}")
+        for name, picture in result.pictures.items():
+            picture_path = out / f"{stem}_{args.method}_{name}.png"
+            overlay.write_png(picture_path, overlay.resized(picture[:, :, ::-1], size))
+            print(f"  -> {picture_path}")
         if args.feature_grid:
             with _client(args) as client:
                 maps, channels = client.feature_maps(Path(path).read_bytes())
@@ -169,8 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     explain = sub.add_parser("explain", parents=[common], help="top-k, heatmap and overlay pictures")
     explain.add_argument("--method", default="gradcam",
-                         help="gradcam, cam, gradcampp, hirescam, layercam, xgradcam, eigencam, guided_gradcam, "
-                              "scorecam, ablationcam, <method>_fused: any the model was exported with")
+                         help="any method the model was exported with, <method>_fused included (README: Methods)")
     explain.add_argument("--class-index", type=int, default=None, help="class to explain (default: top-1)")
     explain.add_argument("--out", default="out", help="directory for the PNGs")
     explain.add_argument("--alpha", type=float, default=0.4, help="heatmap weight in the overlay")

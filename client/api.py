@@ -18,12 +18,11 @@ import numpy as np
 from . import protos
 from .channel import channel_options as _channel_options
 from .channel import grpc_target
-from .outputs import HEATMAP_PNG, SUMMARY
+from .outputs import HEATMAP_PNG, SUMMARY, picture_name, pictures
 
 Image = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's 4 MiB default fails at ~80 float heatmaps
 _HEATMAP_OUTPUT = {"png": HEATMAP_PNG, "uint8": "heatmap_uint8", "float": "heatmap", "none": None}
-GUIDED_METHOD, GUIDED_PNG = "guided_gradcam", "guided_png_bytes"  # the method with a picture of its own
 
 
 class CamServingError(RuntimeError):
@@ -48,10 +47,11 @@ class Prediction:
 @dataclass
 class Explanation(Prediction):
     """A prediction plus the heatmap of `class_index`: float32 H×W in [0, 1] at the model input
-    size (None when not requested); for guided_gradcam with `outputs=[GUIDED_PNG]`, also its
-    picture, uint8 RGB H×W×3 (Grad-CAM times guided backpropagation)."""
+    size (None when not requested); and the method's pictures of its own that were fetched, by name,
+    each uint8 RGB H×W×3 (Guided Grad-CAM's `guided`, from `guided_png_bytes`: ask for them with
+    `outputs=client.method_pictures()[method]`)."""
     heatmap: np.ndarray | None = field(default=None, repr=False)
-    guided: np.ndarray | None = field(default=None, repr=False)
+    pictures: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class CamClient:
         return {name: protos.to_numpy(t) for name, t in response.outputs.items()}
 
     def feature_maps(self, image: Image) -> tuple[np.ndarray, np.ndarray]:
-        """The seed notebook's debug view for one image: the most activated channels of the
+        """The debug view of `feature_maps` for one image: the most activated channels of the
         target layer, as (maps F×h×w in [0, 1], channel numbers F)."""
         if isinstance(image, np.ndarray):
             out = self.call("feature_maps", {"images": _sized(image, self.model_image_size())[None]})
@@ -186,6 +186,11 @@ class CamClient:
     def explain_methods(self) -> list[str]:
         """The methods this model explains with (gradcam, cam, ...), from its signature metadata."""
         return explain_methods(self._signature_defs())
+
+    def method_pictures(self) -> dict[str, list[str]]:
+        """Each method this model explains with and the outputs of its pictures besides the heatmap
+        (`guided_gradcam: ["guided_png_bytes"]`, most: none), from its signature metadata."""
+        return method_pictures(self._signature_defs())
 
     def model_image_size(self, signature: str = "predict") -> tuple[int, int]:
         """(height, width) of the `images` input, from the server's signature metadata."""
@@ -280,11 +285,16 @@ class CamClient:
         return results[0] if single else results
 
 
+def method_pictures(signature_defs: Mapping) -> dict[str, list[str]]:
+    """The explain methods among SignatureDefs (name -> SignatureDef), sorted: each `<method>_bytes`
+    signature that takes a `class_index` and returns a heatmap PNG, with the picture outputs it declares."""
+    return {name.removesuffix("_bytes"): pictures(sig.outputs) for name, sig in sorted(signature_defs.items())
+            if name.endswith("_bytes") and "class_index" in sig.inputs and HEATMAP_PNG in sig.outputs}
+
+
 def explain_methods(signature_defs: Mapping) -> list[str]:
-    """The explain methods among SignatureDefs (name -> SignatureDef): each `<method>_bytes`
-    signature that takes a `class_index` and returns a heatmap PNG, sorted."""
-    return sorted(name.removesuffix("_bytes") for name, sig in signature_defs.items()
-                  if name.endswith("_bytes") and "class_index" in sig.inputs and "heatmap_png_bytes" in sig.outputs)
+    """The explain methods among SignatureDefs (name -> SignatureDef), sorted."""
+    return list(method_pictures(signature_defs))
 
 
 PEM = str | os.PathLike | bytes  # a PEM file's path, or its contents
@@ -352,14 +362,14 @@ def _parse(out: dict[str, np.ndarray], top_k: int | None, kind):
             result.heatmap = out["heatmap"].astype(np.float32)
         elif "heatmap_uint8" in out:
             result.heatmap = out["heatmap_uint8"].astype(np.float32) / np.float32(255.0)
-        elif "heatmap_png_bytes" in out:
-            result.heatmap = _png(out["heatmap_png_bytes"]).astype(np.float32) / np.float32(255.0)
-        if GUIDED_PNG in out:
-            result.guided = _png(out[GUIDED_PNG])[:, :, ::-1]  # OpenCV's BGR -> RGB
+        elif HEATMAP_PNG in out:
+            result.heatmap = _png(out[HEATMAP_PNG]).astype(np.float32) / np.float32(255.0)
+        result.pictures = {picture_name(o): _png(out[o], colour=True)[:, :, ::-1]  # OpenCV's BGR -> RGB
+                           for o in pictures(out)}
     return result
 
 
-def _png(data) -> np.ndarray:
+def _png(data, colour: bool = False) -> np.ndarray:
     import cv2  # only decoded pictures need it; `import client` stays light
 
-    return cv2.imdecode(np.frombuffer(bytes(data), np.uint8), cv2.IMREAD_UNCHANGED)
+    return cv2.imdecode(np.frombuffer(bytes(data), np.uint8), cv2.IMREAD_COLOR if colour else cv2.IMREAD_UNCHANGED)

@@ -18,8 +18,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from client.api import CamClient, _sized
-from client.overlay import read_image
+from .api import CamClient, _sized
+from .overlay import read_image
 
 CHUNK = 8  # images per predict request: fits a batching server's max_batch_size
 

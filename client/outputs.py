@@ -14,20 +14,28 @@ from typing import Collection
 SUMMARY = ["class_index", "class_label", "score", "top_k_indices", "top_k_scores", "top_k_labels", "error"]
 HEATMAP_PNG = "heatmap_png_bytes"
 EXPLAIN = [*SUMMARY, HEATMAP_PNG]  # labels, scores and the heatmap as a PNG: the compact answer
+PICTURE_SUFFIX = "_png_bytes"
 
 
 def pictures(outputs: Collection[str]) -> list[str]:
-    """A method's pictures of its own besides the heatmap (Guided Grad-CAM's `guided_png_bytes`)."""
-    return sorted(o for o in outputs if o.endswith("_png_bytes") and o != HEATMAP_PNG)
+    """A method's pictures of its own besides the heatmap (Guided Grad-CAM's `guided_png_bytes`): what a
+    signature declares is what the client, the CLI and the page fetch and show, whatever the method."""
+    return sorted(o for o in outputs if o.endswith(PICTURE_SUFFIX) and o != HEATMAP_PNG)
+
+
+def picture_name(output: str) -> str:
+    """A picture's name, its output's less the suffix: `guided` for `guided_png_bytes`."""
+    return output.removesuffix(PICTURE_SUFFIX)
 
 
 def default_output_sets(outputs: Collection[str]) -> list[list[str]]:
     """The output_filters a signature with these outputs gets from the client, CLI and page by
-    default: the summary and the PNG heatmap of an explain signature (and each of its pictures
+    default: the summary and the PNG heatmap of an explain signature (and with all its pictures
     besides, as the CLI and the page ask for them), the summary of predict; none of any other
     (feature_maps, a debug view: `CamClient.feature_maps`, `--feature-grid`)."""
     if HEATMAP_PNG in outputs:
-        return [EXPLAIN, *([*EXPLAIN, picture] for picture in pictures(outputs))]
+        own = pictures(outputs)
+        return [EXPLAIN, [*EXPLAIN, *own]] if own else [EXPLAIN]
     if set(SUMMARY) <= set(outputs):
         return [SUMMARY]
     return []

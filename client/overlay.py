@@ -1,8 +1,8 @@
 """Pictures of a heatmap: JET colours alone, or blended over the original image at its own size.
 
 The server returns the map at the model input size (224×224); people look at their photo, so the
-map is stretched back to the photo's width and height (bilinear, as the seed notebook's
-`cv2.resize`) rather than shrinking the photo. Images are OpenCV BGR uint8 throughout.
+map is stretched back to the photo's width and height (bilinear, `cv2.resize`'s default) rather
+than shrinking the photo. Images are OpenCV BGR uint8 throughout.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def feature_grid(image: np.ndarray, maps: np.ndarray, channels: np.ndarray, tile: int = 160,
                  alpha: float = 0.5) -> np.ndarray:
-    """The seed notebook's 6×6 view: each feature map over the image, labelled with its channel."""
+    """The 6×6 debug view: each feature map over the image, labelled with its channel."""
     columns = int(np.ceil(np.sqrt(len(maps))))
     rows = int(np.ceil(len(maps) / columns))
     small = cv2.resize(image, (tile, tile), interpolation=cv2.INTER_AREA)

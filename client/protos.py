@@ -21,7 +21,8 @@ _SCALARS = {"int32": _F.TYPE_INT32, "int64": _F.TYPE_INT64, "uint32": _F.TYPE_UI
             "uint64": _F.TYPE_UINT64, "float": _F.TYPE_FLOAT, "double": _F.TYPE_DOUBLE,
             "bool": _F.TYPE_BOOL, "string": _F.TYPE_STRING, "bytes": _F.TYPE_BYTES}
 
-# tensorflow.DataType values (types.proto); only those a classifier's signatures can carry.
+# tensorflow.DataType values (types.proto); only those a classifier's signatures can carry. The C API
+# loader (serving/servables/session.py) keeps the same table; tests/test_shared_facts.py holds both to TF's.
 DT_FLOAT, DT_DOUBLE, DT_INT32, DT_UINT8, DT_INT16, DT_INT8, DT_STRING = 1, 2, 3, 4, 5, 6, 7
 DT_INT64, DT_BOOL, DT_UINT16, DT_HALF, DT_UINT32, DT_UINT64 = 9, 10, 17, 19, 22, 23
 
@@ -116,10 +117,10 @@ SignatureDefMap = _cls("tensorflow.serving.SignatureDefMap")
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
 METADATA_METHOD = "/tensorflow.serving.PredictionService/GetModelMetadata"
 
-_NUMPY = {DT_FLOAT: np.float32, DT_DOUBLE: np.float64, DT_INT32: np.int32, DT_UINT8: np.uint8,
-          DT_INT16: np.int16, DT_INT8: np.int8, DT_INT64: np.int64, DT_BOOL: np.bool_,
-          DT_UINT16: np.uint16, DT_HALF: np.float16, DT_UINT32: np.uint32, DT_UINT64: np.uint64}
-_DTYPE = {np.dtype(v): k for k, v in _NUMPY.items()}
+NUMPY_DTYPES = {DT_FLOAT: np.float32, DT_DOUBLE: np.float64, DT_INT32: np.int32, DT_UINT8: np.uint8,
+                DT_INT16: np.int16, DT_INT8: np.int8, DT_INT64: np.int64, DT_BOOL: np.bool_,
+                DT_UINT16: np.uint16, DT_HALF: np.float16, DT_UINT32: np.uint32, DT_UINT64: np.uint64}
+TF_DTYPES = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
 # Which repeated field TensorFlow's AsProtoField() fills for each dtype (small ints share int_val).
 _VALUE_FIELD = {DT_FLOAT: "float_val", DT_DOUBLE: "double_val", DT_INT32: "int_val", DT_UINT8: "int_val",
                 DT_INT16: "int_val", DT_INT8: "int_val", DT_UINT16: "int_val", DT_INT64: "int64_val",
@@ -136,9 +137,9 @@ def make_tensor(values) -> TensorProto:
         proto.dtype = DT_STRING
         proto.string_val.extend(v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1))
         return proto
-    if array.dtype.newbyteorder("=") not in _DTYPE:
+    if array.dtype.newbyteorder("=") not in TF_DTYPES:
         raise TypeError(f"no TensorFlow dtype for numpy {array.dtype}")
-    proto.dtype = _DTYPE[array.dtype.newbyteorder("=")]
+    proto.dtype = TF_DTYPES[array.dtype.newbyteorder("=")]
     proto.tensor_content = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
     return proto
 
@@ -152,9 +153,9 @@ def to_numpy(proto) -> np.ndarray:
         out = np.empty(len(proto.string_val), dtype=object)
         out[:] = list(proto.string_val)
         return out.reshape(shape)
-    if proto.dtype not in _NUMPY:
+    if proto.dtype not in NUMPY_DTYPES:
         raise TypeError(f"unsupported TensorProto dtype {proto.dtype}")
-    dtype = np.dtype(_NUMPY[proto.dtype])
+    dtype = np.dtype(NUMPY_DTYPES[proto.dtype])
     if proto.tensor_content:
         return np.frombuffer(proto.tensor_content, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
     values = getattr(proto, _VALUE_FIELD[proto.dtype])

@@ -25,8 +25,9 @@ from urllib.parse import parse_qs, urlsplit
 import grpc
 import numpy as np
 
-from .api import GUIDED_METHOD, GUIDED_PNG, CamClient, CamServingError
-from .image_header import declared_size
+from .api import CamClient, CamServingError
+from .image_header import DEFAULT_MAX_PIXELS, declared_size
+from .outputs import HEATMAP_PNG, picture_name
 
 PAGE = Path(__file__).with_name("web.html")
 # What the browser may load: this page's own script and style, and images it makes itself. No CDN,
@@ -45,9 +46,9 @@ _HTTP_STATUS = {
 
 @dataclass(frozen=True)
 class PageLimits:
-    """What one request may bring. `max_pixels` defaults to the exporter's own limit (export/decode.py)."""
+    """What one request may bring. `max_pixels` defaults to the exporter's own limit, which reads it from here."""
     max_upload_bytes: int = 20 * 2**20
-    max_pixels: int = 25_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     max_concurrent: int = 4
 
     def __post_init__(self):
@@ -69,24 +70,25 @@ class ExplainPage:
     def __init__(self, client: CamClient, limits: PageLimits = PageLimits()):
         self.client, self.limits = client, limits
         self._slots = threading.BoundedSemaphore(limits.max_concurrent)
-        self._methods: list[str] = []
+        self._methods: dict[str, list[str]] = {}  # each method and its pictures' outputs
 
     def model(self) -> dict:
         """The model's explain methods (from GetModelMetadata), the limits and the JET palette the
         browser colours maps with (OpenCV's, as the CLI's overlays)."""
-        return {"model": self.client.model, "server": self.client.target, "methods": self._ask_methods(),
+        return {"model": self.client.model, "server": self.client.target, "methods": list(self._ask_methods()),
                 "max_upload_bytes": self.limits.max_upload_bytes, "max_pixels": self.limits.max_pixels,
                 "jet": jet_palette()}
 
     def explain(self, image: bytes, method: str, class_index: int | None = None) -> dict:
         """One image explained by `method` (the top-1 class, or `class_index`): its top-k, the
-        server's 8-bit heatmap PNG at model size (base64; with guided_gradcam also its RGB picture)
+        server's 8-bit heatmap PNG at model size and the method's pictures of its own, by name (base64),
         and how long the gRPC call took."""
         started = time.perf_counter()
         width, height = self.check(image)
-        if method not in self._methods:
-            self._ask_methods()  # the model may have gained methods since the page asked
-            if method not in self._methods:
+        own = self._methods.get(method)  # its pictures' outputs
+        if own is None:
+            own = self._ask_methods().get(method)  # the model may have gained methods since the page asked
+            if own is None:
                 raise PageError(HTTPStatus.BAD_REQUEST, f"model {self.client.model!r} has no method {method!r}; "
                                 f"it has {', '.join(self._methods)}")
         if not self._slots.acquire(blocking=False):
@@ -94,9 +96,8 @@ class ExplainPage:
                             "explanations are running already (--max-concurrent); try again in a moment")
         try:
             call = time.perf_counter()
-            outputs = ["heatmap_png_bytes", *([GUIDED_PNG] if method == GUIDED_METHOD else [])]
             result = self._ask(lambda: self.client.explain(image, method=method, class_index=class_index,
-                                                           heatmap="none", outputs=outputs))
+                                                           heatmap="none", outputs=[HEATMAP_PNG, *own]))
             server_ms = (time.perf_counter() - call) * 1e3
         finally:
             self._slots.release()
@@ -106,10 +107,9 @@ class ExplainPage:
             "score": result.score, "width": width, "height": height,
             "top_k": [{"index": int(i), "label": label, "probability": p}
                       for i, (label, p) in zip(indices, result.top_k)],
-            "heatmap_png": base64.b64encode(bytes(result.outputs["heatmap_png_bytes"])).decode("ascii"),
+            "heatmap_png": _base64(result.outputs[HEATMAP_PNG]),
+            "pictures": {picture_name(o): _base64(result.outputs[o]) for o in own},
             "server_ms": server_ms, "backend_ms": (time.perf_counter() - started) * 1e3,
-            **({"guided_png": base64.b64encode(bytes(result.outputs[GUIDED_PNG])).decode("ascii")}
-               if GUIDED_PNG in result.outputs else {}),
         }
 
     def check(self, image: bytes) -> tuple[int, int]:
@@ -126,8 +126,8 @@ class ExplainPage:
                             f"this page accepts ({self.limits.max_pixels / 1e6:.1f} million, --max-pixels)")
         return width, height
 
-    def _ask_methods(self) -> list[str]:
-        self._methods = self._ask(self.client.explain_methods)
+    def _ask_methods(self) -> dict[str, list[str]]:
+        self._methods = self._ask(self.client.method_pictures)
         if not self._methods:
             raise PageError(HTTPStatus.NOT_FOUND, f"model {self.client.model!r} at {self.client.target} has no "
                             "explain signatures (<method>_bytes with a class_index input)")
@@ -146,6 +146,10 @@ class ExplainPage:
             else:
                 message = f"{where} refused: {err.details}"
             raise PageError(_HTTP_STATUS.get(err.code, HTTPStatus.BAD_GATEWAY), message[0].upper() + message[1:])
+
+
+def _base64(png) -> str:
+    return base64.b64encode(bytes(png)).decode("ascii")
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """Export a Keras classifier as a SavedModel whose signatures return predictions and CAM heatmaps.
 
-    from export import ExportOptions, export_savedmodel
+    from camserve.export import ExportOptions, export_savedmodel
     export_savedmodel(ExportOptions(backbone="efficientnet_lite0", weights="auto", methods=("gradcam", "cam"),
                                     model_name="efficientnet_lite0_cam"))
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 import importlib
 
 _PUBLIC = {
-    "export_savedmodel": "export.savedmodel",
-    "ExportOptions": "export.options",
-    "METHODS": "export.methods",
-    "Method": "export.methods",
-    "Evidence": "export.methods",
+    "export_savedmodel": ".savedmodel",
+    "ExportOptions": ".options",
+    "METHODS": ".methods",
+    "Method": ".methods",
+    "Evidence": ".methods",
 }
 __all__ = list(_PUBLIC)
 
@@ -25,4 +25,4 @@ __all__ = list(_PUBLIC)
 def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(f"module 'export' has no attribute {name!r}")
-    return getattr(importlib.import_module(_PUBLIC[name]), name)
+    return getattr(importlib.import_module(_PUBLIC[name], __name__), name)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from export.options import parse_args
+from .options import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.verify import VerificationError
+    from .verify import VerificationError
 
     try:
         options = parse_args(argv, prog="python -m export", description=__doc__)
-        from export.savedmodel import export_savedmodel  # Keras: once the flags are good
+        from .savedmodel import export_savedmodel  # Keras: once the flags are good
 
         export_savedmodel(options)
     except (ValueError, FileNotFoundError, FileExistsError, VerificationError) as error:

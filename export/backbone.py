@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from export import efficientnet_lite
-from export.options import PRECISIONS
+from . import efficientnet_lite
+from .options import PRECISIONS
 
 POOLING_LAYERS = (
     keras.layers.MaxPooling2D,

@@ -12,14 +12,18 @@ by the size in the header, so a 190 KB GIF whose header says 64x64 can hold a 16
 (27 s of CPU and 256 MB to decode it), and finding every frame's size means walking the file's
 block chain, which graph ops do far too slowly. Grayscale, 16-bit and alpha PNGs are decoded to
 8-bit RGB (alpha dropped), as are grayscale JPEGs and BMPs.
+
+The thin client reads the same headers without TensorFlow (client/image_header.py), so that its explain
+page refuses what the graph would; tests/test_shared_facts.py feeds both the same files.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from camserve.client.image_header import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS  # the explain page's default too
+
 HEADER_BYTES = 32
-DEFAULT_MAX_PIXELS = 25_000_000  # 5000x5000: a 75 MB decoded RGB image
 
 
 def _uint(b: tf.Tensor, offsets: list[int]) -> tf.Tensor:
@@ -30,6 +34,11 @@ def _uint(b: tf.Tensor, offsets: list[int]) -> tf.Tensor:
     return value
 
 
+def _int32(value: tf.Tensor) -> tf.Tensor:
+    """The signed 32-bit integer whose bits `value` holds."""
+    return tf.where(value >= 2**31, value - 2**32, value)
+
+
 def declared_size(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """(known_format, is_gif, height, width) as written in the image header, without decoding pixels."""
     head = tf.strings.substr(tf.strings.join([data, b"\0" * HEADER_BYTES]), 0, HEADER_BYTES)
@@ -38,21 +47,26 @@ def declared_size(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.
     is_jpeg = tf.reduce_all(tf.equal(b[:3], [0xFF, 0xD8, 0xFF]))
     is_gif = tf.reduce_all(tf.equal(b[:3], [0x47, 0x49, 0x46]))
     is_bmp = tf.reduce_all(tf.equal(b[:2], [0x42, 0x4D]))
+    length = tf.strings.length(data)
 
-    def jpeg():
+    def size(height: tf.Tensor, width: tf.Tensor, end: int) -> tuple[tf.Tensor, tf.Tensor]:
+        """The size fields, or 0x0 where the file ends before byte `end` (its decoder refuses it)."""
+        return tf.where(length >= end, height, 0), tf.where(length >= end, width, 0)
+
+    def jpeg():  # libjpeg refuses a header that ends before the first scan
         shape = tf.cast(tf.io.extract_jpeg_shape(data), tf.int64)
         return shape[0], shape[1]
 
     def png():
-        return _uint(b, [20, 21, 22, 23]), _uint(b, [16, 17, 18, 19])
+        return size(_uint(b, [20, 21, 22, 23]), _uint(b, [16, 17, 18, 19]), 24)
 
     def gif():
-        return _uint(b, [9, 8]), _uint(b, [7, 6])
+        return size(_uint(b, [9, 8]), _uint(b, [7, 6]), 10)
 
-    def bmp():  # little-endian signed 32-bit; a negative height means top-down rows
-        height = _uint(b, [25, 24, 23, 22])
-        height = tf.where(height >= 2**31, 2**32 - height, height)
-        return height, _uint(b, [21, 20, 19, 18])
+    def bmp():  # little-endian signed 32-bit; a negative height means top-down rows, a negative width is corrupt
+        width = _int32(_uint(b, [21, 20, 19, 18]))
+        height = _int32(_uint(b, [25, 24, 23, 22]))
+        return size(tf.abs(height), width, 26)
 
     def unknown():
         return tf.constant(0, tf.int64), tf.constant(0, tf.int64)
@@ -75,7 +89,8 @@ def header_error(data: tf.Tensor, max_pixels: int) -> tf.Tensor:
         (tf.logical_not(known), "image_bytes: not a JPEG, PNG or BMP image (unknown file signature)"),
         (is_gif, "image_bytes: GIF images are not accepted (their frames may be far larger than the header "
                  "says): send PNG or JPEG"),
-        (height * width > max_pixels, too_large),
+        # in float64: two 32-bit sizes can overflow int64 (2^32-1 squared); limits below 2^53 compare exactly
+        (tf.cast(height, tf.float64) * tf.cast(width, tf.float64) > max_pixels, too_large),
     ]
     message = tf.constant("")
     for refused, text in reversed(refusals):

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from export.pth_reader import read_state_dict
+from .pth_reader import read_state_dict
 
 NAME = "efficientnet_lite0"
 IMAGE_SIZE = 224

@@ -31,6 +31,15 @@ class Evidence:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChannelLimit:
+    """A method that runs the model once per channel scores only the most activated ones: how many by
+    default (0: all), and the help of its export flag `--<method>-channels` (export/options.py)."""
+
+    default: int
+    help: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
     name: str
     saliency: Callable[[Evidence], tf.Tensor]  # -> raw map [N, h, w], before ReLU
@@ -38,6 +47,7 @@ class Method:
     needs_gap_dense_head: bool = False
     guided: bool = False  # also returns guided backpropagation times the map (Guided Grad-CAM)
     fusable: bool = True  # uses A and dy_c/dA only, so it can be fused over several layers
+    channel_limit: ChannelLimit | None = None  # scores channels one by one: Evidence.channels comes from it
 
 
 def weighted_channel_sum(activations: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
@@ -190,8 +200,10 @@ METHODS: dict[str, Method] = {
         # Guided Grad-CAM (arXiv 1610.02391, section 3): the Grad-CAM map, upsampled, times guided
         # backpropagation at input resolution (export/guided.py); the explainer adds the product.
         Method("guided_gradcam", gradcam, guided=True, fusable=False),
-        Method("scorecam", scorecam, needs_gradient=False, fusable=False),
-        Method("ablationcam", ablationcam, needs_gradient=False, fusable=False),
+        Method("scorecam", scorecam, needs_gradient=False, fusable=False, channel_limit=ChannelLimit(
+            64, "scores the N most activated channels, one forward pass each (0: all)")),
+        Method("ablationcam", ablationcam, needs_gradient=False, fusable=False, channel_limit=ChannelLimit(
+            64, "ablates the N most activated channels, one pass through the head each (0: all)")),
     )
 }
 

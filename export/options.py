@@ -1,7 +1,8 @@
 """Every export option, its default and its help, written once.
 
 `python -m export` derives its flags from `ExportOptions` (`--max-batch-size` for `max_batch_size`),
-`export_savedmodel` takes one, and the explainer reads its numbers from it.
+`export_savedmodel` takes one, and the explainer reads its numbers from it. A method that scores
+channels one by one brings its own option, `<method>_channels`, from its registry entry (export/methods.py).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import argparse
 import dataclasses
 from typing import Any, Sequence
 
-from export.decode import DEFAULT_MAX_PIXELS
-from export.methods import METHODS
+from .decode import DEFAULT_MAX_PIXELS
+from .methods import METHODS
 
 # --precision -> the Keras dtype policy of every layer: compute in that type, variables in float32.
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -22,8 +23,13 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **cli: Any) -> An
     return dataclasses.field(default=default, metadata={"help": help, **cli})
 
 
+def channels_field(method: str) -> str:
+    """The option of a method's channel limit: scorecam -> scorecam_channels (flag --scorecam-channels)."""
+    return f"{method}_channels"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ExportOptions:
+class _FixedOptions:
     """What `python -m export` and `export_savedmodel` build; only `backbone` and `model_name` are required."""
 
     backbone: str = option(help="keras.applications name (resnet50, vgg16, ...) or a .keras file")
@@ -46,10 +52,6 @@ class ExportOptions:
     top_k: int = option(5, "classes in top_k_*")
     top_k_maps: int = option(0, "also return heatmaps of the K top classes")
     feature_maps: int = option(36, "most activated channels in feature_maps (0: no such signature)")
-    scorecam_channels: int = option(64, "scorecam scores the N most activated channels, one forward pass each (0: all)")
-    ablationcam_channels: int = option(
-        64, "ablationcam ablates the N most activated channels, one pass through the head each (0: all)"
-    )
     precision: str = option(
         "float32",
         "type the backbone and head compute in (variables, explanation and outputs stay float32)",
@@ -72,8 +74,18 @@ class ExportOptions:
 
     @property
     def channels(self) -> dict[str, int]:
-        """How many channels each method that scores channels one by one scores."""
-        return {"scorecam": self.scorecam_channels, "ablationcam": self.ablationcam_channels}
+        """How many channels each method with a channel limit scores: its `<method>_channels` option."""
+        return {m.name: getattr(self, channels_field(m.name)) for m in METHODS.values() if m.channel_limit}
+
+
+# The fixed options plus one per method with a channel limit, its default and help from the registry.
+ExportOptions = dataclasses.make_dataclass(
+    "ExportOptions",
+    [(channels_field(m.name), int, option(m.channel_limit.default, f"{m.name} {m.channel_limit.help}"))
+     for m in METHODS.values() if m.channel_limit],
+    bases=(_FixedOptions,), frozen=True, kw_only=True,
+    namespace={"__module__": __name__, "__doc__": _FixedOptions.__doc__},
+)
 
 
 def comma_list(element: type):

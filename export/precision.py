@@ -2,10 +2,11 @@
 
 With `--precision bfloat16` or `float16` the backbone and head compute in that type, while the
 explanation math stays float32 (explainer.py). Rounding still moves the activations and gradients the
-maps are made of. So the exporter runs every method on probe images (the sample photos shipped with
-the repository, and noise) twice, on the same weights: once as exported, and once traced again with
-every layer computing in float32. It compares the maps of the same class (float32's top-1), and the
-top-1 classes. A map that drifts past the tolerance below gets a `PrecisionWarning`.
+maps are made of. So the exporter runs every method on probe images (the repository's sample photos,
+shipped in the package as data/probes/, and noise) twice, on the same weights, each time traced afresh:
+once computing as exported, and once with every layer computing in float32. It compares the maps of
+the same class (float32's top-1), and the top-1 classes. A map that drifts past the tolerance below
+gets a `PrecisionWarning`.
 
 The tolerances are well above the drift measured on the synthetic shapes model and on ResNet50
 (docs/BENCHMARKS.md); tests/test_precision.py checks them independently, through TF Serving's loader.
@@ -21,13 +22,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tensorflow as tf
 
-from export.backbone import set_precision
+from .backbone import set_precision
 
 if TYPE_CHECKING:
-    from export.explainer import Explainer
-    from export.methods import Method
+    from .explainer import Explainer
+    from .methods import Method
 
-SAMPLES = pathlib.Path(__file__).resolve().parent.parent / "samples"
+PROBES = pathlib.Path(__file__).resolve().parent / "data" / "probes"  # made as data/SOURCES.md says
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +64,13 @@ class Drift:
 
 
 def probe_images(image_size: tuple[int, int], noise: int = 1) -> np.ndarray:
-    """The shipped sample photos resized to the model's input, and `noise` seeded noise images: uint8 [N,H,W,3]."""
-    photos = [tf.image.decode_image(path.read_bytes(), channels=3, expand_animations=False)
-              for path in sorted(SAMPLES.glob("*")) if path.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    """The probe photos resized to the model's input, and `noise` seeded noise images: uint8 [N,H,W,3].
+    Without the photos the check would measure noise alone: a package that lacks them is refused."""
+    paths = sorted(PROBES.glob("*.jpg"))
+    if not paths:
+        raise FileNotFoundError(f"no probe images in {PROBES}: this installation lacks the package data of the "
+                                "--precision check (export/data/SOURCES.md says how they are made)")
+    photos = [tf.image.decode_image(path.read_bytes(), channels=3, expand_animations=False) for path in paths]
     resized = [tf.cast(tf.round(tf.image.resize(p, image_size)), tf.uint8).numpy() for p in photos]
     rng = np.random.default_rng(0)
     resized += [rng.integers(0, 256, (*image_size, 3), dtype=np.uint8) for _ in range(noise)]
@@ -80,6 +85,9 @@ def _run(explainer: Explainer, method: Method, pixels: tf.Tensor, class_index: t
 
 def measure(explainer: Explainer, images: np.ndarray, precision: str) -> list[Drift]:
     """Drift of every method of `explainer` (computing in `precision`) from float32, on `images`."""
+    # Inline passes, traced under the dtype policy of each run below: shared functions (signatures.py)
+    # would be traced once, under one policy, and the two runs would agree whatever the precision.
+    explainer = explainer.with_passes()
     pixels = tf.constant(images, tf.float32)
     models = (explainer.features, explainer.head)
     for model in models:

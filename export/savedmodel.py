@@ -20,17 +20,19 @@ from typing import TYPE_CHECKING, Callable, Collection, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from export.backbone import load_backbone
-from export.explainer import Explainer
-from export.gpu_kernels import check_saved_model as check_gpu_kernels
-from export.guided import survey
-from export.methods import get_method
-from export.options import ExportOptions
-from export.precision import check as check_precision
-from export.signature_defs import aliases, share_tensors
-from export.tfs_loader import WARMUP_FILE
-from export.verify import verify
-from serving.versions import numeric_versions
+from camserve.serving.servables.versions import numeric_versions
+from camserve.serving.servables.warmup import write_warmup_requests
+
+from .backbone import load_backbone
+from .explainer import Explainer
+from .gpu_kernels import check_saved_model as check_gpu_kernels
+from .guided import survey
+from .methods import get_method
+from .options import ExportOptions
+from .precision import check as check_precision
+from .signature_defs import aliases, share_tensors
+from .signatures import build_signatures
+from .verify import verify
 
 if TYPE_CHECKING:
     from tensorflow_serving.apis import predict_pb2
@@ -61,7 +63,7 @@ def python_callback_ops(signature: tf.types.experimental.ConcreteFunction) -> se
     return {n.op for n in nodes} & PYTHON_CALLBACK_OPS
 
 
-def servable(explainer: Explainer, signatures: dict) -> tf.Module:
+def servable(explainer: tf.Module, signatures: dict) -> tf.Module:
     """The object to save: the variables the signatures capture, and nothing else.
 
     TF Serving restores variables with the saver's restore op, which covers only the variables the
@@ -110,7 +112,7 @@ def request_maker(image_size: tuple[int, int]) -> Callable[..., "predict_pb2.Pre
     inputs: the same noise image (as uint8 pixels or a JPEG) and class -1 in every row."""
     from tensorflow_serving.apis import predict_pb2
 
-    from client import protos
+    from camserve.client import protos
 
     image = np.random.default_rng(0).integers(0, 256, size=(*image_size, 3), dtype=np.uint8)
     jpeg = tf.io.encode_jpeg(image).numpy()
@@ -141,7 +143,7 @@ def warmup_requests(signatures: dict, image_size: tuple[int, int], batch_sizes: 
     sizes warm what depends on shapes (XLA's compilations, cuDNN's algorithm choice), once per
     numeric core, which a `<name>` and its `<name>_bytes` signature share.
     """
-    from client.outputs import default_output_sets
+    from camserve.client.outputs import default_output_sets
 
     make = request_maker(image_size)
     for batch in batch_sizes:
@@ -161,8 +163,6 @@ def export_savedmodel(options: ExportOptions | None = None, *, log: Callable[[st
     Takes an ExportOptions, or its fields as keywords: `export_savedmodel(backbone="efficientnet_lite0",
     weights="none", methods=["gradcam", "cam"], model_name="efficientnet_lite0_cam")`.
     """
-    from tensorflow_serving.apis import prediction_log_pb2
-
     if options is None:
         options = ExportOptions(**fields)
     elif fields:
@@ -189,7 +189,8 @@ def export_savedmodel(options: ExportOptions | None = None, *, log: Callable[[st
         f"target layer {split.target_layer!r} {tuple(split.features.output.shape[1:])}, "
         f"input {split.image_size}, {split.num_classes} classes"
     )
-    explainer = Explainer(split, method_objects, load_labels(o.labels, split.num_classes), o)
+    labels = load_labels(o.labels, split.num_classes)
+    explainer = Explainer(split, method_objects, o)
     if split.fusion_layers:
         step(f"fused maps ({', '.join(explainer.fused_methods)}) over {', '.join(split.fusion_layers)}")
     if any(m.guided for m in method_objects):
@@ -197,11 +198,11 @@ def export_savedmodel(options: ExportOptions | None = None, *, log: Callable[[st
         step(f"guided backpropagation through {len(swaps.guided)} ReLU layers"
              + (f"; gradients pass unchanged through {', '.join(sorted(swaps.unguided))}" if swaps.unguided else ""))
     if o.precision != "float32":
-        step(f"{o.precision} maps vs float32 on the same weights (probe images: samples/ and noise):")
+        step(f"{o.precision} maps vs float32 on the same weights (probe images: the sample photos and noise):")
         for drift in check_precision(explainer, split.image_size, o.precision):
             step(f"  {drift}")
     step("tracing signatures")
-    signatures = explainer.signatures(default_method=method_objects[0].name)
+    signatures = build_signatures(explainer, labels, default_method=method_objects[0].name)
     alias_targets = aliases(signatures, default_method=method_objects[0].name)
     for name, signature in signatures.items():
         if python_callback_ops(signature):
@@ -215,14 +216,8 @@ def export_savedmodel(options: ExportOptions | None = None, *, log: Callable[[st
             tf.saved_model.save(servable(explainer, signatures), str(staging), signatures=signatures)
         share_tensors(staging, alias_targets)
         step(str(check_gpu_kernels(staging, jit=o.jit_compile)))  # refuses a CPU-only op between GPU ops
-        warmup_path = staging / WARMUP_FILE
-        warmup_path.parent.mkdir()
-        count = 0
-        with tf.io.TFRecordWriter(str(warmup_path)) as writer:
-            for request in warmup_requests(signatures, split.image_size, o.warmup_batch_sizes, alias_targets):
-                record = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
-                writer.write(record.SerializeToString())
-                count += 1
+        count = write_warmup_requests(staging, warmup_requests(signatures, split.image_size, o.warmup_batch_sizes,
+                                                               alias_targets))
         step(f"wrote {count} warm-up requests (batch sizes {list(o.warmup_batch_sizes)})")
         step("signatures that run another's tensors, sharing its executor and warm-up: "
              + ", ".join(f"{alias} -> {target}" for alias, target in alias_targets.items()))

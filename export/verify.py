@@ -3,7 +3,7 @@
 `tf.saved_model.load` rebuilds the TF2 object graph and can run a model that TF Serving cannot
 (variables captured by a function but not tracked by the saved object are not restored by the
 saver: "Could not find variable ..."). So the exporter loads the staged directory the way TF Serving
-does (export/tfs_loader.py: LoadSavedModel + Session::Run), replays its whole warm-up file with each
+does (serving/servables/session.py: LoadSavedModel + Session::Run), replays its whole warm-up file with each
 record's output_filter as the fetch list, as TF Serving does before it serves a version, calls every
 signature (aliases too: signature_defs.py) once for all its outputs, and compares every output with
 the TF2 function that was saved. Any failure raises VerificationError, and the version directory
@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 import numpy as np
 import tensorflow as tf
 
-from export.tfs_loader import SavedModelSession, SessionError, warmup_requests
+from camserve.serving.servables.session import SavedModelSession, SessionError
+from camserve.serving.servables.warmup import read_warmup_requests
 
 if TYPE_CHECKING:
     from tensorflow_serving.apis import predict_pb2
@@ -86,7 +87,7 @@ def verify(
         missing = set(signatures) - set(session.signature_defs)
         if missing:
             raise VerificationError(f"signatures {sorted(missing)} are not in the saved MetaGraph")
-        warmup = list(warmup_requests(export_dir))
+        warmup = list(read_warmup_requests(export_dir))
         expected_cache: dict = {}
         float_diff, int_diff = 0.0, 0
         for request in [*warmup, *requests]:

@@ -27,8 +27,8 @@ import sys
 # refusal itself is answered to the caller, and counted in the metrics).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from serving import configs
-from serving.server import MAX_MESSAGE_BYTES, ServerOptions, serve
+from . import configs
+from .server import MAX_MESSAGE_BYTES, ServerOptions, serve
 
 
 def _bool(text: str) -> bool:

@@ -25,8 +25,8 @@ from typing import Callable, Hashable, Mapping
 import grpc
 import numpy as np
 
-from serving.configs import BatchingOptions
-from serving.errors import ServingError
+from .configs import BatchingOptions
+from .errors import ServingError
 
 log = logging.getLogger("serving.batching")
 

@@ -22,7 +22,7 @@ import sys
 
 from google.protobuf import text_format
 
-from serving.configs import SSLConfig
+from .configs import SSLConfig
 
 # Small and quick: EC P-256 keys, unencrypted.
 _NEW_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]

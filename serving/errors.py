@@ -6,7 +6,7 @@ import re
 
 import grpc
 
-from export.tfs_loader import SessionError
+from .servables.session import SessionError
 
 
 class ServingError(Exception):

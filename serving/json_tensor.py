@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from serving.errors import ServingError
+from .errors import ServingError
 
 ROW, COLUMNAR = "instances", "inputs"
 _ANSWER_KEY = {ROW: "predictions", COLUMNAR: "outputs"}

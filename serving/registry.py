@@ -1,7 +1,7 @@
 """The models a server holds: TF Serving's model manager for the embedded server.
 
 Every model of a `ModelServerConfig` is a base path whose numeric subdirectories are versions
-(serving/versions.py); its version policy (latest N by default, all, or specific) says which are
+(servables/versions.py); its version policy (version_policy.py: latest N by default, all, or specific) says which are
 loaded (serving/signatures.py); a poll thread picks up new versions and drops old ones, keeping the
 newest old version until a new one is loaded.
 """
@@ -19,9 +19,10 @@ import grpc
 from tensorflow_serving.apis import model_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.errors import ServingError, clean_tf_message, error_code
-from serving.signatures import ModelVersion
-from serving.versions import VersionState, aspired_versions, disk_state, has_saved_model, numeric_versions
+from .errors import ServingError, clean_tf_message, error_code
+from .servables.versions import disk_state, has_saved_model, numeric_versions
+from .signatures import ModelVersion
+from .version_policy import VersionState, aspired_versions
 
 log = logging.getLogger("serving.registry")
 

@@ -32,10 +32,10 @@ import tensorflow as tf
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
 
-from serving import json_tensor
-from serving.errors import ServingError
-from serving.metrics import CONTENT_TYPE, Metrics
-from serving.registry import ModelRegistry
+from . import json_tensor
+from .errors import ServingError
+from .metrics import CONTENT_TYPE, Metrics
+from .registry import ModelRegistry
 
 log = logging.getLogger("serving.rest")
 

@@ -32,16 +32,16 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import configs
-from serving.batching import Batcher
-from serving.configs import BatchingOptions
-from serving.errors import ServingError
-from serving.gpu import tensorflow_gpus
-from serving.metrics import DEFAULT_PATH, Metrics
-from serving.registry import ModelRegistry
-from serving.rest import RestApi, RestServer
-from serving.signatures import ModelVersion, Signature
-from serving.tensors import encode_tensor
+from . import configs
+from .batching import Batcher
+from .configs import BatchingOptions
+from .errors import ServingError
+from .gpu import tensorflow_gpus
+from .metrics import DEFAULT_PATH, Metrics
+from .registry import ModelRegistry
+from .rest import RestApi, RestServer
+from .signatures import ModelVersion, Signature
+from .tensors import encode_tensor
 
 log = logging.getLogger("serving.server")
 

@@ -1,7 +1,7 @@
 """A loaded version of a model and its signatures, run the way TF Serving runs them.
 
 A version is loaded with C++ LoadSavedModel and every request is one Session::Run on the
-SignatureDef's tensor names, with the output_filter as the fetch list (export/tfs_loader.py).
+SignatureDef's tensor names, with the output_filter as the fetch list (serving/servables/session.py).
 Requests are checked as TF Serving checks them (input names, dtypes, output names); shapes and
 batch sizes are checked by the graph itself, and the graph's errors keep TensorFlow's status code.
 """
@@ -17,9 +17,10 @@ from tensorflow.core.framework import tensor_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 
-from export.tfs_loader import SavedModelSession, SessionError, warmup_requests
-from serving.errors import ServingError, clean_tf_message, grpc_code
-from serving.tensors import decode_tensor, dtype_name
+from .errors import ServingError, clean_tf_message, grpc_code
+from .servables.session import SavedModelSession, SessionError
+from .servables.warmup import read_warmup_requests
+from .tensors import decode_tensor, dtype_name
 
 DEFAULT_SIGNATURE = "serving_default"
 INIT_OP_SIGNATURE = "__saved_model_init_op"  # in the SignatureDef map of TF2 SavedModels; not servable
@@ -143,7 +144,7 @@ class ModelVersion:
         warm-up requests should not be served.
         """
         count = 0
-        for request in warmup_requests(self.path):
+        for request in read_warmup_requests(self.path):
             signature = self.signature(request.model_spec.signature_name)
             outputs = signature.check_output_filter(request.output_filter)
             inputs, _ = signature.decode_inputs(request.inputs, max_bytes)

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
-from serving.errors import ServingError
+from .errors import ServingError
 
 # TF's TensorProto shorthand: fewer values than the shape holds repeats the last one (none: zeros).
 # A few bytes on the wire could then ask for gigabytes, so the expansion is capped.

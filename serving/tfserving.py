@@ -26,7 +26,7 @@ from google.protobuf import text_format
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
 
-from serving import configs
+from . import configs
 
 HERE = pathlib.Path(__file__).resolve().parent
 BINARY = "tensorflow_model_server"
@@ -58,8 +58,8 @@ def check_configs(model_config: pathlib.Path, batching_config: pathlib.Path | No
 def models_needing_xla(config: configs.ModelServerConfig, base_path: str | os.PathLike) -> list[str]:
     """Names of the config's models with a version on disk (under `base_path` for /models) that
     holds XLA-compiled functions."""
-    from export.tfs_loader import needs_xla
-    from serving.versions import numeric_versions
+    from .servables.versions import numeric_versions
+    from .servables.xla import needs_xla
 
     local = configs.map_container_models(config, base_path)
     return [model.name for model in local.model_config_list.config

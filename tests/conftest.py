@@ -16,6 +16,17 @@ import synthetic  # the tests folder is on sys.path: pytest.ini's pythonpath
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Fixtures that export a real backbone (keras.applications architectures, EfficientNet-Lite0 with its
+# weights): a test that asks for one is marked `real`, as are the modules and parameters that build such
+# backbones themselves. `make test-quick` leaves them out; `make test` and CI run everything.
+REAL_BACKBONES = {"resnet50", "vgg16", "lite0_export", "transfer_export"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if REAL_BACKBONES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)
+
 
 def shared(tmp_path_factory, name: str, build: Callable[[pathlib.Path], object]) -> pathlib.Path:
     """A folder `build` fills once per run: under pytest-xdist the first worker that asks builds it
@@ -99,7 +110,7 @@ def _shared_export(tmp_path_factory, name: str, backbone, methods, **options) ->
 @pytest.fixture(scope="session")
 def shapes_export(shapes_model, tmp_path_factory) -> pathlib.Path:
     """The shapes model exported with every method and top-2 maps: small and fast, for serving tests too."""
-    from export.methods import METHODS
+    from camserve.export.methods import METHODS
 
     return _shared_export(tmp_path_factory, "shapes", shapes_model, list(METHODS), top_k_maps=2)
 
@@ -144,7 +155,7 @@ def jit_export(shapes_model, tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def rel_model(tmp_path_factory) -> pathlib.Path:
+def tiny_gradcam_model(tmp_path_factory) -> pathlib.Path:
     """Base path of `rel`/1: the tiny GAP CNN (seed 5), gradcam only, at most TINY_MAX_BATCH images a
     request; the model of the hostile-input and load tests. Tests copy it before changing it."""
     folder = shared(tmp_path_factory, "rel", lambda f: synthetic.export_tiny(
@@ -153,11 +164,11 @@ def rel_model(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def rel_reference(rel_model):
+def tiny_gradcam_reference(tiny_gradcam_model):
     """In-process calls of rel's signatures: what every served answer must equal."""
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(str(rel_model / "1"))
+    loaded = tf.saved_model.load(str(tiny_gradcam_model / "1"))
 
     def call(signature: str, **inputs):
         out = loaded.signatures[signature](**{k: tf.constant(v) for k, v in inputs.items()})
@@ -185,7 +196,7 @@ def load():
 def lite0_export(tmp_path_factory) -> pathlib.Path:
     """EfficientNet-Lite0 with its packaged ImageNet weights and every method: the real model of the
     real-photo tests (verified through TF Serving's loader by the export itself)."""
-    from export.methods import METHODS
+    from camserve.export.methods import METHODS
 
     return _shared_export(tmp_path_factory, "lite0", "efficientnet_lite0", list(METHODS), weights="imagenet",
                           warmup_batch_sizes=(1,), feature_maps=0)

@@ -18,8 +18,8 @@ import urllib.request
 
 import psutil
 
-from serving import configs
-from serving.server import EmbeddedServer, ServerOptions
+from camserve.serving import configs
+from camserve.serving.server import EmbeddedServer, ServerOptions
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -92,7 +92,7 @@ def start(models: dict[str, pathlib.Path], metrics: bool = True, **options) -> E
 
 def from_flags(*flags: str) -> EmbeddedServer:
     """An EmbeddedServer built from `python -m serving`'s flags as its command line builds it (not started)."""
-    from serving.__main__ import options_from_args, parser
+    from camserve.serving.__main__ import options_from_args, parser
 
     p = parser()
     return EmbeddedServer(*options_from_args(p.parse_args(list(flags)), p))

@@ -13,7 +13,7 @@ import numpy as np
 SIZE = 64
 SHAPES = ("square", "cross", "ring")
 TINY_SIZE, TINY_CLASSES = 32, 4  # the tiny GAP CNN the serving tests serve
-TINY_MAX_BATCH = 8  # the request limit of its export for the hostile-input and load tests (rel_model)
+TINY_MAX_BATCH = 8  # the request limit of its export for the hostile-input and load tests (tiny_gradcam_model)
 
 
 def draw(shape: str, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -94,7 +94,7 @@ def tiny_gap_cnn(path, size: int, classes: int, seed: int, filters: int = 8, sof
 def export_model(backbone, methods, model_name: str, base_path, weights: str = "none", log=quiet,
                  **options) -> pathlib.Path:
     """`export_savedmodel` as the tests call it: random weights unless given, no log; returns the version directory."""
-    from export.savedmodel import export_savedmodel
+    from camserve.export.savedmodel import export_savedmodel
 
     return export_savedmodel(backbone=str(backbone), weights=weights, methods=list(methods), model_name=model_name,
                              base_path=str(base_path), log=log, **options)

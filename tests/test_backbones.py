@@ -27,6 +27,7 @@ def _export(backbone, path, methods=("gradcam",), **kwargs):
     return model_dir, notes
 
 
+@pytest.mark.real
 @pytest.mark.parametrize("name, target", APPLICATIONS.items())
 def test_application_exports_and_explains(tmp_path, load, name, target):
     started = time.perf_counter()

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 
-import bench.__main__ as bench
-from bench import gpu_check
+import camserve.bench.__main__ as bench
+from camserve.bench import gpu_check
+from camserve.serving import configs
+from camserve.serving.server import EmbeddedServer, ServerOptions
 from servers import free_port
-from serving import configs
-from serving.server import EmbeddedServer, ServerOptions
 
 
 def test_bench_runs_every_configuration(fused_export, tmp_path):
@@ -28,7 +28,7 @@ def test_bench_runs_every_configuration(fused_export, tmp_path):
         assert (
             bench.main([
                 "--server", f"localhost:{port}", "--rest", f"localhost:{server.rest_port}", "--model", "shapes",
-                "--model-dir", str(fused_export.parent), "--methods", "gradcam,layercam", "--skip-seed", "--repeats",
+                "--model-dir", str(fused_export.parent), "--methods", "gradcam,layercam", "--skip-eager", "--repeats",
                 "3", "--seconds", "0.3", "--floor-rounds", "0", "--out", str(tmp_path)
             ])
             == 0
@@ -61,7 +61,7 @@ def test_bench_runs_every_configuration(fused_export, tmp_path):
     rest_compact = rows["rest gradcam_compact b1 c1 compact interleaved"]["response_bytes"]
     grpc_compact = rows["grpc gradcam_bytes b1 c1 compact interleaved"]["response_bytes"]
     assert grpc_compact < rest_compact < rest["response_bytes"] / 4
-    assert len(results["ratios"]) == 12  # 14 with the seed notebook's way
+    assert len(results["ratios"]) == 12  # 14 with the eager Grad-CAM baseline (no --skip-eager)
     for name, ratio in results["ratios"].items():  # each with the figures it divides, as printed
         assert math.isfinite(ratio["value"]) and ratio["value"] > 0 and " / " in ratio["figures"], (name, ratio)
 
@@ -70,7 +70,7 @@ def test_bench_measures_every_method_of_the_model_by_default(fused_export, tmp_p
     """Without --methods, the cost of every explain method the model has, against predict, at batch 1 and 8."""
     assert (
         bench.main([
-            "--server", "", "--model-dir", str(fused_export.parent), "--skip-seed", "--repeats", "2",
+            "--server", "", "--model-dir", str(fused_export.parent), "--skip-eager", "--repeats", "2",
             "--floor-rounds", "0", "--out", str(tmp_path)
         ])
         == 0
@@ -91,12 +91,12 @@ def test_floor_is_measured_against_minimal_models_that_compute_the_same(fused_ex
     import numpy as np
 
     import synthetic
-    from bench import floor
-    from export.tfs_loader import SavedModelSession
+    from camserve.bench import floor
+    from camserve.serving.servables.session import SavedModelSession
 
     assert bench.main([
         "--server", "", "--model-dir", str(fused_export.parent), "--backbone", str(shapes_model), "--methods",
-        "gradcam,layercam", "--skip-seed", "--repeats", "1", "--floor-rounds", "3", "--out", str(tmp_path)
+        "gradcam,layercam", "--skip-eager", "--repeats", "1", "--floor-rounds", "3", "--out", str(tmp_path)
     ]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     printed = capsys.readouterr().out
@@ -142,7 +142,7 @@ def test_gpu_check_runs_to_completion_on_a_cpu(shapes_model, tmp_path):
 
     import pytest
 
-    from serving.gpu import tensorflow_gpus
+    from camserve.serving.gpu import tensorflow_gpus
 
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
@@ -181,7 +181,7 @@ def test_gpu_check_runs_to_completion_on_a_cpu(shapes_model, tmp_path):
 def test_cold_start_times_every_warmup_record_and_first_call(fused_export, tmp_path):
     """`python -m bench.cold_start` on the shapes model: the replay is split into executor builds and
     repeats as the session keys its executors, and a fresh server's first calls are timed per signature."""
-    from bench import cold_start
+    from camserve.bench import cold_start
 
     assert cold_start.main(["--model", "shapes", "--model-dir", str(fused_export.parent), "--runs", "1",
                             "--out", str(tmp_path)]) == 0

@@ -21,9 +21,10 @@ from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, predict
 
 import synthetic
 from calls import fake_server
-from client import CamClient, CamServingError, Explanation, Prediction, protos
-from client import overlay as ov
-from client.__main__ import main as cli_main
+from camserve.client import CamClient, CamServingError, Explanation, Prediction, protos
+from camserve.client import overlay as ov
+from camserve.client.__main__ import main as cli_main
+from camserve.client.api import _parse, method_pictures
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(p for p in (ROOT / "samples").iterdir() if p.suffix in (".png", ".jpg"))
@@ -108,6 +109,33 @@ def test_metadata_response_parses_with_ours():
     assert any_msg.type_url.endswith("tensorflow.serving.SignatureDefMap")
     info = protos.SignatureDefMap.FromString(any_msg.value).signature_def["gradcam"].inputs["images"]
     assert [d.size for d in info.tensor_shape.dim] == [-1, 224, 200, 3] and info.dtype == protos.DT_UINT8
+
+
+def test_a_methods_pictures_are_what_its_signature_declares():
+    """A method with pictures of its own needs no client change: `method_pictures` finds its
+    `<picture>_png_bytes` outputs in the metadata, and an answer's pictures decode into `.pictures` by name."""
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    declared = {"newcam_bytes": ["heatmap_png_bytes", "mask_png_bytes", "edges_png_bytes"],
+                "gradcam_bytes": ["heatmap_png_bytes", "heatmap"], "predict_bytes": ["class_index"]}
+    for name, outputs in declared.items():
+        sig = sig_map.signature_def[name]
+        for tensor in ("image_bytes", "class_index") if name != "predict_bytes" else ("image_bytes",):
+            sig.inputs[tensor].name = f"{tensor}:0"
+        for output in outputs:
+            sig.outputs[output].name = f"{output}:0"
+    signature_defs = protos.SignatureDefMap.FromString(sig_map.SerializeToString()).signature_def
+    assert method_pictures(signature_defs) == {"gradcam": [], "newcam": ["edges_png_bytes", "mask_png_bytes"]}
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    png = {name: cv2.imencode(".png", image)[1].tobytes()
+           for name, image in {"heatmap": rgb[:, :, 0], "mask": rgb[:, :, ::-1], "edges": rgb[:, :, 1]}.items()}
+    answer = {"class_index": np.int32(1), "class_label": b"b", "score": np.float32(2.0),
+              "top_k_labels": np.array([b"b"], object), "top_k_scores": np.array([0.9], np.float32),
+              **{f"{name}_png_bytes": data for name, data in png.items()}}
+    result = _parse(answer, None, Explanation)
+    assert sorted(result.pictures) == ["edges", "mask"] and np.array_equal(result.pictures["mask"], rgb)
+    assert np.array_equal(result.pictures["edges"], np.repeat(rgb[:, :, 1:2], 3, axis=2))  # grey as RGB
+    assert np.array_equal(np.round(result.heatmap * 255), rgb[:, :, 0])  # the heatmap is no picture
 
 
 def test_make_tensor_rejects_unknown_dtype():

@@ -30,11 +30,11 @@ import pytest
 import yaml
 
 import synthetic
-from client import CamClient, protos
-from client.channel import DEFAULT_OPTIONS, SERVICE_CONFIG, channel_options, grpc_target
+from camserve.client import CamClient, protos
+from camserve.client.channel import DEFAULT_OPTIONS, SERVICE_CONFIG, channel_options, grpc_target
+from camserve.serving import configs, tfserving
 from images import png, random_images
 from servers import ServerProcess
-from serving import configs, tfserving
 from tf_serving_flags import TF_SERVING_FLAGS, flags_of
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

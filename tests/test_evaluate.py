@@ -31,8 +31,8 @@ def image_dir(tmp_path_factory):
 
 
 def test_real_heatmaps_beat_a_random_map(shapes_server, image_dir):
-    from client import CamClient
-    from client.evaluate import evaluate, table
+    from camserve.client import CamClient
+    from camserve.client.evaluate import evaluate, table
 
     with CamClient(shapes_server, model="shapes") as client:
         results = evaluate(
@@ -59,7 +59,9 @@ def test_evaluate_and_feature_grid_command_lines(shapes_server, image_dir, tmp_p
     assert "gradcam" in run.stdout and "random" in run.stdout and "deletion AUC" in run.stdout
     tables = run.stdout.split("\n\n")  # the mean over the images, then one table per image
     assert len(tables) == 1 + len(list(image_dir.iterdir())) and f"{image_dir / '00.png'}:" in tables[1]
-    assert all(f"\n{method} " in tables[0] for method in ("scorecam", "guided_gradcam", "eigencam"))  # --methods all
+    from camserve.export.methods import METHODS  # the shapes export has them all
+
+    assert all(f"\n{method} " in tables[0] for method in METHODS)  # --methods all
     image = image_dir / "00.png"
     run = subprocess.run(
         [sys.executable, "-m", "client", "explain", str(image), "--server", shapes_server, "--model", "shapes",
@@ -71,5 +73,5 @@ def test_evaluate_and_feature_grid_command_lines(shapes_server, image_dir, tmp_p
     )
     assert run.returncode == 0, run.stderr
     grid = cv2.imread(str(tmp_path / "00_feature_grid.png"))
-    assert grid.shape == (6 * 160, 6 * 160, 3)  # 36 maps in a 6x6 grid, as the seed notebook shows
+    assert grid.shape == (6 * 160, 6 * 160, 3)  # 36 maps in a 6x6 grid
     assert grid.std() > 10  # not a blank picture

@@ -36,7 +36,7 @@ PREDICT_OUTPUTS = {k: v for k, v in EXPLAIN_OUTPUTS.items() if not k.startswith(
 
 
 def reference_gradcam(model, layer: str, preprocess, images: np.ndarray, class_index: list[int]) -> np.ndarray:
-    """Grad-CAM as the paper and the seed notebook write it: eager tape, numpy channel loop, cv2."""
+    """Grad-CAM as the paper writes it, computed eagerly: a tape, a numpy loop over the channels, cv2."""
     import keras
 
     grad_model = keras.Model(model.input, [model.get_layer(layer).output, model.output])
@@ -59,6 +59,7 @@ def reference_gradcam(model, layer: str, preprocess, images: np.ndarray, class_i
     return np.stack(maps)
 
 
+@pytest.mark.real
 @pytest.mark.parametrize(
     "fixture, layer, preprocess",
     [
@@ -125,23 +126,23 @@ def test_cam_lowres_is_dense_kernel_dot_features(resnet50, load):
 
 
 def test_cam_dot_then_resize_equals_resize_then_dot(resnet50):
-    """Bilinear resize is linear: the dot product at 7x7 then resize equals the seed's order."""
+    """Bilinear resize is linear: the dot product at 7x7 then resize equals the eager order (resize, then dot)."""
     import keras
 
-    from export.explainer import resize_maps
+    from camserve.export.explainer import resize_maps
 
     model, _ = resnet50
     features = keras.Model(model.input, model.get_layer("conv5_block3_out").output)
     a = features(keras.applications.resnet50.preprocess_input(random_images(1, 224, 0).astype(np.float32))).numpy()[0]
     w = model.get_layer("predictions").kernel.numpy()[:, 42]
     upsampled = np.stack([cv2.resize(a[:, :, k], (224, 224)) for k in range(a.shape[-1])], axis=-1)
-    seed_way = upsampled @ w  # upsample 2048 maps, then dot
+    eager_way = upsampled @ w  # upsample 2048 maps, then dot
     ours = resize_maps(tf.constant((a @ w)[None]), (224, 224)).numpy()[0]
-    np.testing.assert_allclose(ours, seed_way, rtol=1e-4, atol=1e-4 * np.abs(seed_way).max())
+    np.testing.assert_allclose(ours, eager_way, rtol=1e-4, atol=1e-4 * np.abs(eager_way).max())
 
 
 def test_normalise_keeps_zero_maps_zero_and_scales_to_one():
-    from export.explainer import normalise
+    from camserve.export.explainer import normalise
 
     raw = tf.constant([np.zeros((7, 7)), -np.ones((7, 7)), np.arange(49.0).reshape(7, 7) - 10], tf.float32)
     out = normalise(raw).numpy()
@@ -271,7 +272,7 @@ def test_warmup_records_build_the_executors_our_callers_use_and_run(resnet50, lo
     aliases (serving_default, *_compact) nor for feature_maps, which nobody calls by default."""
     from tensorflow_serving.apis import prediction_log_pb2
 
-    from export.tfs_loader import WARMUP_FILE
+    from camserve.serving.servables.warmup import WARMUP_FILE
 
     path = resnet50[1] / WARMUP_FILE
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
@@ -298,8 +299,8 @@ def test_warmup_records_build_the_executors_our_callers_use_and_run(resnet50, lo
 def test_aliases_run_their_targets_tensors_under_tf_servings_loader(resnet50, load):
     """serving_default and <name>_compact name the tensors of the signature they copy, so TF Serving
     builds no executor of theirs; their answers are those of their own TF2 functions."""
-    from client.outputs import EXPLAIN, SUMMARY
-    from export.tfs_loader import SavedModelSession
+    from camserve.client.outputs import EXPLAIN, SUMMARY
+    from camserve.serving.servables.session import SavedModelSession
 
     images = np.random.default_rng(3).integers(0, 256, (2, 224, 224, 3), np.uint8)
     jpegs = np.array([tf.io.encode_jpeg(image).numpy() for image in images], dtype=object)
@@ -356,7 +357,7 @@ def test_versions_increase_and_no_staging_directory_remains(shapes_model, tmp_pa
 def test_target_layers_refusals_are_clear(shapes_model, tmp_path):
     """--target-layers: an unknown layer, a single layer, no method to fuse and a cut that a skip
     connection crosses are refused in words before anything is written."""
-    from export.backbone import load_backbone
+    from camserve.export.backbone import load_backbone
 
     cases = {
         ("gradcam",): (["nope", "last_conv"], "no layer 'nope'"),
@@ -374,7 +375,7 @@ def test_target_layers_refusals_are_clear(shapes_model, tmp_path):
 def test_imagenet_weights_that_cannot_be_downloaded_are_a_one_line_error(monkeypatch, tmp_path, capsys):
     import keras.src.utils.file_utils as file_utils
 
-    from export.__main__ import main
+    from camserve.export.__main__ import main
 
     def offline(origin: str, *args, **kwargs):  # what Keras raises when the download fails
         raise Exception(f"URL fetch failure on {origin}: None -- [Errno -3] Temporary failure in name resolution")
@@ -393,8 +394,8 @@ def test_layer_names_starting_with_an_underscore_export_and_serve(tmp_path, monk
     must restore the right values, and the layers keep their names."""
     import keras
 
-    import export.savedmodel as savedmodel
-    from export.tfs_loader import SavedModelSession
+    import camserve.export.savedmodel as savedmodel
+    from camserve.serving.servables.session import SavedModelSession
 
     keras.utils.set_random_seed(7)
     inputs = keras.Input((32, 32, 3))

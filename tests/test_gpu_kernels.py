@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import tensorflow as tf
 
-from export.gpu_kernels import GpuPlacementError, check_saved_model
+from camserve.export.gpu_kernels import GpuPlacementError, check_saved_model
 
 IMAGES = tf.TensorSpec([None, 8, 8, 3], tf.float32, name="images")
 
@@ -144,9 +144,9 @@ def test_explanation_outside_the_jit_core_is_refused(tmp_path, compute, op, reas
     assert [(v.op, reason in v.reason) for v in raised.value.report.violations] == [(op, True)]
 
 
-def test_real_export_keeps_cpu_ops_at_the_edges(rel_model):
+def test_real_export_keeps_cpu_ops_at_the_edges(tiny_gradcam_model):
     """The exporter's graphs: request checks, the tf.data decoder, labels, PNGs and errors sit at the edges."""
-    report = check_saved_model(rel_model / "1")
+    report = check_saved_model(tiny_gradcam_model / "1")
     assert report.signatures and all(s.gpu_ops > 0 for s in report.signatures.values())
     assert {"DecodeImage", "EncodePng", "ParallelMapDatasetV2", "StringFormat"} <= report.edge_ops
     assert not report.violations and not report.jit_compiled
@@ -156,7 +156,7 @@ def test_the_exporter_refuses_a_cpu_only_op_in_the_explanation(shapes_model, tmp
     """A string round trip planted between the raw map and its resize in our own explainer graph: the
     export fails on the GPU check and publishes no version."""
     import synthetic
-    from export import explainer
+    from camserve.export import explainer
 
     normalise = explainer.normalise
     monkeypatch.setattr(explainer, "normalise",

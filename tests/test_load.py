@@ -35,13 +35,13 @@ _ARENAS = os.environ.get("LOAD_MALLOC_ARENA_MAX", "2")
 SERVER_ENV = {"MALLOC_ARENA_MAX": _ARENAS} if _ARENAS else {}
 
 
-def test_load_mixed_requests_all_correct_and_memory_flat(rel_model, rel_reference, tmp_path):
+def test_load_mixed_requests_all_correct_and_memory_flat(tiny_gradcam_model, tiny_gradcam_reference, tmp_path):
     (tmp_path / "batching.config").write_text(
         f"max_batch_size {{ value: {MAX_BATCH} }}\nallowed_batch_sizes: 1\nallowed_batch_sizes: 4\n"
         f"allowed_batch_sizes: {MAX_BATCH}\nbatch_timeout_micros {{ value: 2000 }}\n"
         "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 1000 }\n")
     server = ServerProcess(
-        ["--port", "0", "--model_name", "rel", "--model_base_path", str(rel_model), "--enable_batching",
+        ["--port", "0", "--model_name", "rel", "--model_base_path", str(tiny_gradcam_model), "--enable_batching",
          "--batching_parameters_file", str(tmp_path / "batching.config"), "--max_concurrent_requests",
          str(2 * CALLERS), "--file_system_poll_wait_seconds", "0"],
         env=SERVER_ENV,
@@ -55,7 +55,7 @@ def test_load_mixed_requests_all_correct_and_memory_flat(rel_model, rel_referenc
             [
                 np.concatenate(
                     [
-                        rel_reference(
+                        tiny_gradcam_reference(
                             "gradcam",
                             images=pool[i : i + MAX_BATCH],
                             class_index=np.full(len(pool[i : i + MAX_BATCH]), c, np.int32),

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import synthetic
+from camserve.export.methods import METHODS
 
 # numpy float64 formulas vs the graph's float32: maps in [0,1] agree to well under 1e-4.
 MAP_TOLERANCE = 1e-4
@@ -125,7 +126,7 @@ def test_scorecam_matches_its_formula(shapes_export, load, shapes_keras, shapes_
     images, class_index, targets, a, _, _ = shapes_evidence
     out = load(shapes_export).signatures["scorecam"](images=images, class_index=class_index)
     for i in range(len(images)):
-        channels = _most_activated(a[i], 64)
+        channels = _most_activated(a[i], METHODS["scorecam"].channel_limit.default)  # the export's default
         masks = np.stack([_resized(a[i][:, :, k]) for k in channels]).astype(np.float64)
         low, high = masks.min(axis=(1, 2), keepdims=True), masks.max(axis=(1, 2), keepdims=True)
         masks = np.divide(masks - low, high - low, out=np.zeros_like(masks), where=high > low)
@@ -150,7 +151,7 @@ def test_ablationcam_matches_its_formula(shapes_export, load, shapes_evidence):
         c = targets[i]
         y = a[i].mean(axis=(0, 1)) @ kernel[:, c] + bias[i, c]
         weights = {}
-        for k in _most_activated(a[i], 64):
+        for k in _most_activated(a[i], METHODS["ablationcam"].channel_limit.default):  # the export's default
             ablated = a[i].copy()
             ablated[:, :, k] = 0
             weights[k] = (y - (ablated.mean(axis=(0, 1)) @ kernel[:, c] + bias[i, c])) / y
@@ -202,7 +203,7 @@ def test_guided_relus_gate_relu_layers_only_while_traced():
     as unguided, and everything is restored after the block."""
     import keras
 
-    from export.guided import guided_relus, survey
+    from camserve.export.guided import guided_relus, survey
 
     keras.utils.set_random_seed(3)
     inputs = keras.Input((4,))
@@ -273,7 +274,7 @@ def test_hirescam_equals_gradcam_for_gap_head(shapes_export, load):
 
 
 def test_layercam_equals_hirescam_for_nonnegative_gradients():
-    from export.methods import Evidence, hirescam, layercam
+    from camserve.export.methods import Evidence, hirescam, layercam
 
     rng = np.random.default_rng(0)
     a = tf.constant(rng.random((2, 7, 7, 16)), tf.float32)
@@ -283,9 +284,7 @@ def test_layercam_equals_hirescam_for_nonnegative_gradients():
     assert np.abs(layercam(Evidence(a, signed, None)) - hirescam(Evidence(a, signed, None))).max() > 0.1
 
 
-@pytest.mark.parametrize(
-    "method", [*REFERENCES, "guided_gradcam", "scorecam", "ablationcam", "layercam_fused", "gradcam_fused"]
-)
+@pytest.mark.parametrize("method", [*METHODS, "layercam_fused", "gradcam_fused"])  # fused: what fused_export has
 def test_pointing_game_per_method(shapes_export, fused_export, load, method):
     images, labels, boxes = synthetic.dataset(100, seed=99)
     model = load(fused_export if method.endswith("_fused") else shapes_export)

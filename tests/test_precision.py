@@ -18,10 +18,11 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 
 import synthetic
-from export.methods import METHODS
-from export.precision import TOLERANCES, PrecisionWarning
-from export.tfs_loader import SavedModelSession
+from camserve.export.methods import METHODS
+from camserve.export.precision import TOLERANCES, PrecisionWarning
+from camserve.serving.servables.session import SavedModelSession
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 PRECISIONS = ("bfloat16", "float16")
 TYPES = {"bfloat16": types_pb2.DT_BFLOAT16, "float16": types_pb2.DT_HALF}
 
@@ -134,11 +135,11 @@ def test_the_exporter_warns_when_the_maps_drift(models_dir, tmp_path):
         synthetic.export_model(path, ["gradcam"], "cancellation", models_dir, warmup_batch_sizes=(1,), feature_maps=0)
 
 
+@pytest.mark.real
 def test_batch_normalised_nested_backbone_in_bfloat16(models_dir, tmp_path):
     """MobileNetV2 (batch normalisation, depthwise convolutions, ReLU6) nested in a transfer model. Not float16:
     with random weights its activations shrink to ~1e-11, below float16's range, and the exporter warns (rightly)."""
     import keras
-
 
     # Seeded: random weights are not trained ones, and some draws drift past bfloat16's tolerance
     # (seeds 0-3 drift 0.009-0.033; an unseeded draw once gave 0.14), which the exporter rightly reports.
@@ -155,11 +156,11 @@ def test_batch_normalised_nested_backbone_in_bfloat16(models_dir, tmp_path):
 
 
 def test_the_cli_passes_the_precision_and_refuses_others(monkeypatch, capsys):
-    import export.savedmodel
-    from export.__main__ import main
+    import camserve.export.savedmodel as savedmodel
+    from camserve.export.__main__ import main
 
     calls = []
-    monkeypatch.setattr(export.savedmodel, "export_savedmodel", calls.append)
+    monkeypatch.setattr(savedmodel, "export_savedmodel", calls.append)
     assert main(["--backbone", "resnet50", "--model-name", "m", "--precision", "bfloat16"]) == 0
     assert calls[0].precision == "bfloat16"
     assert main(["--backbone", "resnet50", "--model-name", "m"]) == 0
@@ -167,3 +168,44 @@ def test_the_cli_passes_the_precision_and_refuses_others(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--backbone", "resnet50", "--model-name", "m", "--precision", "float8"])
     assert exit_info.value.code == 2 and "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+def test_the_probes_are_the_sample_photos_shipped_in_the_package(tmp_path, monkeypatch):
+    """Installed, the repository's samples/ is not there: the drift check reads its own copies of the
+    photos (package data), and refuses to run on noise alone when they are missing."""
+    import tensorflow as tf
+
+    from camserve.export import precision
+
+    assert precision.PROBES.is_relative_to(pathlib.Path(precision.__file__).parent)
+    samples = sorted(p for p in (ROOT / "samples").iterdir() if p.suffix in (".png", ".jpg"))
+    probes = precision.probe_images((32, 48), noise=1)
+    assert probes.shape == (len(samples) + 1, 32, 48, 3) and probes.dtype == np.uint8
+    for probe, sample in zip(probes, samples):  # resized copies: ~2-5 grey levels apart, other photos ~60
+        photo = tf.image.resize(tf.image.decode_image(sample.read_bytes(), channels=3), (32, 48)).numpy()
+        assert np.abs(probe - photo).mean() < 10, sample.name
+    monkeypatch.setattr(precision, "PROBES", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no probe images in"):
+        precision.probe_images((32, 48))
+
+
+def test_the_drift_check_does_not_depend_on_the_signatures_being_built(tmp_path):
+    """The signatures run shared functions traced once; the drift check traces its own passes under each
+    dtype policy, so it measures the same drift before and after the signatures are built."""
+    from camserve.export.backbone import load_backbone
+    from camserve.export.explainer import Explainer
+    from camserve.export.methods import get_method
+    from camserve.export.options import ExportOptions
+    from camserve.export.precision import measure, probe_images
+    from camserve.export.signatures import build_signatures
+
+    synthetic.tiny_gap_cnn(tmp_path / "tiny.keras", synthetic.TINY_SIZE, synthetic.TINY_CLASSES, seed=3)
+    o = ExportOptions(backbone=str(tmp_path / "tiny.keras"), model_name="m", methods=("gradcam",),
+                      precision="bfloat16", feature_maps=0)
+    split = load_backbone(o.backbone, "none", o.target_layer, o.image_size, o.preprocess, o.target_layers, o.precision)
+    explainer = Explainer(split, [get_method("gradcam")], o)
+    images = probe_images(split.image_size)
+    before = measure(explainer, images, o.precision)
+    build_signatures(explainer, [f"class_{i}" for i in range(synthetic.TINY_CLASSES)], default_method="gradcam")
+    assert measure(explainer, images, o.precision) == before
+    assert before[0].heatmap_max > 0  # bfloat16 does move the maps: the two runs were traced apart

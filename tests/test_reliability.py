@@ -32,11 +32,11 @@ from tensorflow_serving.apis import (
 )
 
 from calls import arrays, bytes_request, explain_request, fake_server, model_spec, predict_request, wait_for
+from camserve.serving import configs
+from camserve.serving.__main__ import options_from_args, parser
+from camserve.serving.server import EmbeddedServer, ServerOptions
 from images import bmp_claiming, encode, gif, jpeg_claiming, png_bomb, random_images
 from servers import ServerProcess, from_flags
-from serving import configs
-from serving.__main__ import options_from_args, parser
-from serving.server import EmbeddedServer, ServerOptions
 from synthetic import TINY_CLASSES as NUM_CLASSES
 from synthetic import TINY_MAX_BATCH as MAX_BATCH
 from synthetic import TINY_SIZE as SIZE
@@ -52,13 +52,13 @@ DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUST
 
 
 @pytest.fixture(scope="module")
-def served(rel_model, tmp_path_factory):
+def served(tiny_gradcam_model, tmp_path_factory):
     """The subprocess server of the hostile-input tests (batching: 50 ms window, at most MAX_BATCH)."""
     root = tmp_path_factory.mktemp("served")
     (root / "batching.config").write_text(
         f"max_batch_size {{ value: {MAX_BATCH} }}\nallowed_batch_sizes: 1\nallowed_batch_sizes: {MAX_BATCH}\n"
         "batch_timeout_micros { value: 50000 }\nnum_batch_threads { value: 2 }\nmax_enqueued_batches { value: 1000 }\n")
-    server = ServerProcess(["--port", "0", "--model_name", "rel", "--model_base_path", str(rel_model),
+    server = ServerProcess(["--port", "0", "--model_name", "rel", "--model_base_path", str(tiny_gradcam_model),
                      "--enable_batching", "--batching_parameters_file", str(root / "batching.config"),
                      "--max_message_bytes", str(MAX_MESSAGE), "--file_system_poll_wait_seconds", "0",
                      "--shutdown_grace_seconds", "20"])
@@ -73,11 +73,11 @@ def stub(served):
         yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
 
-def assert_serves(stub, rel_reference, seed: int = 99) -> None:
+def assert_serves(stub, tiny_gradcam_reference, seed: int = 99) -> None:
     """A valid request works and answers exactly what the in-process call does."""
     images = random_images(2, SIZE, seed)
     response = stub.Predict(explain_request("rel", images), timeout=30)
-    expected = rel_reference("gradcam", images=images, class_index=np.array([-1, -1], np.int32))
+    expected = tiny_gradcam_reference("gradcam", images=images, class_index=np.array([-1, -1], np.int32))
     np.testing.assert_allclose(arrays(response)["heatmap"], expected["heatmap"], rtol=1e-5, atol=1e-6)
 
 
@@ -116,7 +116,7 @@ HOSTILE_IMAGES = ["not an image", "empty string", "truncated JPEG", "JPEG cut in
 
 
 @pytest.mark.parametrize("case", HOSTILE_IMAGES)
-def test_hostile_image_gets_a_clear_error_and_the_next_request_works(stub, rel_reference, bomb, case):
+def test_hostile_image_gets_a_clear_error_and_the_next_request_works(stub, tiny_gradcam_reference, bomb, case):
     data, code, fragment = _hostile_images(bomb)[case]
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
@@ -131,12 +131,12 @@ def test_hostile_image_gets_a_clear_error_and_the_next_request_works(stub, rel_r
     response = stub.Predict(bytes_request("rel", [encode(".png", good[0]), data]), timeout=20)
     errors = tf.make_ndarray(response.outputs["error"])
     assert errors[0] == b"" and fragment in errors[1].decode()
-    expected = rel_reference("gradcam", images=good, class_index=np.array([-1], np.int32))["heatmap"]
+    expected = tiny_gradcam_reference("gradcam", images=good, class_index=np.array([-1], np.int32))["heatmap"]
     np.testing.assert_allclose(arrays(response)["heatmap"][:1], expected, rtol=1e-5, atol=1e-6)
-    assert_serves(stub, rel_reference)
+    assert_serves(stub, tiny_gradcam_reference)
 
 
-def test_image_variants_decode_like_their_rgb_pixels(stub, rel_reference):
+def test_image_variants_decode_like_their_rgb_pixels(stub, tiny_gradcam_reference):
     """Grayscale, alpha, 16-bit PNGs and BMPs work, and give the heatmap of the same RGB pixels."""
     image = random_images(1, SIZE, 4)[0]
     gray = image[..., 1]
@@ -151,7 +151,8 @@ def test_image_variants_decode_like_their_rgb_pixels(stub, rel_reference):
     }
     response = stub.Predict(bytes_request("rel", [data for data, _ in cases.values()]), timeout=30)
     pixels = np.stack([expected for _, expected in cases.values()])
-    expected = rel_reference("gradcam", images=pixels, class_index=np.full(len(cases), -1, np.int32))["heatmap"]
+    everyone = np.full(len(cases), -1, np.int32)
+    expected = tiny_gradcam_reference("gradcam", images=pixels, class_index=everyone)["heatmap"]
     for i, name in enumerate(cases):
         np.testing.assert_allclose(arrays(response)["heatmap"][i], expected[i], rtol=1e-5, atol=1e-6, err_msg=name)
     jpeg_gray = stub.Predict(bytes_request("rel", [encode(".jpg", gray)]), timeout=30)  # lossy: shape and range only
@@ -159,10 +160,10 @@ def test_image_variants_decode_like_their_rgb_pixels(stub, rel_reference):
     assert gray_map.shape == (1, SIZE, SIZE) and 0 <= gray_map.min() <= gray_map.max() <= 1
 
 
-def test_a_burst_of_decompression_bombs_leaves_server_memory_flat(served, stub, rel_reference, bomb):
+def test_a_burst_of_decompression_bombs_leaves_server_memory_flat(served, stub, tiny_gradcam_reference, bomb):
     """16 bombs at once (each 768 MB if decoded) plus 16 JPEG headers claiming 60000x60000: refused
     from the header, with the server's RSS sampled every 5 ms."""
-    assert_serves(stub, rel_reference)
+    assert_serves(stub, tiny_gradcam_reference)
     before = served.rss()
     peak, stop = [before], threading.Event()
 
@@ -192,7 +193,7 @@ def test_a_burst_of_decompression_bombs_leaves_server_memory_flat(served, stub, 
     assert all("pixels, more than the limit" in e.details() for e in errors)
     assert peak[0] - before < 150 * 2**20  # one decoded bomb alone would be 768 MB
     assert elapsed < 10
-    assert_serves(stub, rel_reference)
+    assert_serves(stub, tiny_gradcam_reference)
 
 
 # --- hostile tensors and requests -------------------------------------------------------------
@@ -314,7 +315,7 @@ HOSTILE_REQUESTS = ["wrong dtype", "NaN and inf floats", "class_index int64", "w
 
 
 @pytest.mark.parametrize("case", HOSTILE_REQUESTS)
-def test_hostile_request_gets_a_clear_error_and_the_next_request_works(served, stub, rel_reference, case):
+def test_hostile_request_gets_a_clear_error_and_the_next_request_works(served, stub, tiny_gradcam_reference, case):
     req, code, fragment = _hostile_requests()[case]
     before = served.rss()
     started = time.monotonic()
@@ -325,14 +326,14 @@ def test_hostile_request_gets_a_clear_error_and_the_next_request_works(served, s
     assert fragment in info.value.details(), info.value.details()
     assert len(info.value.details()) < 400 and "[[{{" not in info.value.details()
     assert served.rss() - before < 100 * 2**20
-    assert_serves(stub, rel_reference)
+    assert_serves(stub, tiny_gradcam_reference)
 
 
 def test_a_tensor_filled_from_few_values_is_capped():
     """TF's shorthand (fewer values than the shape: the last one repeats) works for small tensors,
     and cannot turn a few bytes into gigabytes."""
-    from serving.errors import ServingError
-    from serving.tensors import MAX_FILL_BYTES, decode_tensor
+    from camserve.serving.errors import ServingError
+    from camserve.serving.tensors import MAX_FILL_BYTES, decode_tensor
 
     small = _proto(types_pb2.DT_INT32, [5])
     small.int_val.append(-1)
@@ -343,7 +344,7 @@ def test_a_tensor_filled_from_few_values_is_capped():
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "carries 0" in info.value.message
 
 
-def test_bytes_that_are_not_a_protobuf_are_invalid_argument(served, rel_reference, stub):
+def test_bytes_that_are_not_a_protobuf_are_invalid_argument(served, tiny_gradcam_reference, stub):
     with grpc.insecure_channel(served.address) as channel:
         raw = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")  # bytes in, bytes out
         for junk in (b"\xff\xff\xff\xff", b"\x0a\x05\x0a\x03rel\x12", os.urandom(64)):
@@ -354,7 +355,7 @@ def test_bytes_that_are_not_a_protobuf_are_invalid_argument(served, rel_referenc
                     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
                     assert "not a valid protobuf" in error.details()
                 assert error.code() in DOCUMENTED, (junk, error.code(), error.details())
-    assert_serves(stub, rel_reference)
+    assert_serves(stub, tiny_gradcam_reference)
 
 
 # --- fuzzing ----------------------------------------------------------------------------------
@@ -428,7 +429,7 @@ def _fuzz_case(rng: np.random.Generator, seeds: dict) -> tuple[str, bytes]:
     return "mutated message", _mutate(valid.SerializeToString(), rng)
 
 
-def test_fuzzed_requests_get_documented_codes_only(served, stub, rel_reference):
+def test_fuzzed_requests_get_documented_codes_only(served, stub, tiny_gradcam_reference):
     rng = np.random.default_rng(20240601)
     image = random_images(1, SIZE, 7)[0]
     seeds = {
@@ -456,14 +457,14 @@ def test_fuzzed_requests_get_documented_codes_only(served, stub, rel_reference):
     assert elapsed < 60
     assert served.proc.poll() is None
     assert codes.get("INVALID_ARGUMENT", 0) > 100  # the fuzzer does reach the checks
-    assert_serves(stub, rel_reference)
+    assert_serves(stub, tiny_gradcam_reference)
 
 
 # --- deadlines, concurrency limit (in-process servers) ----------------------------------------
 
 
-def _in_process(rel_model, **options) -> EmbeddedServer:
-    config = configs.single_model_config("rel", str(rel_model))
+def _in_process(tiny_gradcam_model, **options) -> EmbeddedServer:
+    config = configs.single_model_config("rel", str(tiny_gradcam_model))
     server = EmbeddedServer(
         config,
         ServerOptions(host="127.0.0.1", port=0, enable_model_warmup=False, file_system_poll_wait_seconds=0, **options),
@@ -489,10 +490,10 @@ def _gate(server: EmbeddedServer, signature: str = "gradcam", hold: int = 0):
     return gate, runs
 
 
-def test_a_call_past_its_deadline_is_not_run_by_the_server(rel_model):
+def test_a_call_past_its_deadline_is_not_run_by_the_server(tiny_gradcam_model):
     """A call whose deadline passes while the server reads it (decoding held here) never reaches
     the model. (One still queued for a worker thread is dropped by grpc itself.)"""
-    server = _in_process(rel_model)
+    server = _in_process(tiny_gradcam_model)
     try:
         sig = server.registry.resolve(model_spec("rel")).signature("gradcam")
         decode, gate, runs = sig.decode_inputs, threading.Event(), []
@@ -518,11 +519,11 @@ def test_a_call_past_its_deadline_is_not_run_by_the_server(rel_model):
         server.stop(grace=1)
 
 
-def test_a_call_that_times_out_in_the_batch_queue_is_dropped(rel_model):
+def test_a_call_that_times_out_in_the_batch_queue_is_dropped(tiny_gradcam_model):
     batching = configs.BatchingOptions(
         max_batch_size=MAX_BATCH, batch_timeout_micros=4_000_000, num_batch_threads=1, allowed_batch_sizes=(MAX_BATCH,)
     )
-    server = _in_process(rel_model, batching=batching)
+    server = _in_process(tiny_gradcam_model, batching=batching)
     try:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         stub.Predict(explain_request("rel", random_images(1, SIZE, 0)), timeout=20)  # connected, traced
@@ -539,8 +540,9 @@ def test_a_call_that_times_out_in_the_batch_queue_is_dropped(rel_model):
         server.stop(grace=1)
 
 
-def test_max_concurrent_requests_refuses_the_excess_with_resource_exhausted(rel_model, rel_reference):
-    server = from_flags("--port=0", "--model_name=rel", f"--model_base_path={rel_model}", "--max_concurrent_requests=2",
+def test_max_concurrent_requests_refuses_the_excess_with_resource_exhausted(tiny_gradcam_model, tiny_gradcam_reference):
+    server = from_flags("--port=0", "--model_name=rel", f"--model_base_path={tiny_gradcam_model}",
+                        "--max_concurrent_requests=2",
                         "--enable_model_warmup=false", "--file_system_poll_wait_seconds=0")
     assert server.options.max_concurrent_requests == 2 and ServerOptions().max_concurrent_requests == 0
     server.start()
@@ -555,7 +557,7 @@ def test_max_concurrent_requests_refuses_the_excess_with_resource_exhausted(rel_
         assert "limit" in refused.value.details()
         gate.set()
         assert all(f.result() for f in busy)
-        assert_serves(stub, rel_reference)
+        assert_serves(stub, tiny_gradcam_reference)
     finally:
         server.stop(grace=1)
 
@@ -579,10 +581,11 @@ def _versions(stub) -> list[int]:
     )
 
 
-def test_versions_switch_under_load_and_broken_versions_are_refused(rel_model, rel_reference, tmp_path, caplog):
+def test_versions_switch_under_load_and_broken_versions_are_refused(tiny_gradcam_model, tiny_gradcam_reference,
+                                                                    tmp_path, caplog):
     base = tmp_path / "rel"
     base.mkdir()
-    good = rel_model / "1"
+    good = tiny_gradcam_model / "1"
     _install(base, good, 1)
     config = configs.single_model_config("rel", str(base))
     server = EmbeddedServer(
@@ -593,7 +596,7 @@ def test_versions_switch_under_load_and_broken_versions_are_refused(rel_model, r
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     status = model_service_pb2_grpc.ModelServiceStub(channel)
     images = random_images(2, SIZE, 8)
-    expected = rel_reference("gradcam", images=images, class_index=np.array([-1, -1], np.int32))["heatmap"]
+    expected = tiny_gradcam_reference("gradcam", images=images, class_index=np.array([-1, -1], np.int32))["heatmap"]
     seen, failures, stop = [], [], threading.Event()
 
     def caller(i: int):
@@ -666,7 +669,7 @@ def pki(tmp_path_factory) -> pathlib.Path:
     """`make certs`' CA, server and client certificates and ssl.config, and an unrelated CA with its own client."""
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
-    from serving.certs import make_ca, make_certificate, make_test_pki
+    from camserve.serving.certs import make_ca, make_certificate, make_test_pki
 
     d = tmp_path_factory.mktemp("pki")
     make_test_pki(d)
@@ -675,13 +678,14 @@ def pki(tmp_path_factory) -> pathlib.Path:
     return d
 
 
-def test_mutual_tls_refuses_plaintext_wrong_ca_and_clients_without_a_certificate(rel_model, pki, tmp_path, capsys):
-    from client import CamClient, CamServingError, RetryPolicy, tls_credentials
-    from client.__main__ import main as client_main
+def test_mutual_tls_refuses_plaintext_wrong_ca_and_clients_without_a_certificate(tiny_gradcam_model, pki, tmp_path,
+                                                                                 capsys):
+    from camserve.client import CamClient, CamServingError, RetryPolicy, tls_credentials
+    from camserve.client.__main__ import main as client_main
 
     ssl = configs.read_text_proto(pki / "ssl.config", configs.SSLConfig)  # as `make certs` writes it
     assert ssl.client_verify and ssl.custom_ca == (pki / "ca.pem").read_text()
-    flags = ["--port=0", "--model_name=rel", f"--model_base_path={rel_model}", "--enable_model_warmup=false",
+    flags = ["--port=0", "--model_name=rel", f"--model_base_path={tiny_gradcam_model}", "--enable_model_warmup=false",
              "--file_system_poll_wait_seconds=0"]
     server = from_flags(*flags, f"--ssl_config_file={pki / 'ssl.config'}")
     port = server.start()
@@ -754,7 +758,7 @@ def test_binds_loopback_by_default(served):
 def test_client_retries_unavailable_with_backoff_and_a_cap():
     from tensorflow_serving.apis import get_model_metadata_pb2
 
-    from client import CamClient, CamServingError, RetryPolicy
+    from camserve.client import CamClient, CamServingError, RetryPolicy
 
     calls = []
 
@@ -806,7 +810,7 @@ def test_default_client_retries_once_per_layer_and_throttles_a_failing_server():
     """By default only the channel retries (gRPC's policy, up to 5 attempts), and its throttling
     stops retrying once most calls fail: 10 calls to a server that always answers UNAVAILABLE cost
     5 + 9 attempts, not 10 x 5 (or 10 x 5 x 3 with a second retry layer)."""
-    from client import CamClient, CamServingError
+    from camserve.client import CamClient, CamServingError
 
     calls = []
 
@@ -834,13 +838,13 @@ def test_default_client_retries_once_per_layer_and_throttles_a_failing_server():
 # --- SIGTERM under load (last: it stops the subprocess server) -----------------------------------
 
 
-def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_0(served, rel_reference):
+def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_0(served, tiny_gradcam_reference):
     """Callers keep sending; SIGTERM comes while calls sit in the 50 ms batch window. Those sent
     before it all succeed, later ones are refused (UNAVAILABLE; or CANCELLED from gRPC for a call
     that reaches the listener in the instant it closes, before any handler saw it), exit status 0."""
     address = served.address
     images = random_images(MAX_BATCH, SIZE, 12)
-    expected = rel_reference("gradcam", images=images, class_index=np.full(MAX_BATCH, -1, np.int32))["heatmap"]
+    expected = tiny_gradcam_reference("gradcam", images=images, class_index=np.full(MAX_BATCH, -1, np.int32))["heatmap"]
     results, pending, stop = [], {}, threading.Event()
     lock = threading.Lock()
 
@@ -882,7 +886,9 @@ def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_0(served, r
     assert code == 0
     assert "SIGTERM received" in served.log
     assert late.value.code() == grpc.StatusCode.UNAVAILABLE
-    before = [r for r in results if r[0] < signalled - 0.01]
+    # Sent before the signal and delivered: on a busy machine a caller's thread can note its time and
+    # reach the socket only after the listener closed ("failed to connect": the server never saw it).
+    before = [r for r in results if r[0] < signalled - 0.01 and "failed to connect" not in r[2]]
     in_flight = [r for r in before if r[1] > signalled]  # sent before the signal, answered after it
     assert in_flight and all(outcome == "OK" for _, _, outcome in before), [r for r in before if r[2] != "OK"]
     after = [outcome for sent, _, outcome in results if sent >= signalled - 0.01]

@@ -22,9 +22,9 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 import servers
 import synthetic
 from calls import model_spec
+from camserve.serving.configs import BatchingOptions
 from images import jpeg, random_images
 from servers import http
-from serving.configs import BatchingOptions
 from synthetic import TINY_SIZE as SIZE
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -38,16 +38,17 @@ from tensorflow_serving.apis import (
 
 import synthetic
 from calls import arrays, predict_request, rpc_error, wait_for
-from export.tfs_loader import WARMUP_FILE, SessionError
+from camserve.serving import configs
+from camserve.serving.__main__ import options_from_args, parser
+from camserve.serving.batching import Batcher
+from camserve.serving.errors import ServingError, clean_tf_message
+from camserve.serving.registry import ModelRegistry
+from camserve.serving.servables.session import SessionError
+from camserve.serving.servables.warmup import WARMUP_FILE
+from camserve.serving.server import EmbeddedServer, ServerOptions, default_grpc_threads
+from camserve.serving.tensors import encode_tensor
 from images import png, random_images
 from servers import ServerProcess, from_flags
-from serving import configs
-from serving.__main__ import options_from_args, parser
-from serving.batching import Batcher
-from serving.errors import ServingError, clean_tf_message
-from serving.registry import ModelRegistry
-from serving.server import EmbeddedServer, ServerOptions, default_grpc_threads
-from serving.tensors import encode_tensor
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REMOTE = os.environ.get("TFSERVING_ADDRESS")
@@ -586,7 +587,7 @@ def test_command_line_flag_forms():
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_tls_with_an_ssl_config_file(tiny_models, tmp_path):
     """Server-side TLS only (no client certificates), with `make certs`' CA and server certificate."""
-    from serving.certs import make_ca, make_certificate
+    from camserve.serving.certs import make_ca, make_certificate
 
     make_ca(tmp_path)
     make_certificate(tmp_path, "server", server=True)

@@ -16,10 +16,10 @@ import pytest
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import configs, tfserving
-from serving.__main__ import options_from_args
-from serving.__main__ import parser as embedded_parser
-from serving.gpu import tensorflow_gpus
+from camserve.serving import configs, tfserving
+from camserve.serving.__main__ import options_from_args
+from camserve.serving.__main__ import parser as embedded_parser
+from camserve.serving.gpu import tensorflow_gpus
 from tf_serving_flags import EMBEDDED_ONLY_FLAGS, TF_SERVING_FLAGS, flags_of
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def test_models_config_parses_as_model_server_config():
 
 
 def test_batching_config_matches_the_warmup_records():
-    from export.options import ExportOptions
+    from camserve.export.options import ExportOptions
 
     params = _parse(SERVING / "batching.config", configs.BatchingParameters())
     warmup_sizes = ExportOptions(backbone="any", model_name="any").warmup_batch_sizes

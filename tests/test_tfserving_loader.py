@@ -1,6 +1,6 @@
 """TensorFlow Serving's own code path: C++ LoadSavedModel + Session::Run through TF's C API.
 
-What TF Serving does with a model (export/tfs_loader.py): load the MetaGraph tagged `serve`,
+What TF Serving does with a model (serving/servables/session.py): load the MetaGraph tagged `serve`,
 restore variables with the saver, replay the warm-up file, and answer a request with one
 Session::Run on the SignatureDef's tensor names. These tests run every model the suite exports
 that way and compare with the TF2 object path (`tf.saved_model.load`) that the numeric tests use,
@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 
 import synthetic
-from export.tfs_loader import SavedModelSession, SessionError, warmup_requests
+from camserve.serving.servables.session import SavedModelSession, SessionError
+from camserve.serving.servables.warmup import read_warmup_requests
 
 # Session::Run and the TF2 function runtime run the same kernels after the same graph rewrites:
 # measured differences are 0 on every model here. Floats may move in the last bits where a
@@ -45,7 +46,8 @@ def assert_same(name: str, served: np.ndarray, expected: np.ndarray) -> float:
     return diff
 
 
-@pytest.mark.parametrize("model", EXPORTS)
+@pytest.mark.parametrize("model", [pytest.param(name, marks=[pytest.mark.real] if not name.startswith("shapes") else [])
+                                   for name in EXPORTS])
 def test_tf_serving_loader_runs_every_signature_like_the_tf2_path(request, load, model):
     path = EXPORTS[model](request)
     tf2 = load(path)
@@ -53,7 +55,7 @@ def test_tf_serving_loader_runs_every_signature_like_the_tf2_path(request, load,
     with SavedModelSession(path) as session:
         servable = set(session.signature_defs) - {"__saved_model_init_op"}
         assert servable == set(tf2.signatures)
-        warmup = list(warmup_requests(path))  # what TF Serving replays before it serves the version
+        warmup = list(read_warmup_requests(path))  # what TF Serving replays before it serves the version
         # Then every signature, aliases and feature_maps included, for every output: on the inputs of
         # the first warm-up record that has the same inputs (batch 1).
         defs = session.signature_defs
@@ -90,8 +92,8 @@ def test_output_filter_is_the_fetch_list(shapes_export, load):
 def test_a_model_saved_the_old_way_is_refused_and_not_published(shapes_model, tmp_path, monkeypatch):
     """Saving the explainer itself (its Keras layers, without the captured variables tracked), the TF2
     path runs the model, TF Serving cannot: the exporter's check must catch it and leave no version behind."""
-    import export.savedmodel as savedmodel
-    from export.verify import VerificationError
+    import camserve.export.savedmodel as savedmodel
+    from camserve.export.verify import VerificationError
 
     monkeypatch.setattr(savedmodel, "servable", lambda explainer, signatures: explainer)
     with pytest.raises(VerificationError, match="Could not find variable") as caught:

@@ -27,11 +27,11 @@ from tensorflow_serving.apis import (
 import servers
 import synthetic
 from calls import wait_for
+from camserve.serving import configs, json_tensor, rest
+from camserve.serving.__main__ import options_from_args, parser
+from camserve.serving.server import ServerOptions, StartupError, serve
+from camserve.serving.tfserving import server_flags
 from servers import http
-from serving import configs, json_tensor, rest
-from serving.__main__ import options_from_args, parser
-from serving.server import ServerOptions, StartupError, serve
-from serving.tfserving import server_flags
 from synthetic import TINY_SIZE as SIZE
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -23,14 +23,13 @@ import numpy as np
 import pytest
 
 import synthetic
-from client import GUIDED_PNG, CamClient, overlay
-from client.image_header import declared_size
-from client.outputs import EXPLAIN
-from client.web import PAGE, ExplainPage, PageError, PageLimits, make_server
+from camserve.client import CamClient, overlay
+from camserve.client.image_header import declared_size
+from camserve.client.outputs import EXPLAIN
+from camserve.client.web import PAGE, ExplainPage, PageError, PageLimits, make_server
 from servers import ROOT, http, start
 
 CHELSEA = ROOT / "samples" / "chelsea.png"
-METHODS = ("gradcam", "cam")
 
 
 # -- image headers ------------------------------------------------------------------------------
@@ -91,7 +90,7 @@ def _png(width: int, height: int) -> bytes:
 
 
 def test_model_lists_the_methods_from_the_signatures(page):
-    from export.methods import METHODS as EXPORTED
+    from camserve.export.methods import METHODS as EXPORTED
 
     status, _, text = http(page, "/api/model")
     assert status == 200, text
@@ -113,16 +112,19 @@ def test_explain_returns_the_servers_map_and_timing(page, served):
     heat = cv2.imdecode(np.frombuffer(base64.b64decode(body["heatmap_png"]), np.uint8), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(heat.astype(np.float32) / 255, direct.heatmap)
     assert 0 < body["server_ms"] <= body["backend_ms"]
-    assert "guided_png" not in body
+    assert body["pictures"] == {}
 
 
 def test_guided_gradcam_also_returns_its_picture(page, served):
     status, _, text = http(page, "/api/explain?method=guided_gradcam", CHELSEA.read_bytes())
     assert status == 200, text
     with CamClient(f"127.0.0.1:{served.port}", model="shapes") as client:
-        direct = client.explain(str(CHELSEA), method="guided_gradcam", outputs=[GUIDED_PNG])
-    guided = cv2.imdecode(np.frombuffer(base64.b64decode(json.loads(text)["guided_png"]), np.uint8), cv2.IMREAD_COLOR)
-    assert np.array_equal(guided[:, :, ::-1], direct.guided) and direct.guided.shape == (64, 64, 3)
+        own = client.method_pictures()["guided_gradcam"]
+        direct = client.explain(str(CHELSEA), method="guided_gradcam", outputs=own)
+    assert own == ["guided_png_bytes"] and list(json.loads(text)["pictures"]) == list(direct.pictures) == ["guided"]
+    png = base64.b64decode(json.loads(text)["pictures"]["guided"])
+    guided = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert np.array_equal(guided[:, :, ::-1], direct.pictures["guided"]) and guided.shape == (64, 64, 3)
 
 
 REFUSALS = {  # what the page answers, before the model server or from it
@@ -138,7 +140,7 @@ REFUSALS = {  # what the page answers, before the model server or from it
         "/api/explain?method=nope",
         _png(8, 8),
         400,
-        "has no method 'nope'; it has ablationcam, cam, eigencam",
+        "has no method 'nope'; it has ",  # the model's methods, as /api/model lists them
     ),
     "class not a number": ("/api/explain?class_index=x", _png(8, 8), 400, "class_index must be a class number"),
     "class out of range": (
@@ -220,7 +222,7 @@ def test_import_client_does_not_load_the_page():
 # -- in the browser -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    from bench.web_page import CHROMEDRIVER, CHROMIUM, chromium
+    from camserve.bench.web_page import CHROMEDRIVER, CHROMIUM, chromium
 
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
     if missing:
@@ -236,14 +238,14 @@ def browser(tmp_path_factory):
 
 
 def _open(browser, port: int, method: str = "gradcam") -> None:
-    from bench.web_page import open_page
+    from camserve.bench.web_page import open_page
 
     open_page(browser, f"http://127.0.0.1:{port}/", method)
 
 
 def _explain(browser, path) -> list:
     """Pick one file; the panels of its row once each shows an overlay or an error."""
-    from bench.web_page import explained_panels, upload
+    from camserve.bench.web_page import explained_panels, upload
 
     before = len(browser.find_elements("css selector", ".row"))
     upload(browser, path)
@@ -293,7 +295,7 @@ def test_guided_gradcam_shows_its_picture_under_the_overlay(browser, page):
     _open(browser, page, "guided_gradcam")
     [panel] = _explain(browser, CHELSEA)
     assert not panel.get_attribute("data-error")
-    picture = panel.find_element("css selector", "img.guided")
+    picture = panel.find_element("css selector", "img.picture[data-picture='guided']")
     browser.execute_script("return arguments[0].decode()", picture)
     assert picture.is_displayed()
     assert browser.execute_script("return [arguments[0].width, arguments[0].naturalWidth]", picture) == [451, 64]
@@ -303,7 +305,7 @@ def test_other_methods_show_no_picture_under_the_overlay(browser, page):
     """Only a method whose answer has a picture shows one: no empty picture frame under Grad-CAM's overlay."""
     _open(browser, page)
     [panel] = _explain(browser, CHELSEA)
-    assert not panel.find_element("css selector", "img.guided").is_displayed()
+    assert not panel.find_elements("css selector", "img.picture")
 
 
 def test_downloads_are_the_overlay_and_the_heatmap_at_the_image_size(browser, page):
@@ -348,7 +350,7 @@ def test_compare_all_shows_every_method(browser, page):
     _open(browser, page, "__compare__")
     panels = _explain(browser, CHELSEA)
     methods = [p.get_attribute("data-method") for p in panels]
-    from export.methods import METHODS as EXPORTED
+    from camserve.export.methods import METHODS as EXPORTED
 
     assert sorted(methods) == sorted(EXPORTED)
     assert all(p.get_attribute("data-class-index") for p in panels)
@@ -390,8 +392,9 @@ def test_every_default_call_of_client_cli_and_page_was_warmed_up(served, page, s
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2
 
-    from client.__main__ import main as cli
-    from export.tfs_loader import WARMUP_FILE, SavedModelSession
+    from camserve.client.__main__ import main as cli
+    from camserve.serving.servables.session import SavedModelSession
+    from camserve.serving.servables.warmup import WARMUP_FILE
 
     sent = []
     original = CamClient._call
@@ -415,7 +418,7 @@ def test_every_default_call_of_client_cli_and_page_was_warmed_up(served, page, s
         assert cli(["explain", str(CHELSEA), "--server", f"127.0.0.1:{served.port}", "--model", "shapes",
                     "--method", method, "--out", str(tmp_path)]) == 0, method
     assert cli(["predict", str(CHELSEA), "--server", f"127.0.0.1:{served.port}", "--model", "shapes"]) == 0
-    assert ("guided_gradcam_bytes", frozenset([*EXPLAIN, GUIDED_PNG])) in sent  # the CLI's and page's
+    assert ("guided_gradcam_bytes", frozenset([*EXPLAIN, "guided_png_bytes"])) in sent  # the CLI's and page's
 
     with SavedModelSession(shapes_export) as session:  # which tensors each signature runs
         defs = session.signature_defs

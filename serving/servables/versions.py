@@ -1,13 +1,8 @@
-"""Versions on disk and which of them a model's version policy wants, as TF Serving sees them."""
+"""Version folders as TF Serving's file system source sees them: numeric names under a base path."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Sequence
-
-import grpc
-from tensorflow_serving.config import model_server_config_pb2
 
 
 def numeric_versions(base_path: str) -> dict[int, str]:
@@ -41,24 +36,3 @@ def disk_state(path: str) -> tuple:
                 continue
             state.append((os.path.relpath(os.path.join(root, name), path), info.st_size, info.st_mtime_ns))
     return tuple(sorted(state))
-
-
-def aspired_versions(config: model_server_config_pb2.ModelConfig, on_disk: Sequence[int]) -> list[int]:
-    """The versions the model's version policy wants loaded (default: the latest one)."""
-    policy = config.model_version_policy
-    kind = policy.WhichOneof("policy_choice")
-    if kind == "all":
-        return list(on_disk)
-    if kind == "specific":
-        return [v for v in on_disk if v in set(policy.specific.versions)]
-    count = policy.latest.num_versions if kind == "latest" and policy.latest.num_versions > 0 else 1
-    return list(on_disk)[-count:]
-
-
-@dataclasses.dataclass(frozen=True)
-class VersionState:
-    """A version's state as GetModelStatus reports it (TF Serving's ModelVersionStatus)."""
-
-    state: str  # LOADING, AVAILABLE, UNLOADING, END (TF Serving's names)
-    code: grpc.StatusCode = grpc.StatusCode.OK  # a failed load: its error, with state END
-    message: str = ""
