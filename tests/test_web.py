@@ -371,6 +371,7 @@ def test_an_oversized_image_is_refused_in_words(browser, served, tmp_path, limit
         [panel] = _explain(browser, path)
         assert refusal in panel.get_attribute("data-error")
         assert refusal in panel.find_element("css selector", ".error").text
+        assert not panel.find_element("css selector", "canvas").is_displayed()  # no empty picture beside it
 
 
 def test_a_stopped_server_is_reported_unavailable(browser, tmp_path):
