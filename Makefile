@@ -65,11 +65,14 @@ LOAD_SECONDS ?= 60
 test-load: venv
 	LOAD_SECONDS=$(LOAD_SECONDS) $(PY) -m pytest -q -s -m load tests/test_load.py
 
-# METHODS=all exports every method; TARGET_LAYERS=a,b adds <method>_fused signatures (fused maps of those layers).
+# METHODS=all exports every method; TARGET_LAYERS=a,b adds <method>_fused signatures (fused maps of those layers);
+# SMOOTH=aug, eigen or aug,eigen adds <method>_smooth signatures (which make bench then times too).
 TARGET_LAYERS ?=
+SMOOTH ?=
 export: venv
 	$(PY) -m export --backbone $(BACKBONE) --weights $(WEIGHTS) --methods $(METHODS) \
-		--model-name $(MODEL) --base-path $(BASE_PATH) $(if $(TARGET_LAYERS),--target-layers $(TARGET_LAYERS))
+		--model-name $(MODEL) --base-path $(BASE_PATH) $(if $(TARGET_LAYERS),--target-layers $(TARGET_LAYERS)) \
+		$(if $(SMOOTH),--smooth $(SMOOTH))
 
 # Needs a running server (make serve, or TF Serving) with $(MODEL) on port $(PORT).
 explain: venv

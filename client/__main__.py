@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     explain = sub.add_parser("explain", parents=[common], help="top-k, heatmap and overlay pictures")
     explain.add_argument("--method", default="gradcam",
-                         help="any method the model was exported with, <method>_fused included (README: Methods)")
+                         help="any method the model was exported with, <method>_fused and <method>_smooth "
+                              "included (README: Methods)")
     explain.add_argument("--class-index", type=int, default=None, help="class to explain (default: top-1)")
     explain.add_argument("--out", default="out", help="directory for the PNGs")
     explain.add_argument("--alpha", type=float, default=0.4, help="heatmap weight in the overlay")

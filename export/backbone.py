@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from . import efficientnet_lite
 from .options import PRECISIONS
+from .tokens import TokenGrid, token_grid
 
 POOLING_LAYERS = (
     keras.layers.MaxPooling2D,
@@ -33,8 +34,8 @@ class Backbone:
     """A classifier split at `target_layer`, with everything the explainer graph needs."""
 
     name: str
-    features: keras.Model  # preprocessed image -> A [N, h, w, K]
-    head: keras.Model  # A -> logits [N, C]
+    features: keras.Model  # preprocessed image -> A [N, h, w, K], or tokens [N, T, K] laid out by token_grid
+    head: keras.Model  # A (or the tokens) -> logits [N, C]
     target_layer: str
     image_size: tuple[int, int]
     preprocess: Callable[[tf.Tensor], tf.Tensor]
@@ -44,6 +45,7 @@ class Backbone:
     # each of them: input -> A_1, A_1 -> A_2, ..., A_L -> logits (empty without --target-layers).
     fusion_layers: tuple[str, ...] = ()
     fusion_segments: tuple[keras.Model, ...] = ()
+    token_grid: TokenGrid | None = None  # how a token target layer's tokens lie on the image
 
     @property
     def num_classes(self) -> int:
@@ -208,6 +210,49 @@ def find_target_layer(model: keras.Model) -> str:
     raise ValueError(f"model {model.name!r} has no layer with a 4-D output to explain")
 
 
+def _patch_gradient(head: keras.Model, grid: TokenGrid) -> tuple[tf.Tensor, tf.Tensor]:
+    """Random tokens laid out as the grid, and the gradient of the logits' sum with respect to them."""
+    tokens = tf.random.normal([1, *head.input.shape[1:]], seed=0)
+    with tf.GradientTape() as tape:
+        tape.watch(tokens)
+        logits = head(tokens, training=False)
+    gradient = tape.gradient(logits, tokens, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return grid.grid(tokens), grid.grid(gradient)
+
+
+def _reaches(gradient: tf.Tensor) -> bool:
+    """Whether the patch tokens reach the score (not when a head on the class token reads a per-token
+    layer such as the final norm: their gradient is exactly zero)."""
+    return bool(tf.reduce_any(gradient != 0))
+
+
+def _orthogonal(tokens: tf.Tensor, gradient: tf.Tensor) -> bool:
+    """Whether each patch token's gradient is orthogonal to the token, as when the tokens reach the score
+    only through a layer normalisation (invariant to scaling its input): Σ_k ∂y/∂A_k A_k = 0."""
+    cosine = tf.reduce_sum(tokens * gradient, -1) / (tf.norm(tokens, axis=-1) * tf.norm(gradient, axis=-1) + 1e-30)
+    return bool(tf.reduce_max(tf.abs(cosine)) < 1e-4)
+
+
+def find_token_layer(flat: keras.Model, produced: dict, image_size: tuple[int, int], after: str | None,
+                     grid: str | None, prefix: int | None) -> tuple[str, TokenGrid] | None:
+    """The last token layer [N, T, C] after the layer `after` whose patch tokens reach the score, and
+    its layout: the final norm before a head that pools the tokens; the last block's input (the output
+    of the block before it) when the head reads the class token alone. None when there is none."""
+    operations = [op.name for op in flat.operations]
+    start = 0 if after is None else operations.index(after) + 1 if after in operations else len(operations)
+    for name in reversed(operations[start:]):
+        if name not in produced or len(produced[name].shape) != 3:
+            continue
+        try:
+            layout = token_grid(int(produced[name].shape[1]), image_size, grid, prefix)
+            head = keras.Model(produced[name], flat.output)
+        except ValueError:  # not a grid of the image's patches, or a residual goes around it
+            continue
+        if _reaches(_patch_gradient(head, layout)[1]):
+            return name, layout
+    return None
+
+
 def _activation_name(layer: keras.layers.Layer) -> str | None:
     activation = getattr(layer, "activation", None)
     return getattr(activation, "__name__", None) if activation is not None else None
@@ -225,12 +270,16 @@ def strip_output_activation(model: keras.Model) -> tuple[keras.Model, str | None
     return model, None
 
 
-def _gap_dense_kernel(head: keras.Model) -> tf.Variable | None:
-    """The dense kernel when the head is global average pooling, (dropout,) dense: CAM's w."""
+def _gap_dense_kernel(head: keras.Model, grid: TokenGrid | None) -> tf.Variable | None:
+    """The dense kernel when the head is global average pooling, (dropout,) dense: CAM's w. Over a
+    token layer, only when it has no prefix tokens (the pooling would count them too)."""
+    pooling = keras.layers.GlobalAveragePooling1D if grid else keras.layers.GlobalAveragePooling2D
+    if grid and grid.prefix:
+        return None
     layers = [layer for layer in head.layers if not isinstance(layer, (keras.layers.InputLayer, keras.layers.Dropout))]
     if (
         len(layers) == 2
-        and isinstance(layers[0], keras.layers.GlobalAveragePooling2D)
+        and isinstance(layers[0], pooling)
         and isinstance(layers[1], keras.layers.Dense)
         and _activation_name(layers[1]) in (None, "linear")
     ):
@@ -291,24 +340,54 @@ def load_backbone(
     preprocess: str = "auto",
     target_layers: Sequence[str] = (),
     precision: str = "float32",
+    token_grid_size: str | None = None,
+    prefix_tokens: int | None = None,
 ) -> Backbone:
     """Load `backbone`, strip its output activation, make it compute in `precision` and split it at
-    the target layer (and at each of `target_layers`, for fused maps)."""
+    the target layer (and at each of `target_layers`, for fused maps). A token target layer [N, T, C]
+    is laid out by `token_grid_size` (HxW) and `prefix_tokens`, or as tokens.token_grid finds."""
     model, own_preprocess = load_model(backbone, weights, image_size)
     notes = []
     model, stripped = strip_output_activation(model)
     if stripped:
         notes.append(stripped)
-    target = target_layer or find_target_layer(model)
     flat, produced = flatten(model)
-    set_precision(flat, precision)
-    if target not in produced:
-        raise ValueError(f"--target-layer {target!r}: no such layer in {model.name!r}")
+    height, width = flat.input_shape[1:3]
+    if height is None or width is None:
+        raise ValueError("the model has no fixed input size: give --image-size")
+    size = (int(height), int(width))
+    layout = None
+    if target_layer:
+        target = target_layer
+        if target not in produced:
+            raise ValueError(f"--target-layer {target!r}: no such layer in {model.name!r}")
+        if len(produced[target].shape) == 3:
+            layout = token_grid(int(produced[target].shape[1]), size, token_grid_size, prefix_tokens)
+    else:
+        try:
+            target = find_target_layer(model)
+        except ValueError:
+            target = None
+        found = find_token_layer(flat, produced, size, target, token_grid_size, prefix_tokens)
+        if found:
+            target, layout = found
+        elif target is None:
+            raise ValueError(f"model {model.name!r} has no layer with a 4-D output or a grid of tokens to explain")
     activations = produced[target]
-    if len(activations.shape) != 4:
-        raise ValueError(f"target layer {target!r} has output shape {activations.shape}; it needs [N, h, w, channels]")
+    if len(activations.shape) != (3 if layout else 4):
+        raise ValueError(f"target layer {target!r} has output shape {activations.shape}; it needs [N, h, w, channels] "
+                         "or tokens [N, T, channels]")
+    set_precision(flat, precision)
     features = keras.Model(flat.input, activations, name="features")
     head = _cut(activations, flat.output, "head", target)
+    tokens, gradient = _patch_gradient(head, layout) if layout else (None, None)
+    if layout and not _reaches(gradient):
+        raise ValueError(f"the score does not depend on the patch tokens of {target!r} (the head reads the class "
+                         "token alone): choose an earlier layer, e.g. the last block's input")
+    if layout and _orthogonal(tokens, gradient):
+        notes.append(f"the patch tokens of {target!r} reach the score only through layer normalisation, which "
+                     "makes Σ_k ∂y/∂A_k A_k zero at every token: HiResCAM's map is rounding noise there and "
+                     "Grad-CAM's channel weights are weak; LayerCAM localises (README: Transformers)")
     fusion_layers, fusion_segments = fusion_chain(flat, produced, list(target_layers)) if target_layers else ((), ())
     if preprocess == "auto":
         preprocess_fn = own_preprocess or _identity
@@ -316,18 +395,16 @@ def load_backbone(
             notes.append("no preprocessing: the model gets pixels 0..255 (use --preprocess to change)")
     else:
         preprocess_fn = preprocess_by_name(preprocess)
-    height, width = flat.input_shape[1:3]
-    if height is None or width is None:
-        raise ValueError("the model has no fixed input size: give --image-size")
     return Backbone(
         name=model.name,
         features=features,
         head=head,
         target_layer=target,
-        image_size=(int(height), int(width)),
+        image_size=size,
         preprocess=preprocess_fn,
-        cam_kernel=_gap_dense_kernel(head),
+        cam_kernel=_gap_dense_kernel(head, layout),
         notes=notes,
         fusion_layers=fusion_layers,
         fusion_segments=fusion_segments,
+        token_grid=layout,
     )

@@ -5,8 +5,12 @@ Read top to bottom, one request goes:
          -> logits = head(A), under a tape watching A            (head only)
          -> target class c per image (-1 = the top-1 class)
          -> dy_c/dA (backward through the head only, never the backbone)
-         -> method: raw map from A, dy_c/dA (and w_c for CAM)
+         -> method: weights from A, dy_c/dA (and w_c for CAM) -> raw map Σ_k w_k A_k
          -> ReLU -> divide by the per-image max -> bilinear resize to the input size.
+A token layer [N,T,C] (a transformer's) is laid out as its patch grid after the head pass
+(export/tokens.py): the methods see A and dy_c/dA as [N,h,w,C]. The `<method>_smooth` signatures of
+--smooth take the principal component instead of the sum (eigen), or run four views of each image
+and average their maps (aug): export/smoothing.py.
 Guided Grad-CAM runs the backbone with guided ReLUs (same forward values) and adds a guided backward
 pass through the whole network down to the pixels (export/guided.py); the fused maps of
 --target-layers (`<method>_fused`) take dy_c/dA_l at every layer in one backward pass.
@@ -28,8 +32,9 @@ import tensorflow as tf
 
 from .backbone import Backbone
 from .guided import guided_relus
-from .methods import Evidence, Method, top_channels
+from .methods import Evidence, Method, channel_sum, top_channels, weighted_activations
 from .options import ExportOptions
+from .smoothing import AUG_VIEWS, augmented_views, eigen_projection, merge_views
 
 # LayerCAM (Jiang et al. 2021, eq. 9): each layer's normalised map M is scaled to tanh(γ M) before
 # the element-wise max, which lifts the weaker maps of shallow layers; γ = 2 as in the paper.
@@ -136,6 +141,7 @@ class Explainer(tf.Module):
             )
         self.split = backbone
         self.options = options
+        self.token_grid = backbone.token_grid
         self.features = backbone.features
         self.head = backbone.head
         self.fusion_segments = list(backbone.fusion_segments)
@@ -158,6 +164,10 @@ class Explainer(tf.Module):
     def _forward(self, pixels: tf.Tensor) -> tf.Tensor:
         return self.passes.backbone(self._preprocess(pixels))
 
+    def _grid(self, layer_output: tf.Tensor) -> tf.Tensor:
+        """A [N,h,w,K] of the target layer's output: itself, or a token layer's patch tokens as their grid."""
+        return self.token_grid.grid(layer_output) if self.token_grid else layer_output
+
     def _prediction(self, logits: tf.Tensor, target: tf.Tensor) -> dict[str, tf.Tensor]:
         probabilities = tf.nn.softmax(logits)
         top_scores, top_indices = tf.math.top_k(probabilities, k=self.top_k)
@@ -175,26 +185,41 @@ class Explainer(tf.Module):
         logits = run(self.head, self._forward(pixels))
         return self._prediction(logits, tf.argmax(logits, axis=-1, output_type=tf.int32))
 
-    def explain(self, method: Method, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
-        """The numeric core of a method's signature: pixels [N,H,W,3] float32, class_index [N] (-1 = top-1)."""
+    def explain(self, method: Method, pixels: tf.Tensor, class_index: tf.Tensor,
+                smooth: tuple[str, ...] = ()) -> dict[str, tf.Tensor]:
+        """The numeric core of a method's signature: pixels [N,H,W,3] float32, class_index [N] (-1 = top-1);
+        `smooth` (export/smoothing.py) for its `<method>_smooth` signature. With aug the four views of an
+        image explain the class the image itself explains, and no top-k maps are made."""
+        augment = "aug" in smooth
+        n = tf.shape(pixels)[0]
         # Guided Grad-CAM differentiates this forward pass down to the pixels, through guided ReLUs
         # (same forward values): the pixel tape records it; for other methods it records nothing used.
         with tf.GradientTape(watch_accessed_variables=False) as pixel_tape, \
                 guided_relus(self.features) if method.guided else contextlib.nullcontext():
             pixel_tape.watch(pixels)
-            x = self._preprocess(pixels)
-            activations = run(self.features, x) if method.guided else self.passes.backbone(x)
-        head = self.passes.head_backward if method.needs_gradient else self.passes.head_forward
-        logits, target, targets, scores, gradients = head(activations, class_index)
-        maps = normalise(self._saliency(method, x, activations, targets, scores, gradients))
-        outputs = {**self._prediction(logits, target), **self._heatmaps(maps[:, 0])}
-        if self.top_k_maps:
+            x = self._preprocess(augmented_views(pixels) if augment else pixels)
+            layer_output = run(self.features, x) if method.guided else self.passes.backbone(x)
+        if augment:
+            class_index = tf.tile(target_class(run(self.head, layer_output[:n]), class_index), [AUG_VIEWS])
+            head = functools.partial(head_pass, self.head, 0, gradients=method.needs_gradient)
+        else:
+            head = self.passes.head_backward if method.needs_gradient else self.passes.head_forward
+        logits, target, targets, scores, gradients = head(layer_output, class_index)
+        maps = normalise(self._saliency(method, x, layer_output, targets, scores, gradients, "eigen" in smooth))
+        if augment:
+            logits, target = logits[:n], target[:n]
+            heatmap = normalise(merge_views(resize_maps(maps[:, 0], self.image_size)))
+            lowres = resize_maps(heatmap, tf.shape(maps)[2:4])  # the average at the layer's resolution
+            outputs = {**self._prediction(logits, target), **self._heatmaps(lowres, heatmap)}
+        else:
+            outputs = {**self._prediction(logits, target), **self._heatmaps(maps[:, 0])}
+        if self.top_k_maps and not augment:
             n, t, h, w = tf.unstack(tf.shape(maps))
             extra = resize_maps(tf.reshape(maps[:, 1:], [n * (t - 1), h, w]), self.image_size)
             outputs["heatmaps"] = tf.reshape(extra, [n, t - 1, *self.image_size])
             outputs["heatmaps_class_index"] = targets[:, 1:]
         if method.guided:
-            guided = self._guided_backprop(pixel_tape, pixels, activations, target)
+            guided = self._guided_backprop(pixel_tape, pixels, layer_output, target)
             outputs["guided"] = outputs["heatmap"][..., tf.newaxis] * guided
         return outputs
 
@@ -210,49 +235,57 @@ class Explainer(tf.Module):
             target = target_class(logits, class_index)
             score = tf.gather(logits, target, batch_dims=1)
         gradients = tape.gradient(score, activations)
-        maps = [normalise(method.saliency(Evidence(a, g, None))) for a, g in zip(activations, gradients)]
+        maps = [normalise(channel_sum(weighted_activations(a, method.weights(Evidence(a, g, None)))))
+                for a, g in zip(activations, gradients)]
         return {**self._prediction(logits, target), **self._heatmaps(fuse(maps))}
 
     def most_activated_maps(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         """The `feature_maps` debug view: the most activated channels of the target layer, each max-normalised."""
-        activations = self._forward(pixels)
+        activations = self._grid(self._forward(pixels))
         channels = top_channels(activations, self.feature_maps)  # [N, F]
         chosen = tf.transpose(tf.gather(activations, channels, axis=3, batch_dims=1), [0, 3, 1, 2])
         return {"feature_maps": normalise(chosen), "feature_channels": channels}
 
-    def _heatmaps(self, maps: tf.Tensor) -> dict[str, tf.Tensor]:
-        """The map of each image [N,h,w] at the input size, as float and 8-bit, and as it was."""
-        heatmap = resize_maps(maps, self.image_size)
+    def _heatmaps(self, maps: tf.Tensor, heatmap: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+        """The map of each image [N,h,w] at the input size (resized, unless given), as float and 8-bit,
+        and as it was."""
+        heatmap = resize_maps(maps, self.image_size) if heatmap is None else heatmap
         return {
             "heatmap": heatmap,
             "heatmap_uint8": tf.cast(tf.round(heatmap * 255.0), tf.uint8),
             "heatmap_lowres": maps,
         }
 
-    def _guided_backprop(self, pixel_tape, pixels, activations, target) -> tf.Tensor:
+    def _guided_backprop(self, pixel_tape, pixels, layer_output, target) -> tf.Tensor:
         """dy_c/d(pixels) [N,H,W,3] with guided ReLUs: the head once more, guided, then a backward pass
-        through the whole network along the forward pass `pixel_tape` recorded. With respect to the RGB
-        pixels, so that the picture keeps its colours whatever channel order the preprocessing uses."""
+        through the whole network along the forward pass `pixel_tape` recorded (of the image itself,
+        the first N rows, when it ran the augmented views too). With respect to the RGB pixels, so that
+        the picture keeps its colours whatever channel order the preprocessing uses."""
         with pixel_tape, guided_relus(self.head):
-            score = tf.gather(run(self.head, activations), target, batch_dims=1)
+            own = layer_output[: tf.shape(pixels)[0]]
+            score = tf.gather(run(self.head, own), target, batch_dims=1)
         return pixel_tape.gradient(score, pixels)
 
-    def _saliency(self, method: Method, x, activations, targets, scores, gradients) -> tf.Tensor:
-        """Raw maps [N, T, h, w], one per target class: the method applied to each (image, class)."""
+    def _saliency(self, method: Method, x, layer_output, targets, scores, gradients, eigen: bool) -> tf.Tensor:
+        """Raw maps [N, T, h, w], one per target class: the method's weights of A applied to each (image,
+        class), summed over the channels, or their principal component (`eigen`)."""
         n, t = tf.shape(targets)[0], targets.shape[1]
         class_weights = None
         if method.needs_gap_dense_head:
             # Gather the few columns first: transposing the whole [K, C] kernel costs more than CAM.
             class_weights = tf.transpose(tf.gather(self.cam_kernel, tf.reshape(targets, [-1]), axis=1))
         if t > 1:
-            activations = tf.repeat(activations, t, axis=0)
+            layer_output = tf.repeat(layer_output, t, axis=0)
             x = tf.repeat(x, t, axis=0)
+        activations = self._grid(layer_output)
         evidence = Evidence(
-            activations, gradients, class_weights, targets=tf.reshape(targets, [-1]),
-            scores=tf.reshape(scores, [-1]), inputs=x,
+            activations, None if gradients is None else self._grid(gradients), class_weights,
+            targets=tf.reshape(targets, [-1]), scores=tf.reshape(scores, [-1]), inputs=x,
             features=self.passes.backbone,
             head=lambda a: run(self.head, a),
+            layer_output=layer_output,
             channels=self.channels.get(method.name, 0),
         )
-        raw = method.saliency(evidence)
+        weighted = weighted_activations(activations, method.weights(evidence))
+        raw = eigen_projection(weighted) if eigen else channel_sum(weighted)
         return tf.reshape(raw, tf.concat([[n, t], tf.shape(raw)[1:]], 0))

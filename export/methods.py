@@ -1,10 +1,12 @@
 """CAM methods: each one only says how to weight the target layer's channels.
 
 A method maps the evidence of one batch (activations `A` [N,h,w,K], the gradient of the target
-class's logit `dy_c/dA` [N,h,w,K], and for CAM the dense kernel column `w_c` [N,K]) to a raw map
-[N,h,w]. Score-CAM and Ablation-CAM find their weights by running the model again on changed inputs
-or activations, so the evidence also carries the model's two halves. The shared pipeline in
-`explainer.py` applies ReLU, normalisation and resize to all.
+class's logit `dy_c/dA` [N,h,w,K], and for CAM the dense kernel column `w_c` [N,K]) to weights: one
+per channel [N,K], or one per activation [N,h,w,K] (HiResCAM, LayerCAM). Score-CAM and Ablation-CAM
+find their weights by running the model again on changed inputs or activations, so the evidence also
+carries the model's two halves. The shared pipeline in `explainer.py` weights A, sums the channels
+(or, with --smooth eigen, takes their first principal component: export/smoothing.py), then applies
+ReLU, normalisation and resize to all.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import tensorflow as tf
 class Evidence:
     """What a method may use; `gradients` and `class_weights` are None when not needed."""
 
-    activations: tf.Tensor  # A: [N, h, w, K]
+    activations: tf.Tensor  # A: [N, h, w, K] (a token layer's patch tokens laid out as their grid)
     gradients: tf.Tensor | None  # dy_c/dA: [N, h, w, K]
     class_weights: tf.Tensor | None  # w_c: [N, K]
     targets: tf.Tensor | None = None  # c: [N], the class each row explains
     scores: tf.Tensor | None = None  # y_c: [N], each row's class logit (the head's output, already computed)
     inputs: tf.Tensor | None = None  # the model's input x (preprocessed): [N, H, W, 3]
     features: Callable[[tf.Tensor], tf.Tensor] | None = None  # x -> A
-    head: Callable[[tf.Tensor], tf.Tensor] | None = None  # A -> logits
+    head: Callable[[tf.Tensor], tf.Tensor] | None = None  # the target layer's output -> logits
+    layer_output: tf.Tensor | None = None  # the target layer's output as the head takes it: A, or its tokens [N, T, K]
     channels: int = 0  # how many of the most activated channels Score-/Ablation-CAM score; 0: all
 
 
@@ -42,7 +45,7 @@ class ChannelLimit:
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    saliency: Callable[[Evidence], tf.Tensor]  # -> raw map [N, h, w], before ReLU
+    weights: Callable[[Evidence], tf.Tensor]  # -> channel weights [N, K] or element-wise weights [N, h, w, K]
     needs_gradient: bool = True
     needs_gap_dense_head: bool = False
     guided: bool = False  # also returns guided backpropagation times the map (Guided Grad-CAM)
@@ -50,9 +53,21 @@ class Method:
     channel_limit: ChannelLimit | None = None  # scores channels one by one: Evidence.channels comes from it
 
 
-def weighted_channel_sum(activations: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
-    """Σ_k w_k A_k per image: [N,h,w,K] x [N,K] -> [N,h,w]."""
-    return tf.einsum("nhwk,nk->nhw", activations, weights)
+def weighted_activations(activations: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """w_k A_k: [N,h,w,K] times channel weights [N,K] or element-wise weights [N,h,w,K]."""
+    if weights.shape.rank == 2:
+        weights = weights[:, tf.newaxis, tf.newaxis, :]
+    return activations * weights
+
+
+def channel_sum(weighted: tf.Tensor) -> tf.Tensor:
+    """The raw map Σ_k w_k A_k [N,h,w] of weighted activations [N,h,w,K]."""
+    return tf.reduce_sum(weighted, axis=-1)
+
+
+def _spread(weights: tf.Tensor, chosen: tf.Tensor, channels: int) -> tf.Tensor:
+    """Weights [N,M] of the chosen channels [N,M] as weights [N,K] of every channel (0 for the others)."""
+    return tf.einsum("nm,nmk->nk", weights, tf.one_hot(chosen, channels, dtype=weights.dtype))
 
 
 def gradcam(e: Evidence) -> tf.Tensor:
@@ -60,8 +75,7 @@ def gradcam(e: Evidence) -> tf.Tensor:
 
     α_k = (1/Z) Σ_ij ∂y_c/∂A_k(i,j): the gradient averaged over space is the channel weight.
     """
-    alpha = tf.reduce_mean(e.gradients, axis=(1, 2))
-    return weighted_channel_sum(e.activations, alpha)
+    return tf.reduce_mean(e.gradients, axis=(1, 2))
 
 
 def cam(e: Evidence) -> tf.Tensor:
@@ -69,7 +83,7 @@ def cam(e: Evidence) -> tf.Tensor:
 
     w is the kernel of the dense layer after global average pooling; no gradient needed.
     """
-    return weighted_channel_sum(e.activations, e.class_weights)
+    return e.class_weights
 
 
 def gradcam_plus_plus(e: Evidence) -> tf.Tensor:
@@ -82,8 +96,7 @@ def gradcam_plus_plus(e: Evidence) -> tf.Tensor:
     g2 = tf.square(g)
     denominator = 2.0 * g2 + tf.reduce_sum(e.activations, axis=(1, 2), keepdims=True) * g2 * g
     alpha = tf.math.divide_no_nan(g2, denominator)
-    weights = tf.reduce_sum(alpha * tf.nn.relu(g), axis=(1, 2))
-    return weighted_channel_sum(e.activations, weights)
+    return tf.reduce_sum(alpha * tf.nn.relu(g), axis=(1, 2))
 
 
 def hirescam(e: Evidence) -> tf.Tensor:
@@ -91,40 +104,41 @@ def hirescam(e: Evidence) -> tf.Tensor:
 
     Element-wise product instead of pooled gradients: provably shows where the model looked.
     """
-    return tf.reduce_sum(e.gradients * e.activations, axis=-1)
+    return e.gradients
 
 
 def layercam(e: Evidence) -> tf.Tensor:
     """LayerCAM (Jiang et al. 2021, IEEE TIP 30:5875): Σ_k ReLU(∂y_c/∂A_k) ⊙ A_k."""
-    return tf.reduce_sum(tf.nn.relu(e.gradients) * e.activations, axis=-1)
+    return tf.nn.relu(e.gradients)
 
 
 def xgradcam(e: Evidence) -> tf.Tensor:
     """XGrad-CAM (Fu et al. 2020, arXiv 2008.02312, eq. 12): w_k = Σ_ij A_k(i,j) / Σ_ab A_k(a,b) · g_ij."""
     share = tf.math.divide_no_nan(e.activations, tf.reduce_sum(e.activations, axis=(1, 2), keepdims=True))
-    weights = tf.reduce_sum(share * e.gradients, axis=(1, 2))
-    return weighted_channel_sum(e.activations, weights)
+    return tf.reduce_sum(share * e.gradients, axis=(1, 2))
+
+
+def principal_direction(values: tf.Tensor, reference: tf.Tensor) -> tf.Tensor:
+    """The first principal direction v [N,K] of `values` [N,P,K] (K channels at P positions, centred over
+    the positions). Its sign is arbitrary, so it is chosen to make the projection correlate positively
+    with `reference` [N,P]."""
+    centred = values - tf.reduce_mean(values, axis=1, keepdims=True)
+    _, _, v = tf.linalg.svd(centred, full_matrices=False)
+    v = v[:, :, 0]
+    projection = tf.einsum("npk,nk->np", centred, v)
+    covariance = tf.reduce_sum(projection * (reference - tf.reduce_mean(reference, 1, keepdims=True)), 1, keepdims=True)
+    return v * tf.where(covariance < 0, -1.0, 1.0)
 
 
 def eigencam(e: Evidence) -> tf.Tensor:
     """EigenCAM (Muhammad & Yeasin 2020, arXiv 2008.00299): A projected on its first principal component.
 
-    Class-agnostic and gradient-free. The sign of a principal component is arbitrary, so it is
-    chosen to make the map correlate positively with the channel-summed activations.
+    Class-agnostic and gradient-free: the weights are the direction itself, with the sign that makes
+    the map correlate positively with the channel-summed activations.
     """
     n, h, w, k = tf.unstack(tf.shape(e.activations))
     flat = tf.reshape(e.activations, [n, h * w, k])
-    centred = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
-    _, _, v = tf.linalg.svd(centred, full_matrices=False)
-    projection = tf.einsum("npk,nk->np", flat, v[:, :, 0])
-    total = tf.reduce_sum(flat, axis=-1)
-    covariance = tf.reduce_sum(
-        (projection - tf.reduce_mean(projection, 1, keepdims=True)) * (total - tf.reduce_mean(total, 1, keepdims=True)),
-        axis=1,
-        keepdims=True,
-    )
-    sign = tf.where(covariance < 0, -1.0, 1.0)
-    return tf.reshape(projection * sign, [n, h, w])
+    return principal_direction(flat, tf.reduce_sum(flat, axis=-1))
 
 
 def top_channels(activations: tf.Tensor, count: int) -> tf.Tensor:
@@ -160,7 +174,7 @@ def scorecam(e: Evidence) -> tf.Tensor:
 
     scores = tf.map_fn(masked_scores, (e.inputs, masks, e.targets), fn_output_signature=tf.float32,
                        parallel_iterations=1)  # one image's M passes at a time bounds the memory
-    return weighted_channel_sum(selected, tf.nn.softmax(scores, axis=-1))
+    return _spread(tf.nn.softmax(scores, axis=-1), chosen, int(e.activations.shape[-1]))
 
 
 def ablationcam(e: Evidence) -> tf.Tensor:
@@ -169,22 +183,23 @@ def ablationcam(e: Evidence) -> tf.Tensor:
 
     Each ablation runs through the head only (A -> logits), never the backbone, as one batch of M
     ablated copies per image; only the `channels` most activated channels are ablated (the rest
-    weigh 0). As in the paper, the drop is divided by y_c: a class with a negative logit has its
-    map's sign turned, so explain classes the model scores positively.
+    weigh 0). In a token layer channel k is zeroed in every token, the class token included (as
+    pytorch-grad-cam's AblationLayerVit). As in the paper, the drop is divided by y_c: a class with a
+    negative logit has its map's sign turned, so explain classes the model scores positively.
     """
     chosen = top_channels(e.activations, e.channels)  # [N, M]
-    selected = tf.gather(e.activations, chosen, axis=3, batch_dims=1)  # [N, h, w, M]
     channels = int(e.activations.shape[-1])
 
     def ablated_scores(row):
-        activations, ablate, target = row  # [h, w, K], [M], class
-        keep = 1.0 - tf.one_hot(ablate, channels, dtype=activations.dtype)  # [M, K]
-        return e.head(activations[tf.newaxis] * keep[:, tf.newaxis, tf.newaxis, :])[:, target]
+        output, ablate, target = row  # the head's input [h, w, K] or [T, K], [M], class
+        keep = 1.0 - tf.one_hot(ablate, channels, dtype=output.dtype)  # [M, K]
+        keep = tf.reshape(keep, [-1, *[1] * (output.shape.rank - 1), channels])
+        return e.head(output[tf.newaxis] * keep)[:, target]
 
-    ablated = tf.map_fn(ablated_scores, (e.activations, chosen, e.targets), fn_output_signature=tf.float32,
+    ablated = tf.map_fn(ablated_scores, (e.layer_output, chosen, e.targets), fn_output_signature=tf.float32,
                         parallel_iterations=1)  # [N, M]
     weights = tf.math.divide_no_nan(e.scores[:, tf.newaxis] - ablated, e.scores[:, tf.newaxis])
-    return weighted_channel_sum(selected, weights)
+    return _spread(weights, chosen, channels)
 
 
 METHODS: dict[str, Method] = {

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from .decode import DEFAULT_MAX_PIXELS
 from .methods import METHODS
+from .smoothing import SMOOTHINGS
 
 # --precision -> the Keras dtype policy of every layer: compute in that type, variables in float32.
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -42,7 +43,12 @@ class _FixedOptions:
     model_name: str = option(help="the model's name: its folder under --base-path")
     base_path: str = option("models", "the folder of the models' folders")
     version: int | None = option(None, "version number (default: the next one)", type=int)
-    target_layer: str | None = option(None, "layer to explain (default: the last 4-D layer, found automatically)")
+    target_layer: str | None = option(
+        None, "layer to explain (default: found automatically, the last 4-D layer or transformer block: README)")
+    token_grid: str | None = option(None, "HxW: the patch grid of a token target layer [N, T, C] (default: found)")
+    prefix_tokens: int | None = option(
+        None, "tokens before the patch grid in a token target layer: class, distillation, registers (default: found)",
+        type=int)
     target_layers: tuple[str, ...] = option(
         (), "comma list of layers whose maps are fused (LayerCAM's fusion) in <method>_fused signatures"
     )
@@ -51,6 +57,9 @@ class _FixedOptions:
     labels: str | None = option(None, "class names file, one per line")
     top_k: int = option(5, "classes in top_k_*")
     top_k_maps: int = option(0, "also return heatmaps of the K top classes")
+    smooth: tuple[str, ...] = option(
+        (), "comma list of " + "; ".join(f"{name} ({what})" for name, what in SMOOTHINGS.items())
+        + ": adds a <method>_smooth signature for each method")
     feature_maps: int = option(36, "most activated channels in feature_maps (0: no such signature)")
     precision: str = option(
         "float32",
@@ -64,13 +73,16 @@ class _FixedOptions:
 
     def __post_init__(self) -> None:
         # Lists become tuples (the options stay immutable and hashable); "all" names every method.
-        for field in ("methods", "target_layers", "warmup_batch_sizes"):
+        for field in ("methods", "target_layers", "warmup_batch_sizes", "smooth"):
             value = getattr(self, field)
             object.__setattr__(self, field, (value,) if isinstance(value, str) else tuple(value))
         if self.methods == ("all",):
             object.__setattr__(self, "methods", tuple(METHODS))
         if not self.methods:
             raise ValueError("give at least one method")
+        for name in self.smooth:
+            if name not in SMOOTHINGS:
+                raise ValueError(f"--smooth {name!r}: choose from {', '.join(SMOOTHINGS)}")
 
     @property
     def channels(self) -> dict[str, int]:

@@ -182,12 +182,13 @@ def export_savedmodel(options: ExportOptions | None = None, *, log: Callable[[st
 
     step(f"loading {o.backbone} (weights: {o.weights}, computing in {o.precision})")
     split = load_backbone(o.backbone, o.weights, o.target_layer, o.image_size, o.preprocess, o.target_layers,
-                          o.precision)
+                          o.precision, o.token_grid, o.prefix_tokens)
     for note in split.notes:
         step(note)
     step(
-        f"target layer {split.target_layer!r} {tuple(split.features.output.shape[1:])}, "
-        f"input {split.image_size}, {split.num_classes} classes"
+        f"target layer {split.target_layer!r} {tuple(split.features.output.shape[1:])}"
+        + (f" ({split.token_grid})" if split.token_grid else "")
+        + f", input {split.image_size}, {split.num_classes} classes"
     )
     labels = load_labels(o.labels, split.num_classes)
     explainer = Explainer(split, method_objects, o)

@@ -35,9 +35,9 @@ def _shared_passes(explainer: Explainer, pixels_spec: tf.TensorSpec, class_spec:
 
 
 def build_signatures(explainer: Explainer, labels: list[str], default_method: str) -> dict[str, ConcreteFunction]:
-    """predict, <method> for each method, <method>_fused with --target-layers, feature_maps, each
-    also as _bytes; <name>_compact of each but feature_maps; serving_default (`<default_method>_bytes`).
-    `labels`: the name of each class."""
+    """predict, <method> for each method, <method>_fused with --target-layers, <method>_smooth with
+    --smooth, feature_maps, each also as _bytes; <name>_compact of each but feature_maps; serving_default
+    (`<default_method>_bytes`). `labels`: the name of each class."""
     if len(labels) != explainer.num_classes:
         raise ValueError(f"{len(labels)} labels for a model with {explainer.num_classes} classes")
     options = explainer.options
@@ -96,6 +96,10 @@ def build_signatures(explainer: Explainer, labels: list[str], default_method: st
     computations = {"predict": core(explainer.predict, explains=False)}
     for name, method in explainer.methods.items():
         computations[name] = core(lambda pixels, c, method=method: explainer.explain(method, pixels, c), explains=True)
+    if options.smooth:
+        for name, method in explainer.methods.items():
+            computations[f"{name}_smooth"] = core(
+                lambda pixels, c, method=method: explainer.explain(method, pixels, c, options.smooth), explains=True)
     for name in explainer.fused_methods:
         computations[f"{name}_fused"] = core(
             lambda pixels, c, method=explainer.methods[name]: explainer.explain_fused(method, pixels, c), explains=True)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import eager
 import synthetic
 from camserve.export.methods import METHODS
 
@@ -68,41 +69,20 @@ REFERENCES = {
 }
 
 
-def _normalised(raw: np.ndarray) -> np.ndarray:
-    heat = np.maximum(raw, 0)
-    return heat / heat.max() if heat.max() > 0 else heat
-
-
-def _resized(heat: np.ndarray, size: int = 64) -> np.ndarray:
-    return cv2.resize(heat.astype(np.float32), (size, size))  # bilinear, half-pixel centres
-
-
 @pytest.fixture(scope="module")
 def shapes_keras(shapes_model):
     """The trained shapes model, eager Keras, with logits as its output."""
-    import keras
-
-    model = keras.models.load_model(shapes_model)
-    model.get_layer("predictions").activation = keras.activations.linear
-    return model
+    return eager.logits_model(shapes_model)
 
 
 @pytest.fixture(scope="module")
 def shapes_evidence(shapes_keras):
     """Activations, gradients of the target logit and dense kernel, computed eagerly with Keras."""
-    import keras
-
-    model = shapes_keras
-    grad_model = keras.Model(model.input, [model.get_layer("last_conv").output, model.output])
     images, labels, _ = synthetic.dataset(6, seed=21)
     class_index = np.array([-1, 0, 1, 2, -1, 1], np.int32)
-    with tf.GradientTape() as tape:
-        a, logits = grad_model(images.astype(np.float32), training=False)
-        targets = np.where(class_index < 0, np.argmax(logits, axis=1), class_index)
-        score = tf.reduce_sum(tf.gather(logits, targets, batch_dims=1))
-    g = tape.gradient(score, a).numpy().astype(np.float64)
-    kernel = model.get_layer("predictions").kernel.numpy().astype(np.float64)
-    return images, class_index, targets, a.numpy().astype(np.float64), g, kernel
+    targets, a, g = eager.evidence(shapes_keras, "last_conv", images, class_index)
+    kernel = shapes_keras.get_layer("predictions").kernel.numpy().astype(np.float64)
+    return images, class_index, targets, a, g, kernel
 
 
 @pytest.mark.parametrize("method", list(REFERENCES))
@@ -111,9 +91,9 @@ def test_method_matches_numpy_formula(shapes_export, load, shapes_evidence, meth
     out = load(shapes_export).signatures[method](images=images, class_index=class_index)
     np.testing.assert_array_equal(out["class_index"].numpy(), targets)
     for i in range(len(images)):
-        heat = _normalised(REFERENCES[method](a[i], g[i], kernel[:, targets[i]]))
+        heat = eager.normalised(REFERENCES[method](a[i], g[i], kernel[:, targets[i]]))
         np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], heat, atol=MAP_TOLERANCE, err_msg=method)
-        np.testing.assert_allclose(out["heatmap"].numpy()[i], _resized(heat), atol=MAP_TOLERANCE)
+        np.testing.assert_allclose(out["heatmap"].numpy()[i], eager.resized(heat, synthetic.SIZE), atol=MAP_TOLERANCE)
 
 
 def _most_activated(a: np.ndarray, count: int) -> np.ndarray:
@@ -127,7 +107,7 @@ def test_scorecam_matches_its_formula(shapes_export, load, shapes_keras, shapes_
     out = load(shapes_export).signatures["scorecam"](images=images, class_index=class_index)
     for i in range(len(images)):
         channels = _most_activated(a[i], METHODS["scorecam"].channel_limit.default)  # the export's default
-        masks = np.stack([_resized(a[i][:, :, k]) for k in channels]).astype(np.float64)
+        masks = np.stack([eager.resized(a[i][:, :, k], synthetic.SIZE) for k in channels]).astype(np.float64)
         low, high = masks.min(axis=(1, 2), keepdims=True), masks.max(axis=(1, 2), keepdims=True)
         masks = np.divide(masks - low, high - low, out=np.zeros_like(masks), where=high > low)
         scores = np.array(
@@ -138,7 +118,7 @@ def test_scorecam_matches_its_formula(shapes_export, load, shapes_keras, shapes_
             np.float64,
         )
         weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
-        heat = _normalised(np.einsum("hwk,k->hw", a[i][:, :, channels], weights))
+        heat = eager.normalised(np.einsum("hwk,k->hw", a[i][:, :, channels], weights))
         np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], heat, atol=MAP_TOLERANCE)
 
 
@@ -155,7 +135,7 @@ def test_ablationcam_matches_its_formula(shapes_export, load, shapes_evidence):
             ablated = a[i].copy()
             ablated[:, :, k] = 0
             weights[k] = (y - (ablated.mean(axis=(0, 1)) @ kernel[:, c] + bias[i, c])) / y
-        heat = _normalised(sum(w * a[i][:, :, k] for k, w in weights.items()))
+        heat = eager.normalised(sum(w * a[i][:, :, k] for k, w in weights.items()))
         np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], heat, atol=MAP_TOLERANCE)
 
 
@@ -190,7 +170,7 @@ def test_guided_gradcam_is_gradcam_times_guided_backprop(shapes_export, load, sh
     plain = _backprop_by_hand(shapes_keras, images, targets, guided=False)
     assert np.abs(guided - plain).max() > 0.1 * np.abs(plain).max()  # the gating changes the gradient
     for i in range(len(images)):
-        heatmap = _resized(_normalised(np_gradcam(a[i], g[i], None)))
+        heatmap = eager.resized(eager.normalised(np_gradcam(a[i], g[i], None)), synthetic.SIZE)
         np.testing.assert_allclose(out["heatmap"].numpy()[i], heatmap, atol=MAP_TOLERANCE)  # Grad-CAM's own map
         expected = heatmap[..., None] * guided[i]
         np.testing.assert_allclose(out["guided"].numpy()[i], expected, atol=1e-4 * np.abs(expected).max())
@@ -252,12 +232,12 @@ def test_fused_layercam_matches_the_papers_fusion(fused_export, load, shapes_ker
     out = load(fused_export).signatures["layercam_fused"](images=images, class_index=class_index)
     for i in range(len(images)):
         scaled = [
-            np.tanh(2 * _normalised(np_layercam(a[i].numpy().astype(np.float64), g[i].numpy(), None)))
+            np.tanh(2 * eager.normalised(np_layercam(a[i].numpy().astype(np.float64), g[i].numpy(), None)))
             for a, g in zip(activations, gradients)
         ]
-        fused = _normalised(np.maximum(scaled[0], _resized(scaled[1], 32)))
+        fused = eager.normalised(np.maximum(scaled[0], eager.resized(scaled[1], 32)))
         np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], fused, atol=MAP_TOLERANCE)
-        np.testing.assert_allclose(out["heatmap"].numpy()[i], _resized(fused), atol=MAP_TOLERANCE)
+        np.testing.assert_allclose(out["heatmap"].numpy()[i], eager.resized(fused, synthetic.SIZE), atol=MAP_TOLERANCE)
     single = load(fused_export).signatures["layercam"](images=images, class_index=class_index)
     assert np.abs(single["heatmap"].numpy() - out["heatmap"].numpy()).max() > 0.1  # conv2 adds detail
 
