@@ -91,14 +91,10 @@ def vgg16(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shapes_model(tmp_path_factory) -> pathlib.Path:
-    """The synthetic-shapes GAP CNN, trained once per run (fixed seed), as a .keras file."""
-
-    def train(folder: pathlib.Path) -> None:
-        accuracy = synthetic.train_model(str(folder / "shapes.keras"))
-        assert accuracy > 0.9, f"the synthetic model did not learn (held-out accuracy {accuracy:.2f})"
-
-    return shared(tmp_path_factory, "shapes_model", train) / "shapes.keras"
+def shapes_model() -> pathlib.Path:
+    """The synthetic-shapes GAP CNN as a .keras file, trained by tests/testdata/make_testdata.py: the same
+    weights on every machine."""
+    return synthetic.TESTDATA / "shapes.keras"
 
 
 def _shared_export(tmp_path_factory, name: str, backbone, methods, **options) -> pathlib.Path:

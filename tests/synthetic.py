@@ -1,7 +1,8 @@
-"""A small GAP CNN trained on synthetic images whose answer is known: where the object is.
+"""Synthetic images whose answer is known, where the object is, and the tests' small models and export helpers.
 
 Each 64x64 image is noise with one shape (filled square, cross or ring, the class) at a random
-place; the shape's bounding box is the ground truth for the pointing game.
+place; the shape's bounding box is the ground truth for the pointing game. The models trained on them
+are files in testdata/, made by testdata/make_testdata.py, so every machine tests the same weights.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ SIZE = 64
 SHAPES = ("square", "cross", "ring")
 TINY_SIZE, TINY_CLASSES = 32, 4  # the tiny GAP CNN the serving tests serve
 TINY_MAX_BATCH = 8  # the request limit of its export for the hostile-input and load tests (tiny_gradcam_model)
+TESTDATA = pathlib.Path(__file__).parent / "testdata"  # trained models: make_testdata.py there makes them
 
 
 def draw(shape: str, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -42,81 +44,6 @@ def dataset(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     labels = rng.integers(0, len(SHAPES), size=count)
     images, boxes = zip(*(draw(SHAPES[label], rng) for label in labels))
     return np.stack(images), labels, np.array(boxes)
-
-
-def train_model(path: str, seed: int = 0, epochs: int = 6) -> float:
-    """Train a small GAP + dense CNN, save it as `path` (.keras); returns held-out accuracy."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    images, labels, _ = dataset(3000, seed)
-    inputs = keras.Input((SIZE, SIZE, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    for i, filters in enumerate((16, 32), start=1):
-        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{i}")(x)
-        x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="last_conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(len(SHAPES), activation="softmax", name="predictions")(x)
-    model = keras.Model(inputs, outputs, name="shapes")
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(images, labels, epochs=epochs, batch_size=64, verbose=0)
-    model.save(path)
-    test_images, test_labels, _ = dataset(300, seed + 1)
-    return float(model.evaluate(test_images, test_labels, verbose=0)[1])
-
-
-def vit(head: str = "class", dim: int = 32, heads: int = 4, blocks: int = 2):
-    """A small ViT on 8x8 patches with pre-norm blocks named block1.., uncompiled. `head`: "class" (a class
-    token, the head on it: ViT, DeiT) or "mean" (no class token, the head on the mean of the patch tokens:
-    the simple ViT of Beyer et al. 2022). Only stock layers, so it loads without custom objects: the class
-    token and the position embeddings are the biases of Dense layers fed zeros (Rescaling(0)), and
-    Cropping1D takes token 0 out for the head."""
-    import keras
-
-    patches = (SIZE // 8) ** 2
-    tokens = patches + (head == "class")
-    inputs = keras.Input((SIZE, SIZE, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(dim, 8, strides=8, name="patch_embedding")(x)
-    x = keras.layers.Reshape((patches, dim))(x)
-    zeros = keras.layers.Rescaling(0.0, name="zeros")(keras.layers.GlobalAveragePooling2D()(inputs))
-    if head == "class":
-        cls = keras.layers.Dense(dim, kernel_initializer="zeros", name="class_token")(zeros)
-        x = keras.layers.Concatenate(axis=1)([keras.layers.Reshape((1, dim))(cls), x])
-    positions = keras.layers.Dense(tokens * dim, kernel_initializer="zeros", name="position_embedding",
-                                   bias_initializer=keras.initializers.RandomNormal(stddev=0.02))(zeros)
-    x = keras.layers.Add()([x, keras.layers.Reshape((tokens, dim))(positions)])
-    for i in range(1, blocks + 1):
-        y = keras.layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_norm1")(x)
-        y = keras.layers.MultiHeadAttention(heads, dim // heads, name=f"block{i}_attention")(y, y)
-        x = keras.layers.Add(name=f"block{i}_add1")([x, y])
-        y = keras.layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_norm2")(x)
-        y = keras.layers.Dense(2 * dim, activation="gelu", name=f"block{i}_mlp1")(y)
-        y = keras.layers.Dense(dim, name=f"block{i}_mlp2")(y)
-        x = keras.layers.Add(name=f"block{i}_output")([x, y])
-    x = keras.layers.LayerNormalization(epsilon=1e-6, name="encoder_norm")(x)
-    if head == "class":
-        x = keras.layers.Flatten()(keras.layers.Cropping1D((0, patches), name="class_output")(x))
-    else:
-        x = keras.layers.GlobalAveragePooling1D(name="token_pooling")(x)
-    outputs = keras.layers.Dense(len(SHAPES), activation="softmax", name="predictions")(x)
-    return keras.Model(inputs, outputs, name=f"shapes_vit_{head}")
-
-
-def train_vit(path: str, head: str = "class", seed: int = 0, epochs: int = 8) -> float:
-    """Train `vit(head)` on the shapes, save it as `path` (.keras); returns held-out accuracy. Transformers
-    learn slowly from few images, hence twice `train_model`'s data."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    images, labels, _ = dataset(6000, seed)
-    model = vit(head)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(images, labels, epochs=epochs, batch_size=64, verbose=0)
-    model.save(path)
-    test_images, test_labels, _ = dataset(300, seed + 1)
-    return float(model.evaluate(test_images, test_labels, verbose=0)[1])
 
 
 def pointing_hits(heatmaps: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -1,10 +1,9 @@
-"""Vision transformers explained through their tokens: small Keras ViTs (tests/synthetic.py `vit`) trained
-on the synthetic shapes, exported with every method, run through TF Serving's loader and compared with
-eager references that lay the patch tokens out as their grid here."""
+"""Vision transformers explained through their tokens: small Keras ViTs (`vit` of tests/testdata/make_testdata.py,
+its files there) for the synthetic shapes, exported with every method, run through TF Serving's loader and
+compared with eager references that lay the patch tokens out as their grid here."""
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import pytest
 
@@ -17,32 +16,28 @@ from test_methods import REFERENCES, np_cam
 GRID = synthetic.SIZE // 8  # 8x8 patches of 8x8 pixels
 # The class-token ViT's head reads the class token alone, so CAM (pooling + dense) does not apply.
 CLASS_HEAD_METHODS = [m for m in METHODS if m != "cam"]
-# LayerCAM finds the object on the class-token ViT (88 % of 100 held-out images when measured); the
-# channel-weighting methods do not (Grad-CAM 23 %: docs/BENCHMARKS.md, "Transformers"), and HiResCAM is
-# zero there (test_hirescam_is_zero_where_tokens_reach_the_score_through_a_norm_only).
+# LayerCAM finds the object on the class-token ViT of tests/testdata (89 % of 100 held-out images); the
+# channel-weighting methods do not (Grad-CAM 12 %; why: docs/BENCHMARKS.md, "Transformers"), and HiResCAM
+# is zero there (test_hirescam_is_zero_where_tokens_reach_the_score_through_a_norm_only).
 POINTING = {"layercam": 0.75}
 
 
 @pytest.fixture(scope="module")
 def vits(build_once):
-    """head -> (the .keras file, its export, the export's log): "class", trained on the shapes and exported
-    with every method that applies; "mean" (a head on the mean of the tokens), untrained, with gradcam and cam."""
+    """head -> (the .keras file in tests/testdata, its export, the export's log): "class", trained on the shapes,
+    exported with every method that applies; "mean" (a head on the mean of the tokens), untrained, with
+    gradcam and cam."""
     def build(folder, head):
-        if head == "class":
-            accuracy = synthetic.train_vit(str(folder / "vit.keras"))
-            assert accuracy > 0.9, f"the ViT did not learn (held-out accuracy {accuracy:.2f})"
-        else:
-            keras.utils.set_random_seed(4)
-            synthetic.vit("mean").save(folder / "vit.keras")
         log = []
-        synthetic.export_model(folder / "vit.keras", CLASS_HEAD_METHODS if head == "class" else ["gradcam", "cam"],
-                               "vit", folder, warmup_batch_sizes=(1,), feature_maps=8, log=log.append)
+        synthetic.export_model(synthetic.TESTDATA / f"vit_{head}.keras",
+                               CLASS_HEAD_METHODS if head == "class" else ["gradcam", "cam"], "vit", folder,
+                               warmup_batch_sizes=(1,), feature_maps=8, log=log.append)
         (folder / "log.txt").write_text("\n".join(log))
 
     built = {}
     for head in ("class", "mean"):
         folder = build_once(f"vit_{head}", lambda f, head=head: build(f, head))
-        built[head] = folder / "vit.keras", folder / "vit" / "1", (folder / "log.txt").read_text()
+        built[head] = synthetic.TESTDATA / f"vit_{head}.keras", folder / "vit" / "1", (folder / "log.txt").read_text()
     return built
 
 
