@@ -12,9 +12,6 @@ import eager
 import synthetic
 from camserve.export.methods import METHODS
 
-# numpy float64 formulas vs the graph's float32: maps in [0,1] agree to well under 1e-4.
-MAP_TOLERANCE = 1e-4
-
 
 def _channel_sum(a, weights):
     return np.einsum("hwk,k->hw", a, weights)
@@ -85,58 +82,78 @@ def shapes_evidence(shapes_keras):
     return images, class_index, targets, a, g, kernel
 
 
+def _maps(method: str, images: np.ndarray, class_index: np.ndarray, size: int | None = None):
+    """eager.reference's formula: `method`'s normalised maps of a run's evidence at last_conv (resized to `size`)."""
+    def maps(run):
+        targets, a, g = run.evidence("last_conv", images, class_index)
+        kernel = run.model.get_layer("predictions").kernel.numpy().astype(np.float64)
+        heat = [eager.normalised(REFERENCES[method](a[i], g[i], kernel[:, targets[i]])) for i in range(len(a))]
+        return np.stack([eager.resized(h, size) if size else h for h in heat])
+
+    return maps
+
+
 @pytest.mark.parametrize("method", list(REFERENCES))
-def test_method_matches_numpy_formula(shapes_export, load, shapes_evidence, method):
-    images, class_index, targets, a, g, kernel = shapes_evidence
+def test_method_matches_numpy_formula(shapes_export, shapes_model, load, shapes_evidence, method):
+    images, class_index, targets, _, _, _ = shapes_evidence
     out = load(shapes_export).signatures[method](images=images, class_index=class_index)
     np.testing.assert_array_equal(out["class_index"].numpy(), targets)
-    for i in range(len(images)):
-        heat = eager.normalised(REFERENCES[method](a[i], g[i], kernel[:, targets[i]]))
-        np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], heat, atol=MAP_TOLERANCE, err_msg=method)
-        np.testing.assert_allclose(out["heatmap"].numpy()[i], eager.resized(heat, synthetic.SIZE), atol=MAP_TOLERANCE)
+    for key, size in (("heatmap_lowres", None), ("heatmap", synthetic.SIZE)):
+        expected, tolerance = eager.reference(_maps(method, images, class_index, size), shapes_model)
+        eager.assert_within(out[key].numpy(), expected, tolerance, f"{method} {key}")
 
 
 def _most_activated(a: np.ndarray, count: int) -> np.ndarray:
     return np.argsort(-a.mean(axis=(0, 1)))[:count]
 
 
-def test_scorecam_matches_its_formula(shapes_export, load, shapes_keras, shapes_evidence):
+def test_scorecam_matches_its_formula(shapes_export, shapes_model, load, shapes_evidence):
     """Wang et al. eq. 5-8: masks H_k = minmax(upsample(A_k)), weights softmax_k y_c(x ⊙ H_k), scored here
-    with the eager Keras model, one masked image at a time."""
-    images, class_index, targets, a, _, _ = shapes_evidence
+    with the eager Keras model, the masked images of one image as one batch."""
+    images, class_index, _, _, _, _ = shapes_evidence
     out = load(shapes_export).signatures["scorecam"](images=images, class_index=class_index)
-    for i in range(len(images)):
-        channels = _most_activated(a[i], METHODS["scorecam"].channel_limit.default)  # the export's default
-        masks = np.stack([eager.resized(a[i][:, :, k], synthetic.SIZE) for k in channels]).astype(np.float64)
-        low, high = masks.min(axis=(1, 2), keepdims=True), masks.max(axis=(1, 2), keepdims=True)
-        masks = np.divide(masks - low, high - low, out=np.zeros_like(masks), where=high > low)
-        scores = np.array(
-            [
-                shapes_keras(images[i][None].astype(np.float64) * m[..., None], training=False)[0, targets[i]]
-                for m in masks
-            ],
-            np.float64,
-        )
-        weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
-        heat = eager.normalised(np.einsum("hwk,k->hw", a[i][:, :, channels], weights))
-        np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], heat, atol=MAP_TOLERANCE)
+
+    def maps(run):
+        targets, a, _ = run.evidence("last_conv", images, class_index)
+        heat = []
+        for i in range(len(images)):
+            channels = _most_activated(a[i], METHODS["scorecam"].channel_limit.default)  # the export's default
+            masks = np.stack([eager.resized(a[i][:, :, k], synthetic.SIZE) for k in channels]).astype(np.float64)
+            low, high = masks.min(axis=(1, 2), keepdims=True), masks.max(axis=(1, 2), keepdims=True)
+            masks = np.divide(masks - low, high - low, out=np.zeros_like(masks), where=high > low)
+            masked = (images[i][None] * masks[..., None]).astype(run.dtype)
+            scores = np.asarray(run.model(masked, training=False)[:, targets[i]], np.float64)
+            weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+            heat.append(eager.normalised(np.einsum("hwk,k->hw", a[i][:, :, channels], weights)))
+        return np.stack(heat)
+
+    expected, tolerance = eager.reference(maps, shapes_model)
+    eager.assert_within(out["heatmap_lowres"].numpy(), expected, tolerance, "scorecam")
 
 
-def test_ablationcam_matches_its_formula(shapes_export, load, shapes_evidence):
+def test_ablationcam_matches_its_formula(shapes_export, shapes_model, load, shapes_evidence):
     """Desai & Ramaswamy eq. 3: w_k = (y_c - y_c^k) / y_c, the head (GAP + dense) written in numpy."""
-    images, class_index, targets, a, _, kernel = shapes_evidence
+    images, class_index, _, _, _, _ = shapes_evidence
     out = load(shapes_export).signatures["ablationcam"](images=images, class_index=class_index)
-    bias = out["logits"].numpy() - a.mean(axis=(1, 2)) @ kernel  # the dense bias, per image (all equal)
-    for i in range(len(images)):
-        c = targets[i]
-        y = a[i].mean(axis=(0, 1)) @ kernel[:, c] + bias[i, c]
-        weights = {}
-        for k in _most_activated(a[i], METHODS["ablationcam"].channel_limit.default):  # the export's default
-            ablated = a[i].copy()
-            ablated[:, :, k] = 0
-            weights[k] = (y - (ablated.mean(axis=(0, 1)) @ kernel[:, c] + bias[i, c])) / y
-        heat = eager.normalised(sum(w * a[i][:, :, k] for k, w in weights.items()))
-        np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], heat, atol=MAP_TOLERANCE)
+
+    def maps(run):
+        targets, a, _ = run.evidence("last_conv", images, class_index)
+        dense = run.model.get_layer("predictions")
+        kernel, bias = dense.kernel.numpy().astype(np.float64), dense.bias.numpy().astype(np.float64)
+        heat = []
+        for i in range(len(images)):
+            c = targets[i]
+            y = a[i].mean(axis=(0, 1)) @ kernel[:, c] + bias[c]
+            weights = {}
+            for k in _most_activated(a[i], METHODS["ablationcam"].channel_limit.default):  # the export's default
+                ablated = a[i].copy()
+                ablated[:, :, k] = 0
+                weights[k] = (y - (ablated.mean(axis=(0, 1)) @ kernel[:, c] + bias[c])) / y
+            heat.append(eager.normalised(sum(w * a[i][:, :, k] for k, w in weights.items())))
+        return np.stack(heat)
+
+    expected, tolerance = eager.reference(maps, shapes_model)
+    eager.assert_within(out["heatmap_lowres"].numpy(), expected, tolerance, "ablationcam")
 
 
 def _backprop_by_hand(model, images: np.ndarray, targets: np.ndarray, guided: bool = True) -> np.ndarray:
@@ -145,13 +162,13 @@ def _backprop_by_hand(model, images: np.ndarray, targets: np.ndarray, guided: bo
 
     @tf.custom_gradient
     def guided_relu(x):
-        return tf.nn.relu(x), lambda dy: dy * tf.cast(x > 0, tf.float32) * tf.cast(dy > 0, tf.float32)
+        return tf.nn.relu(x), lambda dy: dy * tf.cast(x > 0, x.dtype) * tf.cast(dy > 0, x.dtype)
 
     def conv(x, name):
         layer = model.get_layer(name)
         return (guided_relu if guided else tf.nn.relu)(tf.nn.conv2d(x, layer.kernel, 1, "SAME") + layer.bias)
 
-    pixels = tf.constant(images, tf.float32)
+    pixels = tf.constant(images, model.input.dtype)  # float32, or float64 for eager.reference's exact run
     with tf.GradientTape() as tape:
         tape.watch(pixels)
         x = tf.nn.max_pool2d(conv(pixels / 255.0, "conv1"), 2, 2, "VALID")
@@ -162,18 +179,24 @@ def _backprop_by_hand(model, images: np.ndarray, targets: np.ndarray, guided: bo
     return tape.gradient(score, pixels).numpy()
 
 
-def test_guided_gradcam_is_gradcam_times_guided_backprop(shapes_export, load, shapes_keras, shapes_evidence):
+def test_guided_gradcam_is_gradcam_times_guided_backprop(shapes_export, shapes_model, load, shapes_keras,
+                                                         shapes_evidence):
     """Selvaraju et al. section 3: the upsampled Grad-CAM map times guided backpropagation, pixel by pixel."""
-    images, class_index, targets, a, g, _ = shapes_evidence
+    images, class_index, targets, _, _, _ = shapes_evidence
     out = load(shapes_export).signatures["guided_gradcam"](images=images, class_index=class_index)
     guided = _backprop_by_hand(shapes_keras, images, targets)
     plain = _backprop_by_hand(shapes_keras, images, targets, guided=False)
     assert np.abs(guided - plain).max() > 0.1 * np.abs(plain).max()  # the gating changes the gradient
-    for i in range(len(images)):
-        heatmap = eager.resized(eager.normalised(np_gradcam(a[i], g[i], None)), synthetic.SIZE)
-        np.testing.assert_allclose(out["heatmap"].numpy()[i], heatmap, atol=MAP_TOLERANCE)  # Grad-CAM's own map
-        expected = heatmap[..., None] * guided[i]
-        np.testing.assert_allclose(out["guided"].numpy()[i], expected, atol=1e-4 * np.abs(expected).max())
+    gradcam_maps = _maps("gradcam", images, class_index, synthetic.SIZE)
+    heatmap, tolerance = eager.reference(gradcam_maps, shapes_model)
+    eager.assert_within(out["heatmap"].numpy(), heatmap, tolerance, "Grad-CAM's own map")
+
+    def products(run):
+        targets, _, _ = run.evidence("last_conv", images, class_index)
+        return gradcam_maps(run)[..., None] * _backprop_by_hand(run.model, images, targets)
+
+    expected, tolerance = eager.reference(products, shapes_model)
+    eager.assert_within(out["guided"].numpy(), expected, tolerance, "guided")
     picture = cv2.imdecode(np.frombuffer(out["guided_png_bytes"].numpy()[0], np.uint8), cv2.IMREAD_UNCHANGED)
     assert picture.shape == (64, 64, 3) and picture.std() > 0
 
@@ -213,31 +236,28 @@ def test_guided_relus_gate_relu_layers_only_while_traced():
     )
 
 
-def test_fused_layercam_matches_the_papers_fusion(fused_export, load, shapes_keras):
+def test_fused_layercam_matches_the_papers_fusion(fused_export, shapes_model, load):
     """LayerCAM (Jiang et al. 2021) at conv2 and last_conv, each map normalised and scaled by tanh(2 M),
     then the element-wise max at the finer layer's size, normalised."""
-    import keras
-
     images, _, _ = synthetic.dataset(4, seed=25)
     class_index = np.array([-1, 0, 1, 2], np.int32)
-    layers = ("conv2", "last_conv")
-    grad_model = keras.Model(
-        shapes_keras.input, [shapes_keras.get_layer(n).output for n in layers] + [shapes_keras.output]
-    )
-    with tf.GradientTape() as tape:
-        *activations, logits = grad_model(images.astype(np.float32), training=False)
-        targets = np.where(class_index < 0, np.argmax(logits, axis=1), class_index)
-        score = tf.reduce_sum(tf.gather(logits, targets, batch_dims=1))
-    gradients = tape.gradient(score, activations)
     out = load(fused_export).signatures["layercam_fused"](images=images, class_index=class_index)
-    for i in range(len(images)):
-        scaled = [
-            np.tanh(2 * eager.normalised(np_layercam(a[i].numpy().astype(np.float64), g[i].numpy(), None)))
-            for a, g in zip(activations, gradients)
-        ]
-        fused = eager.normalised(np.maximum(scaled[0], eager.resized(scaled[1], 32)))
-        np.testing.assert_allclose(out["heatmap_lowres"].numpy()[i], fused, atol=MAP_TOLERANCE)
-        np.testing.assert_allclose(out["heatmap"].numpy()[i], eager.resized(fused, synthetic.SIZE), atol=MAP_TOLERANCE)
+
+    def fused(size: int | None = None):
+        def maps(run):
+            _, activations, gradients = run.evidence(("conv2", "last_conv"), images, class_index)
+            heat = []
+            for i in range(len(images)):
+                scaled = [np.tanh(2 * eager.normalised(np_layercam(a[i], g[i], None)))
+                          for a, g in zip(activations, gradients)]
+                heat.append(eager.normalised(np.maximum(scaled[0], eager.resized(scaled[1], 32))))
+            return np.stack([eager.resized(h, size) if size else h for h in heat])
+
+        return maps
+
+    for key, size in (("heatmap_lowres", None), ("heatmap", synthetic.SIZE)):
+        expected, tolerance = eager.reference(fused(size), shapes_model)
+        eager.assert_within(out[key].numpy(), expected, tolerance, f"layercam_fused {key}")
     single = load(fused_export).signatures["layercam"](images=images, class_index=class_index)
     assert np.abs(single["heatmap"].numpy() - out["heatmap"].numpy()).max() > 0.1  # conv2 adds detail
 

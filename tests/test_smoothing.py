@@ -11,7 +11,6 @@ import pytest
 import eager
 import synthetic
 
-TOLERANCE = 1e-4  # float64 references vs the graph's float32, maps in [0, 1]
 ZOOMED = round(synthetic.SIZE * 1.25)  # the zoomed views: the image resized to 80x80, its central 64x64
 OFFSET = (ZOOMED - synthetic.SIZE) // 2
 
@@ -73,23 +72,32 @@ def shapes_keras(shapes_model):
     return eager.logits_model(shapes_model)
 
 
+def _channel_sum(weighted: np.ndarray) -> np.ndarray:
+    return weighted.sum(axis=-1)
+
+
 @pytest.mark.parametrize("method", ["gradcam", "hirescam", "eigencam"])
-def test_eigen_smooth_is_pytorch_grad_cams_projection(eigen_export, load, shapes_keras, method):
+def test_eigen_smooth_is_pytorch_grad_cams_projection(eigen_export, load, shapes_model, shapes_keras, method):
     images, _, _ = synthetic.dataset(6, seed=31)
     class_index = np.array([-1, 0, 1, 2, -1, 1], np.int32)
-    targets, a, g = eager.evidence(shapes_keras, "last_conv", images, class_index)
+    targets, _, _ = eager.evidence(shapes_keras, "last_conv", images, class_index)
     model = load(eigen_export)
     smooth = model.signatures[f"{method}_smooth"](images=images, class_index=class_index)
     plain = model.signatures[method](images=images, class_index=class_index)
     np.testing.assert_array_equal(smooth["class_index"].numpy(), targets)
     np.testing.assert_allclose(smooth["probabilities"].numpy(), plain["probabilities"].numpy(), atol=1e-6)
-    for i in range(len(images)):
-        weighted = WEIGHTED[method](a[i], g[i])
-        expected = eager.normalised(eigen_map(weighted))
-        np.testing.assert_allclose(smooth["heatmap_lowres"].numpy()[i], expected, atol=TOLERANCE)
-        # and the unsmoothed signature is the channel sum: the two differ, so this test can tell them apart
-        np.testing.assert_allclose(plain["heatmap_lowres"].numpy()[i], eager.normalised(weighted.sum(axis=-1)),
-                                   atol=TOLERANCE)
+
+    def maps(combine):
+        def formula(run):
+            _, a, g = run.evidence("last_conv", images, class_index)
+            return np.stack([eager.normalised(combine(WEIGHTED[method](a[i], g[i]))) for i in range(len(images))])
+
+        return formula
+
+    # and the unsmoothed signature is the channel sum: the two differ, so this test can tell them apart
+    for out, combine in ((smooth, eigen_map), (plain, _channel_sum)):
+        expected, tolerance = eager.reference(maps(combine), shapes_model)
+        eager.assert_within(out["heatmap_lowres"].numpy(), expected, tolerance, f"{method} {combine.__name__}")
     assert np.abs(smooth["heatmap_lowres"].numpy() - plain["heatmap_lowres"].numpy()).max() > 0.05
 
 
@@ -119,21 +127,30 @@ def _back(heat: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("method, smoothings", [("gradcam", ("aug",)), ("layercam", ("aug",)),
                                                 ("gradcam", ("aug", "eigen"))])
-def test_aug_smooth_averages_the_four_views_explained_eagerly(aug_exports, load, shapes_keras, method, smoothings):
+def test_aug_smooth_averages_the_four_views_explained_eagerly(aug_exports, load, shapes_model, shapes_keras, method,
+                                                             smoothings):
     images, _, _ = synthetic.dataset(4, seed=33)
     class_index = np.array([-1, 0, 2, -1], np.int32)
     out = load(aug_exports[smoothings]).signatures[f"{method}_smooth"](images=images, class_index=class_index)
-    for i, image in enumerate(images):
-        target, _, _ = eager.evidence(shapes_keras, "last_conv", image[None], class_index[i:i + 1])
-        views = np.stack(_views(image))  # every view explains the class the image itself explains
-        _, a, g = eager.evidence(shapes_keras, "last_conv", views, np.repeat(target, 4))
-        combine = eigen_map if "eigen" in smoothings else (lambda weighted: weighted.sum(axis=-1))
-        maps = [eager.resized(eager.normalised(combine(WEIGHTED[method](a[v], g[v]))), synthetic.SIZE)
-                for v in range(4)]
-        total = maps[0] + maps[1][:, ::-1] + _back(maps[2]) + _back(maps[3][:, ::-1])
-        coverage = 2 + 2 * _back(np.ones_like(maps[0]))
-        assert out["class_index"].numpy()[i] == target[0]
-        np.testing.assert_allclose(out["heatmap"].numpy()[i], eager.normalised(total / coverage), atol=TOLERANCE)
+    targets, _, _ = eager.evidence(shapes_keras, "last_conv", images, class_index)
+    np.testing.assert_array_equal(out["class_index"].numpy(), targets)
+    combine = eigen_map if "eigen" in smoothings else _channel_sum
+
+    def heatmaps(run):
+        heat = []
+        for i, image in enumerate(images):
+            target, _, _ = run.evidence("last_conv", image[None], class_index[i:i + 1])
+            views = np.stack(_views(image))  # every view explains the class the image itself explains
+            _, a, g = run.evidence("last_conv", views, np.repeat(target, 4))
+            maps = [eager.resized(eager.normalised(combine(WEIGHTED[method](a[v], g[v]))), synthetic.SIZE)
+                    for v in range(4)]
+            total = maps[0] + maps[1][:, ::-1] + _back(maps[2]) + _back(maps[3][:, ::-1])
+            coverage = 2 + 2 * _back(np.ones_like(maps[0]))
+            heat.append(eager.normalised(total / coverage))
+        return np.stack(heat)
+
+    expected, tolerance = eager.reference(heatmaps, shapes_model)
+    eager.assert_within(out["heatmap"].numpy(), expected, tolerance, f"{method} {'+'.join(smoothings)}")
 
 
 def test_aug_smooth_of_the_mirror_image_is_the_mirrored_map(aug_exports, load):
