@@ -24,6 +24,7 @@ HOST       ?= 127.0.0.1
 WITH_EMBEDDED = $(EMBEDDED) & server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT INT TERM;
 EMBEDDED    = $(PY) -m serving --port $(PORT) --rest_api_port $(REST_PORT) --host $(HOST) --model_name $(MODEL) \
 	--model_base_path $(BASE_PATH)/$(MODEL) --monitoring_config_file serving/monitoring.config \
+	--tensorflow_session_config_file serving/session.config \
 	$(if $(BATCHING),--enable_batching --batching_parameters_file $(BATCHING))
 
 .PHONY: venv test test-quick lint certs export explain demo evaluate bench cold-start web gpu-check clean
@@ -115,11 +116,13 @@ bench: venv
 			--model-dir $(BASE_PATH)/$(MODEL) --backbone $(BACKBONE) $(BENCH_ARGS); \
 	fi
 
-# A fresh server's costs (bench/cold_start.py): LoadSavedModel and each warm-up record, start -> ready,
-# and the first call of each signature as the client sends it vs the next ones. Figures: bench/cold_start.json.
+# A new version's costs (bench/cold_start.py): $(BACKBONE) exported with $(METHODS) and as a plain classifier,
+# each timed; their time to ready on TF Serving's path side by side (LoadSavedModel + the warm-up), under
+# TensorFlow's defaults and serving/session.config; a fresh server's first call of each call the client
+# makes vs the next ones. Figures: bench/cold_start.json. METHODS=all: every method.
 cold-start: venv
-	@test -n "$$(ls $(BASE_PATH)/$(MODEL) 2>/dev/null)" || $(MAKE) --no-print-directory export
-	$(PY) -m bench.cold_start --model $(MODEL) --model-dir $(BASE_PATH)/$(MODEL) $(COLD_START_ARGS)
+	$(PY) -m bench.cold_start --backbone $(BACKBONE) --weights $(WEIGHTS) --methods $(METHODS) --model $(MODEL) \
+		$(COLD_START_ARGS)
 
 # The explain page (python -m client web) on http://127.0.0.1:$(WEB_PORT)/, against SERVER when given
 # (any TF Serving that hosts the model), else against the embedded server started here on the

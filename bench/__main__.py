@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from camserve.client.outputs import EXPLAIN_BYTES, PREDICT, explained_methods
 from camserve.serving.servables.versions import numeric_versions
 
 from .grpc_load import SUMMARY, closed_loop, raw_predict, serialised_request
@@ -70,33 +71,51 @@ def latest_version(model_dir: pathlib.Path) -> pathlib.Path:
     return model_dir / versions[max(versions)]
 
 
-def grpc_configs(methods: list[str], max_in_flight: int = 32) -> list[dict]:
-    """The gRPC configurations: each varies one thing from the headline (bytes, compact, b1, c1).
+def client_calls(methods: list[str], signature_defs) -> dict[str, str]:
+    """Each method, and "predict", -> the call the client makes for it (client/outputs.py): `<family>:<method>`,
+    e.g. `explain_bytes:gradcam`, `explain_fused_bytes:layercam` for layercam_fused, `explain_bytes:predict`
+    for the prediction; `<method>_bytes` on a model exported without the families."""
+    signatures = explained_methods(signature_defs)
+    calls = {m: f"{signature}:{row}" if row else signature for m, (signature, row) in
+             ((m, signatures[m]) for m in methods)}
+    calls["predict"] = f"{EXPLAIN_BYTES}:{PREDICT}" if EXPLAIN_BYTES in signature_defs else "predict_bytes"
+    return calls
+
+
+def images_call(call: str) -> str:
+    """The same call on uint8 images: explain_bytes:gradcam -> explain:gradcam, gradcam_fused_bytes -> gradcam_fused."""
+    signature, _, method = call.partition(":")
+    return signature.removesuffix("_bytes") + (f":{method}" if method else "")
+
+
+def grpc_configs(calls: dict[str, str], methods: list[str], max_in_flight: int = 32) -> list[dict]:
+    """The gRPC configurations: each varies one thing from the headline (bytes, compact, b1, c1); `calls`
+    as client_calls gives them.
 
     Configurations with more than `max_in_flight` images in flight (batch x concurrency) are left
     out: batch 8 at concurrency 16 is too slow per call on a small CPU for a short run (docs/BENCHMARKS.md).
     """
     compact = ["heatmap_png_bytes"]
-    configs = [dict(signature="predict_bytes", batch=1, concurrency=1, outputs=SUMMARY)]
+    predict, explain = calls["predict"], calls[methods[0]]
+    configs = [dict(call=predict, batch=1, concurrency=1, outputs=SUMMARY)]
     for method in methods:
-        configs.append(dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=compact))
-    method = methods[0]
+        configs.append(dict(call=calls[method], batch=1, concurrency=1, outputs=compact))
     configs += [
-        dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=[]),  # every output
-        dict(signature=method, batch=1, concurrency=1, outputs=compact),  # uint8 tensor input
-        dict(signature="predict_bytes", batch=8, concurrency=1, outputs=SUMMARY),
-        dict(signature=f"{method}_bytes", batch=8, concurrency=1, outputs=compact),
+        dict(call=explain, batch=1, concurrency=1, outputs=[]),  # every output
+        dict(call=images_call(explain), batch=1, concurrency=1, outputs=compact),  # uint8 tensor input
+        dict(call=predict, batch=8, concurrency=1, outputs=SUMMARY),
+        dict(call=explain, batch=8, concurrency=1, outputs=compact),
     ]
     for concurrency in (4, 16):
-        configs.append(dict(signature="predict_bytes", batch=1, concurrency=concurrency, outputs=SUMMARY))
-        configs.append(dict(signature=f"{method}_bytes", batch=1, concurrency=concurrency, outputs=compact))
-        configs.append(dict(signature=f"{method}_bytes", batch=8, concurrency=concurrency, outputs=compact))
+        configs.append(dict(call=predict, batch=1, concurrency=concurrency, outputs=SUMMARY))
+        configs.append(dict(call=explain, batch=1, concurrency=concurrency, outputs=compact))
+        configs.append(dict(call=explain, batch=8, concurrency=concurrency, outputs=compact))
     return [c for c in configs if c["batch"] * c["concurrency"] <= max_in_flight]
 
 
 def config_name(c: dict) -> str:
     outputs = "all" if not c["outputs"] else ("summary" if c["outputs"] == SUMMARY else "+".join(c["outputs"]))
-    return f"grpc {c['signature']} b{c['batch']} c{c['concurrency']} out={outputs}"
+    return f"grpc {c['call']} b{c['batch']} c{c['concurrency']} out={outputs}"
 
 
 def machine() -> dict:
@@ -143,41 +162,44 @@ def paired(a: dict, b: dict) -> dict:
             "figures": f"p50 {a['p50_ms']:.1f} / {b['p50_ms']:.1f} ms; median of {a['n']} per-round ratios"}
 
 
-def summary_ratios(by_name: dict, rows: list[dict], methods: list[str], configs: list[dict]) -> dict[str, dict]:
+def summary_ratios(by_name: dict, rows: list[dict], methods: list[str], configs: list[dict],
+                   calls: dict[str, str]) -> dict[str, dict]:
     """The headline ratios (explain vs predict, gRPC vs in-process, concurrent vs best throughput),
     each as {"value", "figures"}: the numbers it divides, as printed beside it."""
     ratios = {}
+    predict = calls["predict"]
     for batch in (1, 8):
-        base = by_name[f"in-process predict b{batch}"]
+        base = by_name[f"in-process {images_call(predict)} b{batch}"]
         for method in methods:
-            ratios[f"in-process {method}/predict b{batch}"] = paired(by_name[f"in-process {method} b{batch}"], base)
+            ratios[f"in-process {method}/predict b{batch}"] = paired(
+                by_name[f"in-process {images_call(calls[method])} b{batch}"], base)
         if f"eager gradcam b{batch}" in by_name:
             eager = by_name[f"eager gradcam b{batch}"]["p50_ms"]
             ratios[f"eager gradcam / in-process predict b{batch}"] = {
                 "value": eager / base["p50_ms"], "figures": f"p50 {eager:.1f} / {base['p50_ms']:.1f} ms"}
     if not configs:
         return ratios
-    compact = ["heatmap_png_bytes"]
-    interleaved = {c["signature"]: by_name.get(config_name(c) + " interleaved") for c in configs[: 1 + len(methods)]}
+    interleaved = {c["call"]: by_name.get(config_name(c) + " interleaved") for c in configs[: 1 + len(methods)]}
+    explain = calls[methods[0]]
     if all(interleaved.values()):
         for method in methods:
-            ratios[f"grpc {method}_bytes/predict_bytes b1 c1, interleaved"] = paired(
-                interleaved[f"{method}_bytes"], interleaved["predict_bytes"])
-        for signature in ("predict_bytes", f"{methods[0]}_bytes"):
-            ratios[f"grpc/in-process {signature} b1 c1, interleaved"] = paired(
-                interleaved[signature], by_name[f"in-process {signature} b1"])
-    for signature, outputs in (("predict_bytes", SUMMARY), (f"{methods[0]}_bytes", compact)):
-        c16 = by_name.get(config_name(dict(signature=signature, batch=1, concurrency=16, outputs=outputs)))
+            ratios[f"grpc {calls[method]}/{predict} b1 c1, interleaved"] = paired(interleaved[calls[method]],
+                                                                                 interleaved[predict])
+        for call in (predict, explain):
+            ratios[f"grpc/in-process {call} b1 c1, interleaved"] = paired(interleaved[call],
+                                                                          by_name[f"in-process {call} b1"])
+    for call, outputs in ((predict, SUMMARY), (explain, ["heatmap_png_bytes"])):
+        c16 = by_name.get(config_name(dict(call=call, batch=1, concurrency=16, outputs=outputs)))
         if c16 is None:
             continue
         # Batch 8 is the best in-process throughput on any machine we have seen; the one measured
         # around the c16 run (bracket) shares its moment, the one of the in-process phase does not.
         best, where = c16.get("in_process_b8_images_per_s"), "in-process b8 timed just before and after the c16 run"
         if not best:
-            best = max(r["images_per_s"] for r in rows if r["kind"] == "in-process" and r["signature"] == signature)
+            best = max(r["images_per_s"] for r in rows if r["kind"] == "in-process" and r["signature"] == call)
             where = "the best in-process row"
         got = c16.get("images_per_s", 0)
-        ratios[f"grpc {signature} c16 b1 throughput / in-process b8 throughput"] = {
+        ratios[f"grpc {call} c16 b1 throughput / in-process b8 throughput"] = {
             "value": got / best, "figures": f"{got:.1f} / {best:.1f} images/s ({where})"}
     return ratios
 
@@ -232,15 +254,17 @@ class Run:
             with CamClient(args.server, args.model) as client:
                 client.wait_until_ready(args.wait)
                 height, width = client.model_image_size()
-                available = client.explain_methods()
+                signature_defs = client._signature_defs()
         else:
-            dims = self.model.signature_defs["predict"].inputs["images"].tensor_shape.dim
+            signature_defs = self.model.signature_defs
+            dims = signature_defs["predict"].inputs["images"].tensor_shape.dim
             height, width = dims[1].size, dims[2].size
-            available = explain_methods(self.model.signature_defs)
-        self.available = list(available)
+        self.available = explain_methods(signature_defs)
         # gradcam first where there is one: the configurations beyond one call per method use the first.
-        self.methods = [m for m in args.methods.split(",") if m] or sorted(available, key=lambda m: (m != "gradcam", m))
-        self.configs = [c for c in grpc_configs(self.methods, args.max_in_flight)
+        self.methods = [m for m in args.methods.split(",") if m] or sorted(self.available,
+                                                                          key=lambda m: (m != "gradcam", m))
+        self.calls = client_calls(self.methods, signature_defs)
+        self.configs = [c for c in grpc_configs(self.calls, self.methods, args.max_in_flight)
                         if args.only in config_name(c)] if args.server else []
         import cv2
 
@@ -255,10 +279,12 @@ class Run:
         self.done += 1
 
     def payload(self, config: dict) -> bytes:
-        """The serialised request of a gRPC configuration: the uint8 tensor for a method, else the JPEG."""
-        uint8 = config["signature"] in self.methods
-        return serialised_request(self.args.model, config["signature"], config["batch"],
-                                  None if uint8 else self.jpeg, self.image if uint8 else None, config["outputs"])
+        """The serialised request of a gRPC configuration: the uint8 tensor for a signature without _bytes,
+        else the JPEG."""
+        signature, _, method = config["call"].partition(":")
+        uint8 = not signature.endswith("_bytes")
+        return serialised_request(self.args.model, signature, config["batch"], None if uint8 else self.jpeg,
+                                  self.image if uint8 else None, config["outputs"], method or None)
 
 
 def row(name: str, kind: str, signature: str, batch: int, times: list[float], **extra) -> dict:
@@ -272,13 +298,14 @@ def in_process_phase(run: Run) -> list[dict]:
     rows = []
     for batch in (1, 8):
         run.step(f"in-process batch {batch}")
-        signatures = ["predict", *run.methods, "predict_bytes", f"{run.methods[0]}_bytes"]
+        predict, explain = run.calls["predict"], run.calls[run.methods[0]]
+        signatures = [images_call(predict), *(images_call(run.calls[m]) for m in run.methods), predict, explain]
         calls = {f"in-process {name} b{batch}": call
                  for name, call in signature_calls(run.model, signatures, batch, run.images, [run.jpeg]).items()}
         channel = None
         if run.args.server and batch == 1:
             channel, call = raw_predict(run.args.server)
-            for config in grpc_configs(run.methods)[: 1 + len(run.methods)]:  # predict_bytes, each <method>_bytes
+            for config in grpc_configs(run.calls, run.methods)[: 1 + len(run.methods)]:  # predict, each method
                 calls[config_name(config) + " interleaved"] = lambda body=run.payload(config): call(body, timeout=60)
         repeats = run.args.repeats if batch == 1 else max(3, run.args.repeats // 2)
         for name, times in round_robin(calls, repeats, warmup=1).items():
@@ -343,13 +370,13 @@ def grpc_phase(run: Run) -> list[dict]:
     """Closed loops per gRPC configuration. Concurrency-16 throughput is compared with in-process
     batch-8 calls made just before and just after it, so that both see the same moment of a shared machine."""
     brackets = {} if run.model is None else signature_calls(
-        run.model, ["predict_bytes", f"{run.methods[0]}_bytes"], 8, run.images, [run.jpeg])
+        run.model, [run.calls["predict"], run.calls[run.methods[0]]], 8, run.images, [run.jpeg])
     rows = []
     for config in run.configs:
         name = config_name(config)
         run.step(name)
         in_flight = config["batch"] * config["concurrency"]
-        bracket = brackets.get(config["signature"]) if config["concurrency"] == 16 else None
+        bracket = brackets.get(config["call"]) if config["concurrency"] == 16 else None
         bracket_times = round_robin({"b8": bracket}, 2, warmup=0)["b8"] if bracket else []
         seconds = run.args.seconds * min(4.0, max(1.0, in_flight / 4))
         result = closed_loop(run.args.server, run.payload(config), config["concurrency"], seconds)
@@ -369,26 +396,27 @@ def grpc_phase(run: Run) -> list[dict]:
 
 
 def rest_phase(run: Run) -> list[dict]:
-    """One image over REST (JSON, b64) and over gRPC, interleaved: every output of `<method>_bytes`
-    (REST has no output_filter), and the compact answer, `<method>_compact` over REST against
-    `<method>_bytes` with the same outputs over gRPC (one executor on the server: the same work)."""
+    """One image over REST (JSON, b64) and over gRPC, interleaved, the first method as the client calls it
+    (explain_bytes): every output (REST has no output_filter), and the compact answer, `explain_compact`
+    over REST against `explain_bytes` with the same outputs over gRPC (one executor on the server: the
+    same work)."""
     from camserve.client.outputs import EXPLAIN
 
     from .rest import rest_predict
 
     run.step("REST vs gRPC")
-    method = run.methods[0]
+    call = run.calls[run.methods[0]]
+    signature, _, method = call.partition(":")
     channel, grpc_call = raw_predict(run.args.server)
     cases = {}  # name -> (config, request body, call, request bytes)
-    for outputs, rest_signature, label in (([], f"{method}_bytes", "all outputs"),
-                                           (EXPLAIN, f"{method}_compact", "compact")):
-        config = dict(signature=f"{method}_bytes", batch=1, concurrency=1, outputs=outputs)
+    for outputs, rest_signature, label in (([], signature, "all outputs"),
+                                           (EXPLAIN, signature.removesuffix("_bytes") + "_compact", "compact")):
+        config = dict(call=call, batch=1, concurrency=1, outputs=outputs)
         body = run.payload(config)
-        cases[f"grpc {config['signature']} b1 c1 {label} interleaved"] = (
-            config, len(body), lambda b=body: grpc_call(b, timeout=60))
-        rest_call, rest_bytes = rest_predict(run.args.rest, run.args.model, rest_signature, run.jpeg)
+        cases[f"grpc {call} b1 c1 {label} interleaved"] = (config, len(body), lambda b=body: grpc_call(b, timeout=60))
+        rest_call, rest_bytes = rest_predict(run.args.rest, run.args.model, rest_signature, run.jpeg, method or None)
         cases[f"rest {rest_signature} b1 c1 {label} interleaved"] = (
-            dict(config, signature=rest_signature, outputs=[]), rest_bytes, rest_call)
+            dict(config, call=rest_signature, outputs=[]), rest_bytes, rest_call)
     sizes = {name: len(call()) for name, (_, _, call) in cases.items()}
     times = round_robin({name: call for name, (_, _, call) in cases.items()}, run.args.repeats, warmup=1)
     channel.close()
@@ -423,11 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr.write("\n")
 
     by_name = {r["name"]: r for r in rows}
-    ratios = {} if args.skip_inprocess or args.only else summary_ratios(by_name, rows, run.methods, run.configs)
+    ratios = {} if args.skip_inprocess or args.only else summary_ratios(by_name, rows, run.methods, run.configs,
+                                                                         run.calls)
     for rest_row in (r for r in rows if r["kind"] == "rest"):  # against the gRPC call of the same work
         label = rest_row["name"].split(" c1 ")[1]
         grpc_row = next(r for r in rows if r["kind"] == "grpc" and r["name"].endswith(f" c1 {label}"))
-        ratios[f"rest/grpc {rest_row['signature']} b1, {label}"] = paired(rest_row, grpc_row)
+        ratios[f"rest/grpc {rest_row['call']} b1, {label}"] = paired(rest_row, grpc_row)
     for batch in (1, 8):
         for key, ratio in (floor or {}).get(f"b{batch}", {}).get("ratios", {}).items():
             ratios[f"floor {key} b{batch}"] = ratio

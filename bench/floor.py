@@ -77,9 +77,9 @@ def save_minimal_models(folder: pathlib.Path, backbone: str, weights: str, targe
 
     for name, signature, function in (("forward", "predict", forward), ("gradcam", "gradcam", gradcam)):
         signatures = {signature: function.get_concrete_function()}
-        # servable() reads only the module's name: the root tracks the captured variables, as ours does.
-        with graph_safe_variable_names(captured_variables(signatures)):
-            tf.saved_model.save(servable(tf.Module(name=name), signatures), str(folder / name), signatures=signatures)
+        variables = captured_variables(signatures)  # servable(): the root tracks them, as ours does
+        with graph_safe_variable_names(variables):
+            tf.saved_model.save(servable(variables), str(folder / name), signatures=signatures)
     return split.target_layer
 
 
@@ -107,9 +107,10 @@ def floor_calls(ours: SavedModelSession, minimal: MinimalModels, methods: list[s
         "our predict": lambda: ours.run_signature("predict", {"images": images}, ["probabilities"]),
         GRADCAM: lambda: minimal.gradcam.run_signature("gradcam", {"images": images}),
     }
-    for method in methods:
+    for method in methods:  # as the client asks: the explain signature, the method in each row
         calls[f"our {method}"] = lambda m=method: ours.run_signature(
-            m, {"images": images, "class_index": class_index}, ["heatmap"])
+            "explain", {"images": images, "class_index": class_index, "method": np.array([m] * len(images), object)},
+            ["heatmap"])
     return calls
 
 

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import tensorflow as tf
 
-    from camserve.export.savedmodel import export_savedmodel
+    from camserve.export.pipeline import export_savedmodel
     from camserve.serving.servables.session import SavedModelSession
 
     from .inprocess import round_robin, signature_calls

@@ -19,13 +19,15 @@ SUMMARY = ["class_index", "class_label", "score", "top_k_indices", "top_k_scores
 
 
 def serialised_request(model: str, signature: str, batch: int, jpeg: bytes | None, image: np.ndarray | None,
-                       outputs: list[str]) -> bytes:
-    """A serialised PredictRequest of `batch` copies: `jpeg` to a _bytes signature, else `image`."""
+                       outputs: list[str], method: str | None = None) -> bytes:
+    """A serialised PredictRequest of `batch` copies: `jpeg` to a _bytes signature, else `image`; `method`
+    in each row (explain, explain_bytes)."""
     return protos.predict_request(
         protos.ModelSpec(name=model, signature_name=signature),
         images=None if jpeg is not None else np.stack([image] * batch),
         image_bytes=None if jpeg is None else [jpeg] * batch,
         class_index=None if signature.startswith("predict") else np.full(batch, -1, np.int32),
+        method=[method] * batch if method else None,
         output_filter=outputs,
     ).SerializeToString()
 

@@ -31,16 +31,19 @@ def round_robin(calls: dict[str, Callable[[], object]], repeats: int, warmup: in
 
 
 def signature_calls(session, signatures: list[str], batch: int, images: np.ndarray, jpegs: list[bytes]):
-    """Zero-argument callables running each signature of a SavedModelSession on one batch."""
-    arrays = {
-        "images": images[:batch],
-        "image_bytes": np.array((jpegs * batch)[:batch], dtype=object),
-        "class_index": np.full(batch, -1, np.int32),
-    }
+    """Zero-argument callables running each signature of a SavedModelSession on one batch, by name:
+    `<signature>`, or `<signature>:<method>` for one with a method input (explain, explain_bytes)."""
     calls = {}
     for name in signatures:
-        inputs = {key: arrays[key] for key in session.signature_defs[name].inputs}
-        calls[name] = lambda n=name, i=inputs: session.run_signature(n, i)
+        signature, _, method = name.partition(":")
+        arrays = {
+            "images": images[:batch],
+            "image_bytes": np.array((jpegs * batch)[:batch], dtype=object),
+            "class_index": np.full(batch, -1, np.int32),
+            "method": np.array([method] * batch, dtype=object),
+        }
+        inputs = {key: arrays[key] for key in session.signature_defs[signature].inputs}
+        calls[name] = lambda s=signature, i=inputs: session.run_signature(s, i)
     return calls
 
 

@@ -8,13 +8,16 @@ import json
 from typing import Callable
 
 
-def rest_predict(address: str, model: str, signature: str, jpeg: bytes) -> tuple[Callable[[], bytes], int]:
-    """A zero-argument call of `signature` on one encoded image over one kept-alive HTTP connection,
-    and the request's size in bytes."""
+def rest_predict(address: str, model: str, signature: str, jpeg: bytes,
+                 method: str | None = None) -> tuple[Callable[[], bytes], int]:
+    """A zero-argument call of `signature` on one encoded image (explained with `method`, for a signature
+    that takes one) over one kept-alive HTTP connection, and the request's size in bytes."""
     host, port = address.rsplit(":", 1)
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    body = json.dumps({"signature_name": signature, "instances": [
-        {"image_bytes": {"b64": base64.b64encode(jpeg).decode()}, "class_index": -1}]}).encode()
+    instance = {"image_bytes": {"b64": base64.b64encode(jpeg).decode()}, "class_index": -1}
+    if method:
+        instance["method"] = method
+    body = json.dumps({"signature_name": signature, "instances": [instance]}).encode()
     path = f"/v1/models/{model}:predict"
 
     def call() -> bytes:

@@ -35,7 +35,7 @@ def _client(args) -> CamClient:
 
 
 def _inputs(args) -> list:
-    """File bytes (sent as-is), or with --raw decoded RGB arrays the client resizes."""
+    """File bytes (sent as-is), or with --raw the RGB arrays OpenCV decodes (sent as BMP files: client/bmp.py)."""
     if not args.raw:
         return [Path(p).read_bytes() for p in args.images]
     from .overlay import read_image
@@ -62,8 +62,7 @@ def cmd_explain(args) -> int:
 
     with _client(args) as client:
         results = client.explain(_inputs(args), method=args.method, class_index=args.class_index,
-                                 top_k=args.top_k, heatmap="float" if args.float_heatmap else "png",
-                                 outputs=client.method_pictures().get(args.method, []))
+                                 top_k=args.top_k, heatmap="float" if args.float_heatmap else "png")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stems: set[str] = set()
@@ -162,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/BMP files")
     common.add_argument("--top-k", type=int, default=5, help="classes to print")
     common.add_argument("--raw", action="store_true",
-                        help="decode here and send uint8 tensors instead of the encoded files")
+                        help="decode here and send the pixels (as BMP files, lossless) instead of the encoded files")
     common.add_argument("--image-size", default=None, metavar="H[,W]",
-                        help="model input size for --raw (default: asked from the server)")
+                        help="model input size, at which evaluate masks the images (default: asked from the server)")
 
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,8 +1,9 @@
 """Python API: send images to a TensorFlow Serving model exported by `export/`, get labels and heatmaps.
 
-Encoded files (JPEG/PNG bytes, or a path) go as-is to the `<method>_bytes` signature, which
-decodes and resizes them in the graph; uint8 RGB arrays go to the `<method>` signature as an
-`images` tensor of the model's input size.
+Encoded files (JPEG/PNG/BMP bytes, or a path) go as-is to `explain_bytes` (each row naming its method)
+or `predict_bytes`, which decode and resize them in the graph; uint8 RGB arrays go the same way as BMP
+files (client/bmp.py), so that every call runs on an executor the server's warm-up built
+(client/outputs.py).
 """
 from __future__ import annotations
 
@@ -15,10 +16,19 @@ from typing import Mapping, Sequence, Union
 import grpc
 import numpy as np
 
-from . import protos
+from . import bmp, protos
 from .channel import channel_options as _channel_options
 from .channel import grpc_target
-from .outputs import HEATMAP_PNG, SUMMARY, picture_name, pictures
+from .outputs import (
+    EXPLAIN_BYTES,
+    HEATMAP_PNG,
+    PREDICT,
+    SUMMARY,
+    default_outputs,
+    explained_methods,
+    picture_name,
+    pictures,
+)
 
 Image = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # gRPC's 4 MiB default fails at ~80 float heatmaps
@@ -47,9 +57,8 @@ class Prediction:
 @dataclass
 class Explanation(Prediction):
     """A prediction plus the heatmap of `class_index`: float32 H×W in [0, 1] at the model input
-    size (None when not requested); and the method's pictures of its own that were fetched, by name,
-    each uint8 RGB H×W×3 (Guided Grad-CAM's `guided`, from `guided_png_bytes`: ask for them with
-    `outputs=client.method_pictures()[method]`)."""
+    size (None when not requested); and the method's pictures of its own, by name, each uint8 RGB
+    H×W×3 (Guided Grad-CAM's `guided`, from `guided_png_bytes`; none for most methods)."""
     heatmap: np.ndarray | None = field(default=None, repr=False)
     pictures: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -107,6 +116,7 @@ class CamClient:
         self.batch_size = batch_size
         self.retry = NO_RETRY if retry is None else retry
         self._image_size = image_size  # (height, width) for arrays; asked from the server when None
+        self._defs = None  # the model's SignatureDefs, asked once (again when a method is not among them)
         address = grpc_target(target)
         self._channel = (grpc.secure_channel(address, credentials, options) if credentials
                          else grpc.insecure_channel(address, options))
@@ -135,19 +145,27 @@ class CamClient:
         `top_k` keeps the first k of the model's top-k. `heatmap`: "png" fetches the compact
         `heatmap_png_bytes` (8-bit, ~10-25 KB a 224×224 map on the wire), "uint8" the `heatmap_uint8`
         tensor (same values, ~100 KB as TF Serving encodes it), "float" the float32 `heatmap`,
-        "none" neither.
-        `outputs` names extra outputs to fetch into `.outputs` (e.g. "heatmap_lowres", "logits").
+        "none" neither. The method's pictures of its own come too.
+        `outputs` names extra outputs to fetch into `.outputs` (e.g. "heatmap_lowres", "logits"); any
+        output set but the default one costs an executor build on the server at its first call.
         """
         if heatmap not in _HEATMAP_OUTPUT:
             raise ValueError(f"heatmap must be one of {sorted(_HEATMAP_OUTPUT)}, not {heatmap!r}")
-        wanted = SUMMARY + [o for o in (_HEATMAP_OUTPUT[heatmap], *outputs) if o and o not in SUMMARY]
-        return self._run(images, method, wanted, class_index, top_k, Explanation)
+        signature, row_method = self._explain_signature(method)
+        own = pictures(self._signature_defs()[signature].outputs)
+        wanted = _unique([*SUMMARY, _HEATMAP_OUTPUT[heatmap], *own, *outputs])
+        return self._run(images, signature, wanted, class_index, top_k, Explanation, row_method)
 
     def predict(self, images: Image | Sequence[Image], top_k: int | None = None,
                 outputs: Sequence[str] = ()) -> Prediction | list[Prediction]:
-        """Classify without explaining (the `predict` / `predict_bytes` signatures)."""
-        wanted = SUMMARY + [o for o in outputs if o not in SUMMARY]
-        return self._run(images, "predict", wanted, None, top_k, Prediction)
+        """Classify without explaining: `explain_bytes` with the method `predict`, which computes no map
+        (and so runs on the server's one warm executor: client/outputs.py), or `predict_bytes` on a
+        model exported without it."""
+        defs = self._signature_defs()
+        if EXPLAIN_BYTES not in defs:
+            return self._run(images, "predict_bytes", _unique([*SUMMARY, *outputs]), None, top_k, Prediction)
+        wanted = _unique([*default_outputs(defs[EXPLAIN_BYTES].outputs), *outputs])
+        return self._run(images, EXPLAIN_BYTES, wanted, None, top_k, Prediction, PREDICT)
 
     def call(self, signature: str, inputs: dict[str, np.ndarray], outputs: Sequence[str] = ()) -> dict[str, np.ndarray]:
         """Any signature with numpy inputs (strings as object arrays of bytes); all outputs, or
@@ -162,10 +180,7 @@ class CamClient:
     def feature_maps(self, image: Image) -> tuple[np.ndarray, np.ndarray]:
         """The debug view of `feature_maps` for one image: the most activated channels of the
         target layer, as (maps F×h×w in [0, 1], channel numbers F)."""
-        if isinstance(image, np.ndarray):
-            out = self.call("feature_maps", {"images": _sized(image, self.model_image_size())[None]})
-        else:
-            out = self.call("feature_maps_bytes", {"image_bytes": np.array([_read(image)], dtype=object)})
+        out = self.call("feature_maps_bytes", {"image_bytes": np.array([_read(image)], dtype=object)})
         return out["feature_maps"][0], out["feature_channels"][0]
 
     def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> None:
@@ -185,12 +200,22 @@ class CamClient:
 
     def explain_methods(self) -> list[str]:
         """The methods this model explains with (gradcam, cam, ...), from its signature metadata."""
-        return explain_methods(self._signature_defs())
+        return explain_methods(self._signature_defs(refresh=True))
 
     def method_pictures(self) -> dict[str, list[str]]:
         """Each method this model explains with and the outputs of its pictures besides the heatmap
         (`guided_gradcam: ["guided_png_bytes"]`, most: none), from its signature metadata."""
-        return method_pictures(self._signature_defs())
+        return method_pictures(self._signature_defs(refresh=True))
+
+    def _explain_signature(self, method: str) -> tuple[str, str | None]:
+        """The signature that explains with `method` and the `method` it is sent (client/outputs.py)."""
+        signatures = explained_methods(self._signature_defs())
+        if method not in signatures:  # the model may have gained methods since it was asked
+            signatures = explained_methods(self._signature_defs(refresh=True))
+        if method not in signatures:
+            raise CamServingError(grpc.StatusCode.FAILED_PRECONDITION, f"model {self.model!r} has no method "
+                                  f"{method!r}; it has {', '.join(signatures)}")
+        return signatures[method]
 
     def model_image_size(self, signature: str = "predict") -> tuple[int, int]:
         """(height, width) of the `images` input, from the server's signature metadata."""
@@ -216,10 +241,13 @@ class CamClient:
         request.model_spec.CopyFrom(self._spec(""))
         return request
 
-    def _signature_defs(self):
-        """name -> SignatureDef of the served model (GetModelMetadata)."""
-        any_msg = self._call(self._metadata, self._metadata_request(), "GetModelMetadata").metadata["signature_def"]
-        return protos.SignatureDefMap.FromString(any_msg.value).signature_def
+    def _signature_defs(self, refresh: bool = False):
+        """name -> SignatureDef of the served model (GetModelMetadata), asked once, and again on `refresh`."""
+        if self._defs is None or refresh:
+            request = self._metadata_request()
+            any_msg = self._call(self._metadata, request, "GetModelMetadata").metadata["signature_def"]
+            self._defs = protos.SignatureDefMap.FromString(any_msg.value).signature_def
+        return self._defs
 
     def _spec(self, signature: str):
         spec = protos.ModelSpec(name=self.model, signature_name=signature)
@@ -247,7 +275,9 @@ class CamClient:
                     details = f"{details} (after {attempt} attempts)"
                 raise CamServingError(code, details or "", f"{what} {self.model!r} at {self.target}") from None
 
-    def _run(self, images, method, wanted, class_index, top_k, kind):
+    def _run(self, images, signature, wanted, class_index, top_k, kind, method: str | None = None):
+        """Call `signature` (a `_bytes` one) in chunks of `batch_size` images; `method` fills its
+        `method` input (explain_bytes)."""
         batch4d = isinstance(images, np.ndarray) and images.ndim == 4
         single = not isinstance(images, (list, tuple)) and not batch4d
         items = [images] if single else list(images)
@@ -259,37 +289,27 @@ class CamClient:
             classes = [int(c) for c in class_index]
         if len(classes) != len(items):
             raise ValueError(f"{len(classes)} class indices for {len(items)} images")
-        encoded = [i for i, item in enumerate(items) if not isinstance(item, np.ndarray)]
-        arrays = [i for i, item in enumerate(items) if isinstance(item, np.ndarray)]
-        results: list = [None] * len(items)
-        for group, raw in ((encoded, False), (arrays, True)):  # one signature each: split mixed lists
-            for start in range(0, len(group), self.batch_size):
-                chunk = group[start:start + self.batch_size]
-                size = self.model_image_size(method) if raw else None
-                request = protos.predict_request(
-                    self._spec(method if raw else method + "_bytes"),
-                    images=np.stack([_sized(items[i], size) for i in chunk]) if raw else None,
-                    image_bytes=None if raw else [_read(items[i]) for i in chunk],
-                    class_index=None if method == "predict" else [classes[i] for i in chunk],
-                    output_filter=wanted,
-                )
-                response = self._call(self._predict, request, f"{request.model_spec.signature_name} of")
-                got = {name: protos.to_numpy(t) for name, t in response.outputs.items()}
-                missing = [name for name in wanted if name not in got]
-                if missing or any(v.shape[:1] != (len(chunk),) for v in got.values()):
-                    raise CamServingError(grpc.StatusCode.INTERNAL,
-                                          f"bad response: missing {missing}, batch {len(chunk)}")
-                _raise_refused(got["error"], {i: items[i] for i in chunk})
-                for row, i in enumerate(chunk):
-                    results[i] = _parse({k: v[row] for k, v in got.items()}, top_k, kind)
+        results: list = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start:start + self.batch_size]
+            request = protos.predict_request(
+                self._spec(signature), image_bytes=[_read(item) for item in chunk],
+                class_index=classes[start:start + len(chunk)] if signature != "predict_bytes" else None,
+                method=[method] * len(chunk) if method else None, output_filter=wanted)
+            response = self._call(self._predict, request, f"{signature} of")
+            got = {name: protos.to_numpy(t) for name, t in response.outputs.items()}
+            missing = [name for name in wanted if name not in got]
+            if missing or any(v.shape[:1] != (len(chunk),) for v in got.values()):
+                raise CamServingError(grpc.StatusCode.INTERNAL, f"bad response: missing {missing}, batch {len(chunk)}")
+            _raise_refused(got["error"], dict(enumerate(chunk, start)))
+            results += [_parse({k: v[row] for k, v in got.items()}, top_k, kind) for row in range(len(chunk))]
         return results[0] if single else results
 
 
 def method_pictures(signature_defs: Mapping) -> dict[str, list[str]]:
-    """The explain methods among SignatureDefs (name -> SignatureDef), sorted: each `<method>_bytes`
-    signature that takes a `class_index` and returns a heatmap PNG, with the picture outputs it declares."""
-    return {name.removesuffix("_bytes"): pictures(sig.outputs) for name, sig in sorted(signature_defs.items())
-            if name.endswith("_bytes") and "class_index" in sig.inputs and HEATMAP_PNG in sig.outputs}
+    """The explain methods among SignatureDefs (name -> SignatureDef), sorted (client/outputs.py
+    `explained_methods`), with the picture outputs each one's own signature declares."""
+    return {method: pictures(signature_defs[f"{method}_bytes"].outputs) for method in explained_methods(signature_defs)}
 
 
 def explain_methods(signature_defs: Mapping) -> list[str]:
@@ -320,7 +340,10 @@ def tls_credentials(ca_cert: PEM | None = None, client_cert: PEM | None = None,
 
 
 def _read(item) -> bytes:
-    """Encoded image bytes, sent unchanged: the server decodes them, the client never re-encodes."""
+    """Encoded image bytes, sent unchanged (the server decodes them, the client never re-encodes); an
+    array as a BMP file."""
+    if isinstance(item, np.ndarray):
+        return bmp.encode(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
     if isinstance(item, (str, os.PathLike)):
@@ -329,16 +352,9 @@ def _read(item) -> bytes:
     raise TypeError(f"an image must be a path, encoded bytes or a uint8 array, not {type(item).__name__}")
 
 
-def _sized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A uint8 H×W×3 RGB array at the model input size (resized with OpenCV when it differs)."""
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"an image array must be uint8 H×W×3 RGB, got {image.dtype} {image.shape}")
-    if image.shape[:2] == tuple(size):
-        return image
-    import cv2  # only arrays need it; `import client` stays light
-
-    shrink = image.shape[0] > size[0] and image.shape[1] > size[1]
-    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+def _unique(names: Sequence[str | None]) -> list[str]:
+    """The names, in order, once each (None dropped)."""
+    return [n for n in dict.fromkeys(names) if n]
 
 
 def _raise_refused(errors: np.ndarray, items: dict[int, Image]) -> None:
@@ -365,7 +381,7 @@ def _parse(out: dict[str, np.ndarray], top_k: int | None, kind):
         elif HEATMAP_PNG in out:
             result.heatmap = _png(out[HEATMAP_PNG]).astype(np.float32) / np.float32(255.0)
         result.pictures = {picture_name(o): _png(out[o], colour=True)[:, :, ::-1]  # OpenCV's BGR -> RGB
-                           for o in pictures(out)}
+                           for o in pictures(out) if len(out[o])}  # "" in the rows of other methods
     return result
 
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .api import CamClient, _sized
+from .api import CamClient
 from .overlay import read_image
 
 CHUNK = 8  # images per predict request: fits a batching server's max_batch_size
@@ -64,6 +64,14 @@ def score(client: CamClient, image: np.ndarray, heatmap: np.ndarray, class_index
         insertion_auc=float(np.trapezoid(insertion, x)),
         drop_at_20=float(max(0.0, deletion[0] - at_20) / deletion[0]) if deletion[0] > 0 else 0.0,
     )
+
+
+def _sized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A uint8 H×W×3 RGB array at the model input size, so that the maps line up with its pixels."""
+    if image.shape[:2] == tuple(size):
+        return image
+    shrink = image.shape[0] > size[0] and image.shape[1] > size[1]
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def score_images(

@@ -169,11 +169,13 @@ def to_numpy(proto) -> np.ndarray:
 
 
 def predict_request(spec, images: np.ndarray | None = None, image_bytes: Sequence[bytes] | None = None,
-                    class_index: np.ndarray | None = None, output_filter: Sequence[str] = ()):
+                    class_index: np.ndarray | None = None, method: Sequence[str] | None = None,
+                    output_filter: Sequence[str] = ()):
     """The PredictRequest of every caller here (client, benchmark, the exporter's warm-up records).
 
     `spec` is a ModelSpec; `images` [N,H,W,3] uint8 go to a signature, `image_bytes` (N encoded
-    images) to its `_bytes` twin; `class_index` [N] int32 (-1: the predicted class) to explain ones.
+    images) to its `_bytes` twin; `class_index` [N] int32 (-1: the predicted class) to explain ones;
+    `method` [N] (each row's method) to `explain` and `explain_bytes`.
     """
     request = PredictRequest(output_filter=list(output_filter))
     request.model_spec.CopyFrom(spec)
@@ -183,4 +185,6 @@ def predict_request(spec, images: np.ndarray | None = None, image_bytes: Sequenc
         request.inputs["image_bytes"].CopyFrom(make_tensor(np.array(list(image_bytes), dtype=object)))
     if class_index is not None:
         request.inputs["class_index"].CopyFrom(make_tensor(np.asarray(class_index, np.int32)))
+    if method is not None:
+        request.inputs["method"].CopyFrom(make_tensor(np.array(list(method), dtype=object)))
     return request

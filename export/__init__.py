@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 
 _PUBLIC = {
-    "export_savedmodel": ".savedmodel",
+    "export_savedmodel": ".pipeline",
     "ExportOptions": ".options",
     "METHODS": ".methods",
     "Method": ".methods",

@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         options = parse_args(argv, prog="python -m export", description=__doc__)
-        from .savedmodel import export_savedmodel  # Keras: once the flags are good
+        from .pipeline import export_savedmodel  # Keras: once the flags are good
 
         export_savedmodel(options)
     except (ValueError, FileNotFoundError, FileExistsError, VerificationError) as error:

@@ -49,7 +49,7 @@ import dataclasses
 import functools
 import pathlib
 import sys
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
 from tensorflow.core.framework import attr_value_pb2, types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
@@ -160,11 +160,12 @@ class GpuReport:
         return line
 
 
-def check_saved_model(export_dir: str | pathlib.Path, strict: bool = True, jit: bool | None = None) -> GpuReport:
-    """The report of every signature of the SavedModel in `export_dir` (its serve MetaGraph); with `strict`,
-    GpuPlacementError when any breaks the rule (see the module's docstring). `jit`: whether the exporter
-    compiled the core with XLA (None: whether any library function must be compiled; a backbone's own
-    layers may hold such a function without the core being compiled)."""
+def check_saved_model(export_dir: str | pathlib.Path, strict: bool = True, jit: bool | None = None,
+                      signatures: Collection[str] | None = None) -> GpuReport:
+    """The report of every signature (or of `signatures`) of the SavedModel in `export_dir` (its serve
+    MetaGraph); with `strict`, GpuPlacementError when any breaks the rule (see the module's docstring).
+    `jit`: whether the exporter compiled the core with XLA (None: whether any library function must be
+    compiled; a backbone's own layers may hold such a function without the core being compiled)."""
     saved_model = saved_model_pb2.SavedModel()
     saved_model.ParseFromString((pathlib.Path(export_dir) / "saved_model.pb").read_bytes())
     metas = [m for m in saved_model.meta_graphs if SERVE_TAG in m.meta_info_def.tags]
@@ -175,7 +176,8 @@ def check_saved_model(export_dir: str | pathlib.Path, strict: bool = True, jit: 
     if jit is None:
         jit = any(f.attr[XLA_MUST_COMPILE].b for f in meta.graph_def.library.function if XLA_MUST_COMPILE in f.attr)
     reports = {name: _check_signature(graph, name, signature, jit)
-               for name, signature in sorted(meta.signature_def.items()) if name != INIT_SIGNATURE}
+               for name, signature in sorted(meta.signature_def.items())
+               if name != INIT_SIGNATURE and (signatures is None or name in signatures)}
     report = GpuReport(str(export_dir), reports, jit)
     if strict and report.violations:
         raise GpuPlacementError(_error_message(report), report)

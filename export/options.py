@@ -1,8 +1,9 @@
 """Every export option, its default and its help, written once.
 
-`python -m export` derives its flags from `ExportOptions` (`--max-batch-size` for `max_batch_size`),
-`export_savedmodel` takes one, and the explainer reads its numbers from it. A method that scores
-channels one by one brings its own option, `<method>_channels`, from its registry entry (export/methods.py).
+`python -m export` derives its flags from `ExportOptions` (`--max-batch-size` for `max_batch_size`) and
+`export_savedmodel` takes one, handing each step of the export the values it needs. A method that scores
+channels one by one brings its own flag, `--<method>-channels`, from its registry entry
+(export/methods.py); the flags fill `channels`.
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **cli: Any) -> An
     return dataclasses.field(default=default, metadata={"help": help, **cli})
 
 
-def channels_field(method: str) -> str:
-    """The option of a method's channel limit: scorecam -> scorecam_channels (flag --scorecam-channels)."""
-    return f"{method}_channels"
+def channels_flag(method: str) -> str:
+    """The flag of a method's channel limit: scorecam -> --scorecam-channels."""
+    return f"--{method}-channels"
+
+
+def default_channels() -> tuple[tuple[str, int], ...]:
+    """(method, channel limit) of each method with one, at the registry's defaults."""
+    return tuple((m.name, m.channel_limit.default) for m in METHODS.values() if m.channel_limit)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _FixedOptions:
+class ExportOptions:
     """What `python -m export` and `export_savedmodel` build; only `backbone` and `model_name` are required."""
 
     backbone: str = option(help="keras.applications name (resnet50, vgg16, ...) or a .keras file")
@@ -70,6 +76,8 @@ class _FixedOptions:
     warmup_batch_sizes: tuple[int, ...] = option((1, 8), "comma list of batch sizes for the warm-up records", type=int)
     max_batch_size: int = option(128, "larger requests are refused")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, "larger images are refused before decoding")
+    # (method, how many channels it scores) for the methods with a channel limit: flags --<method>-channels
+    channels: tuple[tuple[str, int], ...] = dataclasses.field(default_factory=default_channels)
 
     def __post_init__(self) -> None:
         # Lists become tuples (the options stay immutable and hashable); "all" names every method.
@@ -83,21 +91,13 @@ class _FixedOptions:
         for name in self.smooth:
             if name not in SMOOTHINGS:
                 raise ValueError(f"--smooth {name!r}: choose from {', '.join(SMOOTHINGS)}")
-
-    @property
-    def channels(self) -> dict[str, int]:
-        """How many channels each method with a channel limit scores: its `<method>_channels` option."""
-        return {m.name: getattr(self, channels_field(m.name)) for m in METHODS.values() if m.channel_limit}
-
-
-# The fixed options plus one per method with a channel limit, its default and help from the registry.
-ExportOptions = dataclasses.make_dataclass(
-    "ExportOptions",
-    [(channels_field(m.name), int, option(m.channel_limit.default, f"{m.name} {m.channel_limit.help}"))
-     for m in METHODS.values() if m.channel_limit],
-    bases=(_FixedOptions,), frozen=True, kw_only=True,
-    namespace={"__module__": __name__, "__doc__": _FixedOptions.__doc__},
-)
+        # Given as a mapping or pairs, for some methods: the others keep the registry's default.
+        given = dict(self.channels)
+        unknown = set(given) - {name for name, _ in default_channels()}
+        if unknown:
+            raise ValueError(f"channel limits for methods without one: {', '.join(sorted(unknown))}")
+        object.__setattr__(self, "channels", tuple((name, int(given.get(name, limit)))
+                                                   for name, limit in default_channels()))
 
 
 def comma_list(element: type):
@@ -106,8 +106,13 @@ def comma_list(element: type):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field of ExportOptions, with the field's default, help and type."""
+    """One flag per field of ExportOptions, with the field's default, help and type; one per channel limit."""
     for field in dataclasses.fields(ExportOptions):
+        if field.name == "channels":
+            for name, limit in default_channels():
+                parser.add_argument(channels_flag(name), dest=f"{name}_channels", type=int, default=limit,
+                                    help=f"{name} {METHODS[name].channel_limit.help}")
+            continue
         settings = dict(field.metadata)
         required = field.default is dataclasses.MISSING
         if isinstance(field.default, bool):
@@ -121,7 +126,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace) -> ExportOptions:
-    return ExportOptions(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ExportOptions)})
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(ExportOptions)
+              if field.name != "channels"}
+    return ExportOptions(**values, channels={name: getattr(args, f"{name}_channels") for name, _ in default_channels()})
 
 
 def parse_args(argv: Sequence[str] | None = None, **parser_settings: Any) -> ExportOptions:

@@ -26,7 +26,6 @@ from .backbone import set_precision
 
 if TYPE_CHECKING:
     from .explainer import Explainer
-    from .methods import Method
 
 PROBES = pathlib.Path(__file__).resolve().parent / "data" / "probes"  # made as data/SOURCES.md says
 
@@ -77,9 +76,10 @@ def probe_images(image_size: tuple[int, int], noise: int = 1) -> np.ndarray:
     return np.stack(resized)
 
 
-def _run(explainer: Explainer, method: Method, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, np.ndarray]:
+def _run(explainer: Explainer, method: str, pixels: tf.Tensor, class_index: tf.Tensor) -> dict[str, np.ndarray]:
     """One method's outputs, traced now (so under the layers' current dtype policy)."""
-    explain = tf.function(lambda p, c: explainer.explain(method, p, c))
+    index = list(explainer.methods).index(method)
+    explain = tf.function(lambda p, c: explainer.explain(p, c, tf.fill(tf.shape(c), index)))
     return {k: v.numpy() for k, v in explain(pixels, class_index).items() if k in ("heatmap", "logits")}
 
 
@@ -93,17 +93,15 @@ def measure(explainer: Explainer, images: np.ndarray, precision: str) -> list[Dr
     for model in models:
         set_precision(model, "float32")
     try:
-        reference = {
-            name: _run(explainer, m, pixels, tf.fill([len(images)], -1)) for name, m in explainer.methods.items()
-        }
+        reference = {name: _run(explainer, name, pixels, tf.fill([len(images)], -1)) for name in explainer.methods}
     finally:
         for model in models:
             set_precision(model, precision)
     drifts = []
-    for name, method in explainer.methods.items():
+    for name in explainer.methods:
         expected = reference[name]
         top1 = expected["logits"].argmax(axis=1).astype(np.int32)
-        got = _run(explainer, method, pixels, tf.constant(top1))  # the same class as float32's map
+        got = _run(explainer, name, pixels, tf.constant(top1))  # the same class as float32's map
         diff = np.abs(got["heatmap"].astype(np.float64) - expected["heatmap"])
         drifts.append(
             Drift(name, float(diff.max()), float(diff.mean()), float(np.mean(got["logits"].argmax(axis=1) == top1)))

@@ -3,6 +3,8 @@ class names, the per-row `error`, and the heatmap and Guided Grad-CAM's picture 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import tensorflow as tf
 
 PNG_COMPRESSION = 2  # zlib level of the PNG outputs (see `pngs`)
@@ -28,6 +30,13 @@ def pngs(images: tf.Tensor) -> tf.Tensor:
     """
     return tf.map_fn(lambda image: tf.io.encode_png(image, compression=PNG_COMPRESSION), images,
                      fn_output_signature=tf.string)
+
+
+def pngs_of_rows(values: tf.Tensor, rows: tf.Tensor, encode: Callable[[tf.Tensor], tf.Tensor]) -> tf.Tensor:
+    """`encode` (values [n, ...] -> PNGs [n]) of the rows where `rows` [N] is true, "" in the others. The
+    rows are taken from the values before they become pictures: a float gather has a GPU kernel, a uint8 one not."""
+    chosen = tf.where(rows)
+    return tf.tensor_scatter_nd_update(tf.fill(tf.shape(rows), ""), chosen, encode(tf.gather(values, chosen[:, 0])))
 
 
 def guided_image(guided: tf.Tensor) -> tf.Tensor:

@@ -28,6 +28,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from . import configs
+from .servables.session_config import session_config
 from .server import MAX_MESSAGE_BYTES, ServerOptions, serve
 
 
@@ -64,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
          help="seconds between re-reads of --model_config_file: added models load, removed ones unload (0: never)")
     flag("--enable_batching", type=_bool, nargs="?", const=True, default=False, help="batch concurrent requests")
     flag("--batching_parameters_file", default="", help="text BatchingParameters (default: TF Serving's defaults)")
+    flag("--tensorflow_session_config_file", default="",
+         help="text tensorflow.ConfigProto of the sessions that run the models (serving/session.config: the "
+              "graph optimizer's settings; default: TensorFlow's)")
     flag("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
          help="replay assets.extra/tf_serving_warmup_requests before serving a version")
     flag("--file_system_poll_wait_seconds", type=float, default=1,
@@ -112,6 +116,7 @@ def options_from_args(args: argparse.Namespace,
         ssl = configs.read_text_proto(args.ssl_config_file, configs.SSLConfig) if args.ssl_config_file else None
         monitoring = (configs.read_text_proto(args.monitoring_config_file, configs.MonitoringConfig)
                       if args.monitoring_config_file else None)
+        session = session_config(args.tensorflow_session_config_file) if args.tensorflow_session_config_file else b""
     except (OSError, ValueError) as e:
         p.error(str(e))
     options = ServerOptions(
@@ -125,6 +130,7 @@ def options_from_args(args: argparse.Namespace,
         grpc_max_threads=args.grpc_max_threads,
         max_message_bytes=args.max_message_bytes,
         enable_model_warmup=args.enable_model_warmup,
+        session_config=session,
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
         model_config_file=args.model_config_file,
         model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,

@@ -44,10 +44,12 @@ class ModelRegistry:
     """The models of a ModelServerConfig and their loaded versions, with TF Serving's version states."""
 
     def __init__(self, config: model_server_config_pb2.ModelServerConfig, warmup: bool = True,
-                 max_bytes: int = 2**31 - 1, on_load: Callable[[str, bool], None] | None = None):
+                 max_bytes: int = 2**31 - 1, on_load: Callable[[str, bool], None] | None = None,
+                 session_config: bytes = b""):
         _check_config(config)
         self._models = {m.name: _Model(m) for m in config.model_config_list.config}  # replaced on reload
         self._warmup = warmup
+        self._session_config = session_config  # a serialized tensorflow.ConfigProto for every version's session
         self._max_bytes = max_bytes
         self._on_load = on_load  # told of every load attempt: (path, succeeded), for metrics
         self._retired: dict[str, dict[int, VersionState]] = {}  # states of models a reload removed
@@ -138,7 +140,7 @@ class ModelRegistry:
             started = time.perf_counter()
             self._set_state(model, version, VersionState("LOADING"))
             try:
-                loaded = ModelVersion.load(name, version, path)
+                loaded = ModelVersion.load(name, version, path, self._session_config)
                 warmed = loaded.warm_up(self._max_bytes) if self._warmup else 0
             except Exception as e:
                 model.failures[version] += 1

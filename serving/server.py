@@ -263,6 +263,7 @@ class ServerOptions:
     grpc_max_threads: int | None = None  # None: default_grpc_threads()
     max_message_bytes: int = MAX_MESSAGE_BYTES
     enable_model_warmup: bool = True
+    session_config: bytes = b""  # serialized tensorflow.ConfigProto of the models' sessions (default: TensorFlow's)
     file_system_poll_wait_seconds: float = 1
     model_config_file: str = ""  # re-read every model_config_file_poll_wait_seconds (> 0)
     model_config_file_poll_wait_seconds: float = 0
@@ -325,6 +326,7 @@ class EmbeddedServer:
         self.registry = ModelRegistry(
             config,
             warmup=options.enable_model_warmup,
+            session_config=options.session_config,
             max_bytes=options.max_message_bytes,
             on_load=self.metrics.load_attempt if self.metrics else None,
         )

@@ -119,8 +119,9 @@ class ModelVersion:
     session: SavedModelSession  # closed when the last request using this version lets go of it
 
     @classmethod
-    def load(cls, model_name: str, version: int, path: str) -> "ModelVersion":
-        session = SavedModelSession(path)
+    def load(cls, model_name: str, version: int, path: str, config: bytes = b"") -> "ModelVersion":
+        """LoadSavedModel with the session settings `config` (a serialized tensorflow.ConfigProto)."""
+        session = SavedModelSession(path, config=config)
         defs = session.signature_defs
         signatures = {name: Signature(name, defs[name], session) for name in defs if name != INIT_OP_SIGNATURE}
         signature_defs = get_model_metadata_pb2.SignatureDefMap(signature_def=defs)

@@ -74,7 +74,7 @@ def tiny_gap_cnn(path, size: int, classes: int, seed: int, filters: int = 8, sof
 def export_model(backbone, methods, model_name: str, base_path, weights: str = "none", log=quiet,
                  **options) -> pathlib.Path:
     """`export_savedmodel` as the tests call it: random weights unless given, no log; returns the version directory."""
-    from camserve.export.savedmodel import export_savedmodel
+    from camserve.export.pipeline import export_savedmodel
 
     return export_savedmodel(backbone=str(backbone), weights=weights, methods=list(methods), model_name=model_name,
                              base_path=str(base_path), log=log, **options)

@@ -38,28 +38,30 @@ def test_bench_runs_every_configuration(fused_export, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "latency.png").stat().st_size > 0
     rows = {r["name"]: r for r in results["rows"]}
-    expected = {
-        f"in-process {s} b{b}" for s in ("predict", "gradcam", "layercam", "predict_bytes", "gradcam_bytes")
-        for b in (1, 8)
-    }
-    expected |= {bench.config_name(c) for c in bench.grpc_configs(["gradcam", "layercam"])}
-    expected |= {bench.config_name(c) + " interleaved" for c in bench.grpc_configs(["gradcam", "layercam"])[:3]}
-    expected |= {f"{kind} gradcam_bytes b1 c1 all outputs interleaved" for kind in ("grpc", "rest")}
-    expected |= {"grpc gradcam_bytes b1 c1 compact interleaved", "rest gradcam_compact b1 c1 compact interleaved"}
+    # Every call as the client makes it: explain_bytes with the method (or predict) in each row.
+    calls = {m: f"explain_bytes:{m}" for m in ("gradcam", "layercam", "predict")}
+    expected = {f"in-process {c} b{b}" for c in ("explain:predict", "explain:gradcam", "explain:layercam",
+                                                 "explain_bytes:predict", "explain_bytes:gradcam") for b in (1, 8)}
+    expected |= {bench.config_name(c) for c in bench.grpc_configs(calls, ["gradcam", "layercam"])}
+    expected |= {bench.config_name(c) + " interleaved" for c in bench.grpc_configs(calls, ["gradcam", "layercam"])[:3]}
+    expected |= {"grpc explain_bytes:gradcam b1 c1 all outputs interleaved", "rest explain_bytes b1 c1 all outputs "
+                 "interleaved", "grpc explain_bytes:gradcam b1 c1 compact interleaved",
+                 "rest explain_compact b1 c1 compact interleaved"}
     assert set(rows) == expected
     for name, row in rows.items():
         assert row["n"] > 0 and row["p50_ms"] > 0 and not row.get("errors"), (name, row)
-    for signature, outputs in (("predict_bytes", "summary"), ("gradcam_bytes", "heatmap_png_bytes")):
-        assert rows[f"grpc {signature} b1 c16 out={outputs}"]["in_process_b8_images_per_s"] > 0
-    compact = rows["grpc gradcam_bytes b1 c1 out=heatmap_png_bytes"]["response_bytes"]
-    assert 0 < compact < rows["grpc gradcam_bytes b1 c1 out=all"]["response_bytes"]
+    for call, outputs in (("explain_bytes:predict", "summary"), ("explain_bytes:gradcam", "heatmap_png_bytes")):
+        assert rows[f"grpc {call} b1 c16 out={outputs}"]["in_process_b8_images_per_s"] > 0
+    compact = rows["grpc explain_bytes:gradcam b1 c1 out=heatmap_png_bytes"]["response_bytes"]
+    assert 0 < compact < rows["grpc explain_bytes:gradcam b1 c1 out=all"]["response_bytes"]
     # JSON text of every output (b64 PNG, the float heatmap as decimals) is larger than protobuf.
-    rest, grpc_ = (rows[f"{kind} gradcam_bytes b1 c1 all outputs interleaved"] for kind in ("rest", "grpc"))
+    rest = rows["rest explain_bytes b1 c1 all outputs interleaved"]
+    grpc_ = rows["grpc explain_bytes:gradcam b1 c1 all outputs interleaved"]
     assert rest["response_bytes"] > grpc_["response_bytes"] > compact
     # The compact signature answers REST with the labels, scores and PNG: far less than every output,
     # and the same outputs as gRPC's compact call.
-    rest_compact = rows["rest gradcam_compact b1 c1 compact interleaved"]["response_bytes"]
-    grpc_compact = rows["grpc gradcam_bytes b1 c1 compact interleaved"]["response_bytes"]
+    rest_compact = rows["rest explain_compact b1 c1 compact interleaved"]["response_bytes"]
+    grpc_compact = rows["grpc explain_bytes:gradcam b1 c1 compact interleaved"]["response_bytes"]
     assert grpc_compact < rest_compact < rest["response_bytes"] / 4
     assert len(results["ratios"]) == 12  # 14 with the eager Grad-CAM baseline (no --skip-eager)
     for name, ratio in results["ratios"].items():  # each with the figures it divides, as printed
@@ -178,21 +180,26 @@ def test_gpu_check_runs_to_completion_on_a_cpu(shapes_model, tmp_path):
 
 
 def test_cold_start_times_every_warmup_record_and_first_call(fused_export, tmp_path):
-    """`python -m bench.cold_start` on the shapes model: the replay is split into executor builds and
-    repeats as the session keys its executors, and a fresh server's first calls are timed per signature."""
+    """`python -m bench.cold_start` on the shapes model: the replay, under each session config, is split
+    into executor builds and repeats as the session keys its executors, and a fresh server's first calls
+    are timed, one per method and kind of image as the client makes them."""
     from camserve.bench import cold_start
 
-    assert cold_start.main(["--model", "shapes", "--model-dir", str(fused_export.parent), "--runs", "1",
-                            "--out", str(tmp_path)]) == 0
+    assert cold_start.main(["--model", "shapes", "--model-dir", str(fused_export.parent), "--rounds", "1",
+                            "--runs", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "cold_start.json").read_text())
-    records = result["breakdown"]["records"]
-    keys = {(r["signature"], tuple(r["outputs"])) for r in records}
-    assert len(records) > result["breakdown"]["executors"] == len(keys)  # an executor per signature and outputs
-    assert all(r["new_executor"] == (r["batch"] == 1) for r in records)  # further sizes reuse the executor
+    assert list(result["time_to_ready"]) == list(cold_start.CONFIGS)
+    for rounds in result["time_to_ready"].values():
+        [breakdown] = rounds["ours"]
+        records = breakdown["records"]
+        keys = {(r["signature"], tuple(r["outputs"])) for r in records}
+        assert len(records) > breakdown["executors"] == len(keys) == 3  # explain_bytes and the two fused
+        assert breakdown["ready_s"] == breakdown["load_s"] + sum(r["seconds"] for r in records)
     [run] = result["runs"]
     assert run["ready_s"] > 0 and any("warm-up requests" in line for line in run["server_log"])
-    expected = {"predict", "predict_bytes", "gradcam", "gradcam_bytes", "layercam", "layercam_bytes",
-                "gradcam_compact (all outputs)", "layercam_compact (all outputs)", "predict_compact (all outputs)"}
-    assert expected <= set(run["first_calls"])
+    expected = {"predict", "predict (array)", *(f"{m}{kind}" for m in ("gradcam", "layercam", "gradcam_fused",
+                                                                       "layercam_fused") for kind in ("", " (array)")),
+                "explain_compact (REST, every output)"}
+    assert set(run["first_calls"]) == expected
     for name, call in run["first_calls"].items():
         assert call["first_ms"] > 0 and call["next_median_ms"] > 0, name

@@ -198,28 +198,46 @@ def test_read_image_matches_cv2_and_rejects_garbage():
 # -- fake PredictionService -----------------------------------------------------------------------
 LABELS = [f"class_{i}" for i in range(10)]
 SIZE, K = (32, 40), 5
-EXPLAIN_OUTPUTS = {"probabilities", "logits", "class_index", "class_label", "score", "top_k_indices", "error",
-                   "top_k_scores", "top_k_labels", "heatmap", "heatmap_uint8", "heatmap_png_bytes", "heatmap_lowres",
-                   "padding"}
+METHODS = ("gradcam", "cam")
+PREDICTION_OUTPUTS = {"probabilities", "logits", "class_index", "class_label", "score", "top_k_indices", "error",
+                      "top_k_scores", "top_k_labels", "padding"}
+EXPLAIN_OUTPUTS = PREDICTION_OUTPUTS | {"heatmap", "heatmap_uint8", "heatmap_png_bytes", "heatmap_lowres"}
 
 
 class FakePredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Follows the README contract and TF Serving's error codes; records what it receives."""
+    """Follows the README contract and TF Serving's error codes; records what it receives. `explain`:
+    whether the model has the explain signatures (a model exported before them has not)."""
 
-    def __init__(self):
+    def __init__(self, explain: bool = True):
         self.requests: list = []
         self.busy = 0  # the next `busy` Predict calls are refused as an overloaded TF Serving refuses them
+        self.signatures = [*METHODS, "predict", *(["explain"] if explain else [])]
+
+    def _model(self, spec, context) -> None:
+        if spec.name not in ("m", "slow"):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({spec.name})")
 
     def GetModelMetadata(self, request, context):
         self.requests.append(request)
+        self._model(request.model_spec, context)
         sig_map = get_model_metadata_pb2.SignatureDefMap()
-        for name in ("predict", "gradcam", "cam"):
-            shape = sig_map.signature_def[name].inputs["images"].tensor_shape
-            for d in (-1, *SIZE, 3):
-                shape.dim.add(size=d)
+        for name in self.signatures:
+            for suffix, image_input in (("", "images"), ("_bytes", "image_bytes")):
+                sig = sig_map.signature_def[name + suffix]
+                for tensor in (image_input, *self._per_row(name)):
+                    sig.inputs[tensor].name = f"{tensor}:0"
+                if image_input == "images":
+                    for d in (-1, *SIZE, 3):
+                        sig.inputs["images"].tensor_shape.dim.add(size=d)
+                for output in PREDICTION_OUTPUTS if name == "predict" else EXPLAIN_OUTPUTS:
+                    sig.outputs[output].name = f"{output}:0"
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.metadata["signature_def"].Pack(sig_map)
         return response
+
+    @staticmethod
+    def _per_row(name: str) -> tuple[str, ...]:
+        return {"predict": (), "explain": ("class_index", "method")}.get(name, ("class_index",))
 
     def Predict(self, request, context):
         self.requests.append(request)
@@ -229,14 +247,12 @@ class FakePredictionService(prediction_service_pb2_grpc.PredictionServiceService
         spec = request.model_spec
         if spec.name == "slow":
             time.sleep(2)
-        if spec.name not in ("m", "slow"):
-            context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({spec.name})")
+        self._model(spec, context)
         sig = spec.signature_name
         base = sig.removesuffix("_bytes")
-        if base not in ("predict", "gradcam", "cam"):
+        if base not in self.signatures:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"Serving signature name: \"{sig}\" not found")
-        needed = {"image_bytes" if sig.endswith("_bytes") else "images"}
-        needed |= {"class_index"} if base != "predict" else set()
+        needed = {"image_bytes" if sig.endswith("_bytes") else "images", *self._per_row(base)}
         if set(request.inputs) != needed:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected inputs {sorted(needed)}")
         if sig.endswith("_bytes"):
@@ -252,10 +268,15 @@ class FakePredictionService(prediction_service_pb2_grpc.PredictionServiceService
         probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
         chosen = np.full(n, 9, np.int32)
         errors = np.array([b""] * n, dtype=object)
+        methods = [base] * n
+        if base == "explain":  # like the exported graph: a method the model lacks marks its row only
+            methods = [m.decode() for m in tf.make_ndarray(request.inputs["method"])]
+            errors = np.array([b"" if m in (*METHODS, "predict") else f"method '{m}' is not the model's".encode()
+                               for m in methods], dtype=object)
         if base != "predict":  # like the exported graph: an out-of-range class marks its row only
             requested = tf.make_ndarray(request.inputs["class_index"])
-            errors = np.array([f"class_index {c} is out of range".encode() if c >= 10 else b"" for c in requested],
-                              dtype=object)
+            errors = np.array([f"class_index {c} is out of range".encode() if c >= 10 else e
+                               for c, e in zip(requested, errors)], dtype=object)
             chosen = np.where((requested >= 0) & (requested < 10), requested, 9).astype(np.int32)
         top = np.argsort(-probs, 1)[:, :K].astype(np.int32)
         heat = np.tile(np.linspace(0, 1, SIZE[1], dtype=np.float32), (n, SIZE[0], 1))
@@ -269,6 +290,7 @@ class FakePredictionService(prediction_service_pb2_grpc.PredictionServiceService
                                         for m in np.round(heat * 255).astype(np.uint8)], dtype=object),
                "heatmap_lowres": heat[:, ::4, ::4], "padding": np.zeros((n, 6 * 1024 * 1024), np.uint8),
                "error": errors}
+        out["heatmap_png_bytes"][[m == "predict" for m in methods]] = b""  # the prediction alone: no map
         if base == "predict":
             out = {k: v for k, v in out.items() if not k.startswith("heatmap")}
         names = list(request.output_filter) or list(out)
@@ -300,8 +322,9 @@ def cam(fake):
 
 def test_explain_path_sends_file_bytes_and_parses_response(cam, fake):
     result = cam.explain(str(SAMPLES[0]), method="gradcam", top_k=3)
-    (request,) = fake.requests
-    assert request.model_spec.name == "m" and request.model_spec.signature_name == "gradcam_bytes"
+    metadata, request = fake.requests  # the model's signatures, asked once per client
+    assert request.model_spec.name == "m" and request.model_spec.signature_name == "explain_bytes"
+    assert tf.make_ndarray(request.inputs["method"]).tolist() == [b"gradcam"]
     assert not request.model_spec.HasField("version")
     assert set(request.output_filter) == DEFAULT_FILTER
     assert request.inputs["image_bytes"].dtype == tf.string.as_datatype_enum
@@ -317,28 +340,49 @@ def test_explain_path_sends_file_bytes_and_parses_response(cam, fake):
     np.testing.assert_allclose(result.heatmap[0], np.linspace(0, 1, SIZE[1]), atol=0.5 / 255 + 1e-6)
 
 
-def test_explain_mixed_batch_keeps_order_and_resizes_arrays(cam, fake):
+def test_explain_mixed_batch_keeps_order_and_sends_arrays_as_bmp(cam, fake):
+    """Files and arrays go in one call of explain_bytes: an array as a BMP file, its pixels as they are
+    (the server decodes and resizes it as any file)."""
     array = np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     items = [SAMPLES[0].read_bytes(), array, SAMPLES[1]]
     results = cam.explain(items, method="cam", class_index=[1, 2, 3], heatmap="float")
     assert [r.class_index for r in results] == [1, 2, 3] and [r.class_label for r in results][1] == "class_2"
-    predicts = [r for r in fake.requests if isinstance(r, predict_pb2.PredictRequest)]
-    assert len(fake.requests) == 3 and len(predicts) == 2  # one metadata lookup, bytes call, tensor call
-    by_sig = {r.model_spec.signature_name: r for r in predicts}
-    assert tf.make_ndarray(by_sig["cam_bytes"].inputs["class_index"]).tolist() == [1, 3]
-    images = tf.make_ndarray(by_sig["cam"].inputs["images"])
-    assert images.dtype == np.uint8 and images.shape == (1, *SIZE, 3)
-    assert "heatmap" in by_sig["cam"].output_filter and "heatmap_uint8" not in by_sig["cam"].output_filter
+    (request,) = [r for r in fake.requests if isinstance(r, predict_pb2.PredictRequest)]
+    assert request.model_spec.signature_name == "explain_bytes"
+    assert tf.make_ndarray(request.inputs["class_index"]).tolist() == [1, 2, 3]
+    assert tf.make_ndarray(request.inputs["method"]).tolist() == [b"cam"] * 3
+    sent = tf.make_ndarray(request.inputs["image_bytes"])
+    assert sent[1][:2] == b"BM" and np.array_equal(cv2.imdecode(np.frombuffer(sent[1], np.uint8), cv2.IMREAD_COLOR),
+                                                   array[:, :, ::-1])
+    assert "heatmap" in request.output_filter and "heatmap_uint8" not in request.output_filter
     np.testing.assert_array_equal(results[1].heatmap[0], np.linspace(0, 1, SIZE[1], dtype=np.float32))
 
 
-def test_predict_uses_predict_signature_without_heatmap(cam, fake):
+def test_predict_asks_explain_bytes_for_the_prediction_alone(cam, fake):
+    """A prediction is a row of explain_bytes with the method `predict` and the one output set of every
+    call (so that it runs on the executor the server's warm-up built); its empty map is left out."""
     results = cam.predict([SAMPLES[0], SAMPLES[1]], top_k=2)
-    (request,) = fake.requests
-    assert request.model_spec.signature_name == "predict_bytes" and set(request.inputs) == {"image_bytes"}
-    assert not any(o.startswith("heatmap") for o in request.output_filter)
+    metadata, request = fake.requests
+    assert request.model_spec.signature_name == "explain_bytes"
+    assert tf.make_ndarray(request.inputs["method"]).tolist() == [b"predict"] * 2
+    assert set(request.output_filter) == DEFAULT_FILTER
     assert all(isinstance(r, Prediction) and not isinstance(r, Explanation) for r in results)
     assert [len(r.top_k) for r in results] == [2, 2]
+
+
+def test_a_model_exported_without_explain_is_called_by_method_and_predict():
+    service = FakePredictionService(explain=False)
+    server, port = fake_server(service)
+    try:
+        with CamClient(f"127.0.0.1:{port}", model="m", timeout=10) as client:
+            explained = client.explain(SAMPLES[0], method="cam")
+            predicted = client.predict(SAMPLES[0])
+    finally:
+        server.stop(None)
+    calls = [r for r in service.requests if isinstance(r, predict_pb2.PredictRequest)]
+    assert [r.model_spec.signature_name for r in calls] == ["cam_bytes", "predict_bytes"]
+    assert set(calls[1].inputs) == {"image_bytes"} and not any(o.startswith("heatmap") for o in calls[1].output_filter)
+    assert explained.heatmap.shape == SIZE and predicted.class_index == 9
 
 
 def test_version_batches_and_big_response(fake):
@@ -347,7 +391,8 @@ def test_version_batches_and_big_response(fake):
         batch = np.zeros((5, *SIZE, 3), np.uint8)
         results = client.explain(batch, outputs=["padding"])  # 5 × 6 MiB: beyond gRPC's 4 MiB default
     assert len(results) == 5 and results[4].outputs["padding"].shape == (6 * 1024 * 1024,)
-    assert [len(tf.make_ndarray(r.inputs["images"])) for r in fake.requests] == [2, 2, 1]  # no metadata call
+    calls = [r for r in fake.requests if isinstance(r, predict_pb2.PredictRequest)]
+    assert [len(tf.make_ndarray(r.inputs["image_bytes"])) for r in calls] == [2, 2, 1]
     assert all(r.model_spec.version.value == 4 for r in fake.requests)
 
 
@@ -406,6 +451,7 @@ def test_deadline_and_bad_inputs(fake):
 def test_cli_explain_writes_pngs_at_original_size(fake, tmp_path, capsys, raw):
     args = ["explain", *map(str, SAMPLES), "--server", fake.address, "--model", "m", "--out", str(tmp_path),
             "--top-k", "3", "--method", "gradcam"] + (["--raw"] if raw else [])
+    fake.requests.clear()
     assert cli_main(args) == 0
     printed = capsys.readouterr().out
     for sample in SAMPLES:
@@ -415,8 +461,10 @@ def test_cli_explain_writes_pngs_at_original_size(fake, tmp_path, capsys, raw):
             assert written is not None and written.shape == original.shape, (sample, kind)
         assert f"{sample}: gradcam class 9 class_9" in printed
     assert printed.count("   1. class_9 ") == len(SAMPLES) and "   4. " not in printed
-    sigs = {r.model_spec.signature_name for r in fake.requests if isinstance(r, predict_pb2.PredictRequest)}
-    assert "gradcam" in sigs if raw else "gradcam_bytes" in sigs
+    calls = [r for r in fake.requests if isinstance(r, predict_pb2.PredictRequest)]
+    assert {r.model_spec.signature_name for r in calls} == {"explain_bytes"}
+    sent = [blob for r in calls for blob in tf.make_ndarray(r.inputs["image_bytes"])]
+    assert all(blob[:2] == b"BM" for blob in sent) if raw else sent == [s.read_bytes() for s in SAMPLES]
 
 
 def test_cli_predict_and_error_exit_codes(fake, capsys):

@@ -181,7 +181,8 @@ def test_dockerfile_runs_tf_serving_with_the_serving_configs(dockerfile):
     expected = flags_of(tfserving.server_flags(inside + "models.config", inside + "batching.config",
                                              inside + "monitoring.config", port=8500, rest_port=8501,
                                              poll_seconds=int(flags["file_system_poll_wait_seconds"]),
-                                             gpu_memory_fraction=tfserving.GPU_MEMORY_FRACTION, xla="gpu"))
+                                             gpu_memory_fraction=tfserving.GPU_MEMORY_FRACTION, xla="gpu",
+                                             session_config=inside + "session.config"))
     extra = {name: flags.pop(name) for name in set(flags) - set(expected)}
     assert flags == expected
     assert set(extra) == {"grpc_channel_arguments"}
@@ -191,7 +192,7 @@ def test_dockerfile_runs_tf_serving_with_the_serving_configs(dockerfile):
     # the ports are the ones the image exposes; the configs it names parse as TF Serving parses them
     assert set(dockerfile.one("EXPOSE").split()) == {flags["port"], flags["rest_api_port"]}
     tfserving.check_configs(SERVING / "models.config", SERVING / "batching.config", SERVING / "monitoring.config",
-                            int(flags["rest_api_port"]))
+                            int(flags["rest_api_port"]), SERVING / "session.config")
     # the health check asks the REST model status of the served model
     healthcheck = dockerfile.one("HEALTHCHECK")
     env = dict(arg.split("=", 1) for arg in dockerfile.all("ENV") if "=" in arg)

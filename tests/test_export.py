@@ -170,14 +170,16 @@ def test_batch_equals_single_calls_and_class_index_per_image(shapes_export, load
 
 def test_signature_contract(resnet50, load):
     model = load(resnet50[1])
-    names = {"predict", "predict_bytes", "gradcam", "gradcam_bytes", "cam", "cam_bytes", "serving_default"}
-    assert set(model.signatures) == names | {"feature_maps", "feature_maps_bytes", "predict_compact",
-                                             "gradcam_compact", "cam_compact"}
+    names = {"explain", "explain_bytes", "predict", "predict_bytes", "gradcam", "gradcam_bytes", "cam", "cam_bytes",
+             "serving_default"}
+    assert set(model.signatures) == names | {"feature_maps", "feature_maps_bytes", "explain_compact",
+                                             "predict_compact", "gradcam_compact", "cam_compact"}
     for name in names:
         inputs = model.signatures[name].structured_input_signature[1]
         outputs = model.signatures[name].structured_outputs
         image_key = "image_bytes" if name.endswith("_bytes") or name == "serving_default" else "images"
         expected_inputs = {image_key} | (set() if name.startswith("predict") else {"class_index"})
+        expected_inputs |= {"method"} if name.startswith("explain") else set()
         assert set(inputs) == expected_inputs, name
         if image_key == "images":
             assert inputs["images"].dtype == tf.uint8 and inputs["images"].shape.as_list() == [None, 224, 224, 3]
@@ -185,6 +187,8 @@ def test_signature_contract(resnet50, load):
             assert inputs["image_bytes"].dtype == tf.string and inputs["image_bytes"].shape.as_list() == [None]
         if "class_index" in inputs:
             assert inputs["class_index"].dtype == tf.int32 and inputs["class_index"].shape.as_list() == [None]
+        if "method" in inputs:
+            assert inputs["method"].dtype == tf.string and inputs["method"].shape.as_list() == [None]
         expected_outputs = PREDICT_OUTPUTS if name.startswith("predict") else EXPLAIN_OUTPUTS
         assert set(outputs) == set(expected_outputs), name
         for key, (dtype, rank) in expected_outputs.items():
@@ -256,9 +260,10 @@ def test_no_python_callback_ops_in_any_signature(resnet50):
 
 
 def test_warmup_records_build_the_executors_our_callers_use_and_run(resnet50, load):
-    """One record per signature and output set that the client, CLI and page send by default at the
-    first batch size; the second batch size once per numeric core (the _bytes signature); none for
-    aliases (serving_default, *_compact) nor for feature_maps, which nobody calls by default."""
+    """One executor, that of every call the client, CLI and page make by default: explain_bytes with its
+    one output set, first with a row of each method and a prediction (so that every method has run
+    before a real call), then at every batch size; none for the signatures by method name, predict, the
+    images inputs, aliases (serving_default, *_compact) nor for feature_maps, which nobody calls by default."""
     from tensorflow_serving.apis import prediction_log_pb2
 
     from camserve.serving.servables.warmup import WARMUP_FILE
@@ -272,12 +277,11 @@ def test_warmup_records_build_the_executors_our_callers_use_and_run(resnet50, lo
         request = log.predict_log.request
         sizes = {tensor.tensor_shape.dim[0].size for tensor in request.inputs.values()}
         assert len(sizes) == 1, request.model_spec.signature_name
-        seen.append((request.model_spec.signature_name, sizes.pop(), frozenset(request.output_filter)))
-    expected = [(s, 1, frozenset(summary)) for s in ("predict", "predict_bytes")]
-    expected += [(s, 1, frozenset(explain)) for s in ("gradcam", "gradcam_bytes", "cam", "cam_bytes")]
-    expected += [("predict_bytes", 2, frozenset(summary))]
-    expected += [(s, 2, frozenset(explain)) for s in ("gradcam_bytes", "cam_bytes")]
-    assert sorted(seen) == sorted(expected)
+        methods = tuple(m.decode() for m in tf.make_ndarray(request.inputs["method"])) if "method" in request.inputs \
+            else ()
+        seen.append((request.model_spec.signature_name, methods, frozenset(request.output_filter)))
+    assert seen == [("explain_bytes", ("gradcam", "cam", "predict"), explain),
+                    ("explain_bytes", ("gradcam",), explain), ("explain_bytes", ("gradcam",) * 2, explain)]
     model = load(resnet50[1])
     for log in logs:
         request = log.predict_log.request
@@ -298,11 +302,13 @@ def test_aliases_run_their_targets_tensors_under_tf_servings_loader(resnet50, lo
         defs = session.signature_defs
         for alias, target, outputs in (("serving_default", "gradcam_bytes", None), ("gradcam_compact", "gradcam_bytes",
                                        EXPLAIN), ("cam_compact", "cam_bytes", EXPLAIN),
+                                       ("explain_compact", "explain_bytes", EXPLAIN),
                                        ("predict_compact", "predict_bytes", SUMMARY)):
             assert set(defs[alias].outputs) == set(outputs or defs[target].outputs), alias
             assert all(info.name == defs[target].inputs[key].name for key, info in defs[alias].inputs.items())
             assert all(info.name == defs[target].outputs[key].name for key, info in defs[alias].outputs.items())
-            inputs = {"image_bytes": jpegs, "class_index": np.array([-1, 7], np.int32)}
+            inputs = {"image_bytes": jpegs, "class_index": np.array([-1, 7], np.int32),
+                      "method": np.array([b"cam", b"gradcam"], dtype=object)}
             inputs = {k: v for k, v in inputs.items() if k in defs[alias].inputs}
             served = session.run_signature(alias, inputs)
             expected = tf2.signatures[alias](**{k: tf.constant(v) for k, v in inputs.items()})

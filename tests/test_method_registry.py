@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from camserve.export.methods import METHODS
-from camserve.export.options import ExportOptions, add_arguments, channels_field
+from camserve.export.options import ExportOptions, add_arguments, channels_flag, from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -64,8 +64,7 @@ def code(cell: str) -> list[str]:
 
 def channel_flags() -> dict[str, tuple[str, int]]:
     """method -> (its flag --<method>-channels, the flag's default), for each method with a channel limit."""
-    return {name: ("--" + channels_field(name).replace("_", "-"), m.channel_limit.default)
-            for name, m in METHODS.items() if m.channel_limit}
+    return {name: (channels_flag(name), m.channel_limit.default) for name, m in METHODS.items() if m.channel_limit}
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -107,16 +106,17 @@ def test_deploying_flag_table_has_the_registrys_channel_flags():
 def test_export_flags_and_channels_come_from_the_registry():
     parser = export_parser()
     for method, (flag, default) in channel_flags().items():
-        assert parser._option_string_actions[flag].dest == channels_field(method)
-        assert parser.get_default(channels_field(method)) == default
+        assert parser.get_default(parser._option_string_actions[flag].dest) == default
     defaults = dict(channel_flags().values())
     assert defaults["--scorecam-channels"] == defaults["--ablationcam-channels"] == 64  # as scripts and docs use
-    options = ExportOptions(backbone="b", model_name="m", scorecam_channels=8)
-    assert options.channels == {method: 8 if method == "scorecam" else default
-                                for method, (_, default) in channel_flags().items()}
-    assert hash(options) == hash(ExportOptions(backbone="b", model_name="m", scorecam_channels=8))
-    parsed = parser.parse_args(["--backbone", "b", "--model-name", "m", "--ablationcam-channels", "3"])
-    assert parsed.ablationcam_channels == 3 and parsed.scorecam_channels == 64
+    options = ExportOptions(backbone="b", model_name="m", channels={"scorecam": 8})
+    assert dict(options.channels) == {method: 8 if method == "scorecam" else default
+                                      for method, (_, default) in channel_flags().items()}
+    assert hash(options) == hash(ExportOptions(backbone="b", model_name="m", channels={"scorecam": 8}))
+    with pytest.raises(ValueError, match="channel limits for methods without one: gradcam"):
+        ExportOptions(backbone="b", model_name="m", channels={"gradcam": 8})
+    parsed = from_args(parser.parse_args(["--backbone", "b", "--model-name", "m", "--ablationcam-channels", "3"]))
+    assert dict(parsed.channels) == {"scorecam": 64, "ablationcam": 3}
 
 
 def cli_texts() -> list[str]:

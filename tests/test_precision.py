@@ -156,11 +156,11 @@ def test_batch_normalised_nested_backbone_in_bfloat16(models_dir, tmp_path):
 
 
 def test_the_cli_passes_the_precision_and_refuses_others(monkeypatch, capsys):
-    import camserve.export.savedmodel as savedmodel
+    import camserve.export.pipeline as pipeline
     from camserve.export.__main__ import main
 
     calls = []
-    monkeypatch.setattr(savedmodel, "export_savedmodel", calls.append)
+    monkeypatch.setattr(pipeline, "export_savedmodel", calls.append)
     assert main(["--backbone", "resnet50", "--model-name", "m", "--precision", "bfloat16"]) == 0
     assert calls[0].precision == "bfloat16"
     assert main(["--backbone", "resnet50", "--model-name", "m"]) == 0
@@ -195,17 +195,15 @@ def test_the_drift_check_does_not_depend_on_the_signatures_being_built(tmp_path)
     from camserve.export.backbone import load_backbone
     from camserve.export.explainer import Explainer
     from camserve.export.methods import get_method
-    from camserve.export.options import ExportOptions
     from camserve.export.precision import measure, probe_images
     from camserve.export.signatures import build_signatures
 
     synthetic.tiny_gap_cnn(tmp_path / "tiny.keras", synthetic.TINY_SIZE, synthetic.TINY_CLASSES, seed=3)
-    o = ExportOptions(backbone=str(tmp_path / "tiny.keras"), model_name="m", methods=("gradcam",),
-                      precision="bfloat16", feature_maps=0)
-    split = load_backbone(o.backbone, "none", o.target_layer, o.image_size, o.preprocess, o.target_layers, o.precision)
-    explainer = Explainer(split, [get_method("gradcam")], o)
+    split = load_backbone(str(tmp_path / "tiny.keras"), "none", precision="bfloat16")
+    explainer = Explainer(split, [get_method("gradcam")])
     images = probe_images(split.image_size)
-    before = measure(explainer, images, o.precision)
-    build_signatures(explainer, [f"class_{i}" for i in range(synthetic.TINY_CLASSES)], default_method="gradcam")
-    assert measure(explainer, images, o.precision) == before
+    before = measure(explainer, images, "bfloat16")
+    build_signatures(explainer, [f"class_{i}" for i in range(synthetic.TINY_CLASSES)], default_method="gradcam",
+                     max_batch_size=8, max_image_pixels=10**6)
+    assert measure(explainer, images, "bfloat16") == before
     assert before[0].heatmap_max > 0  # bfloat16 does move the maps: the two runs were traced apart

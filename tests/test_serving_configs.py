@@ -20,6 +20,7 @@ from camserve.serving import configs, tfserving
 from camserve.serving.__main__ import options_from_args
 from camserve.serving.__main__ import parser as embedded_parser
 from camserve.serving.gpu import tensorflow_gpus
+from camserve.serving.servables.session_config import read as read_session_config
 from tf_serving_flags import EMBEDDED_ONLY_FLAGS, TF_SERVING_FLAGS, flags_of
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -49,6 +50,21 @@ def test_batching_config_matches_the_warmup_records():
         assert params.HasField(field), f"batching.config should set {field}"
     options = configs.read_batching_parameters(SERVING / "batching.config")
     assert options.allowed_batch_sizes == tuple(warmup_sizes) and options.max_batch_size == max(warmup_sizes)
+
+
+def test_session_config_keeps_the_passes_that_make_the_served_graph_fast():
+    """serving/session.config turns off Grappler passes that only cost executor builds here; the ones the
+    served graph's speed depends on stay as TensorFlow has them: function inlining, constant folding,
+    arithmetic simplification, op fusion (remapper) and, on GPUs, the layout optimizer and the
+    implementation selector (cuDNN's RNN kernels)."""
+    from tensorflow.core.protobuf import rewriter_config_pb2
+
+    options = read_session_config().graph_options.rewrite_options
+    for name in ("function_optimization", "constant_folding", "arithmetic_optimization", "remapping",
+                 "layout_optimizer", "dependency_optimization", "implementation_selector"):
+        assert getattr(options, name) != rewriter_config_pb2.RewriterConfig.OFF, name
+    assert not options.disable_meta_optimizer and options.disable_tfg_optimizer
+    assert options.meta_optimizer_iterations == rewriter_config_pb2.RewriterConfig.ONE
 
 
 def test_monitoring_config_enables_prometheus():
@@ -87,7 +103,8 @@ def _dry_run(capsys, *args: str) -> list[str]:
 
 
 REQUIRED = {"port", "rest_api_port", "model_config_file", "enable_batching", "batching_parameters_file",
-            "monitoring_config_file", "enable_model_warmup"}
+            "monitoring_config_file", "tensorflow_session_config_file", "enable_model_warmup"}
+CONFIG_FILES = ("models.config", "batching.config", "monitoring.config", "session.config")
 
 
 def test_binary_command(capsys, tmp_path):
@@ -104,6 +121,7 @@ def test_binary_command(capsys, tmp_path):
     assert local.model_config_list.config[0].base_path == str(tmp_path.resolve() / "efficientnet_lite0_cam")
     configs.read_batching_parameters(flags["batching_parameters_file"])
     configs.read_text_proto(flags["monitoring_config_file"], configs.MonitoringConfig)
+    assert read_session_config(flags["tensorflow_session_config_file"]) == read_session_config()
 
 
 def test_docker_command(capsys, tmp_path):
@@ -119,18 +137,23 @@ def test_docker_command(capsys, tmp_path):
     assert ports == ["8500:8500", "8501:8501"]
     flags = flags_of(server)
     assert set(flags) <= TF_SERVING_FLAGS and REQUIRED <= set(flags)
-    for name in ("model_config_file", "batching_parameters_file", "monitoring_config_file"):
+    for name in ("model_config_file", "batching_parameters_file", "monitoring_config_file",
+                 "tensorflow_session_config_file"):
         inside = pathlib.PurePosixPath(flags[name])
         assert inside.parent == pathlib.PurePosixPath("/config") and (SERVING / inside.name).is_file()
     assert tfserving.IMAGE == "tensorflow/serving:2.21.0-gpu"
 
 
 def test_a_broken_config_stops_the_launch(capsys, tmp_path):
-    for name in ("models.config", "batching.config", "monitoring.config"):
+    for name in CONFIG_FILES:
         shutil.copy(SERVING / name, tmp_path / name)
     (tmp_path / "batching.config").write_text("max_batch_size { value: 8 }\nallowed_batch_sizes: 4\n")
     assert tfserving.main(["--dry-run", "--runtime", "docker", "--config-dir", str(tmp_path)]) == 2
     assert "must match max_batch_size" in capsys.readouterr().err
+    shutil.copy(SERVING / "batching.config", tmp_path / "batching.config")
+    (tmp_path / "session.config").write_text("graph_options { rewrite_options { meta_optimizer_iterations: TWICE } }")
+    assert tfserving.main(["--dry-run", "--runtime", "docker", "--config-dir", str(tmp_path)]) == 2
+    assert "session.config: not a valid tensorflow.ConfigProto" in capsys.readouterr().err
 
 
 def test_embedded_server_flags_are_tf_serving_flags():
@@ -156,12 +179,14 @@ def test_make_serve_targets_dry_run(tmp_path):
         unbatched = shlex.split(make("serve", "MODEL=tiny", "PORT=8601", "BATCHING="))
         assert unbatched[1:] == ["-m", "serving", "--port", "8601", "--rest_api_port", "8501", "--host", "127.0.0.1",
                                  "--model_name", "tiny", "--model_base_path", f"{tmp_path}/tiny",
-                                 "--monitoring_config_file", "serving/monitoring.config"]
+                                 "--monitoring_config_file", "serving/monitoring.config",
+                                 "--tensorflow_session_config_file", "serving/session.config"]
         batched = shlex.split(make("serve", "MODEL=tiny", "PORT=8601"))
         assert batched[:len(unbatched)] == unbatched
         p = embedded_parser()
         _, options = options_from_args(p.parse_args(batched[3:]), p)
         assert options.rest_api_port == 8501 and options.monitoring.prometheus_config.enable
+        assert options.session_config == read_session_config().SerializeToString()
         gpu = shutil.which("nvidia-smi") is not None and bool(tensorflow_gpus())  # what TensorFlow sees decides
         expected = configs.read_batching_parameters(SERVING / ("batching.config" if gpu else "batching_cpu.config"))
         assert options.batching == expected
@@ -171,7 +196,7 @@ def test_make_serve_targets_dry_run(tmp_path):
                                            ("docker", "xla_gpu_compilation_enabled")])
 def test_the_xla_flag_is_added_for_a_model_that_needs_it(capsys, tmp_path, jit_export, shapes_export, runtime, flag):
     """TF Serving turns XLA off unless told: a --jit-compile model would fail its first request."""
-    for name in ("batching.config", "monitoring.config"):
+    for name in CONFIG_FILES[1:]:
         shutil.copy(SERVING / name, tmp_path / name)
     models = {"jit": jit_export.parent.name, "plain": shapes_export.parent.name}
     base = tmp_path / "models"  # both models under one base path, as the Docker mount has them

@@ -46,6 +46,13 @@ def assert_same(name: str, served: np.ndarray, expected: np.ndarray) -> float:
     return diff
 
 
+def inputs_like(record: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
+    """A signature's inputs made from a warm-up record's (image_bytes, class_index, method): its images
+    decoded where it takes `images`, its first method where it takes one."""
+    given = {**record, "images": np.stack([tf.io.decode_image(b, channels=3).numpy() for b in record["image_bytes"]])}
+    return {name: given[name] for name in names}
+
+
 @pytest.mark.parametrize("model", [pytest.param(name, marks=[pytest.mark.real] if not name.startswith("shapes") else [])
                                    for name in EXPORTS])
 def test_tf_serving_loader_runs_every_signature_like_the_tf2_path(request, load, model):
@@ -56,14 +63,14 @@ def test_tf_serving_loader_runs_every_signature_like_the_tf2_path(request, load,
         servable = set(session.signature_defs) - {"__saved_model_init_op"}
         assert servable == set(tf2.signatures)
         warmup = list(read_warmup_requests(path))  # what TF Serving replays before it serves the version
-        # Then every signature, aliases and feature_maps included, for every output: on the inputs of
-        # the first warm-up record that has the same inputs (batch 1).
+        # Then every signature, aliases and feature_maps included, for every output, on the inputs of the
+        # first warm-up record (every method and a prediction in its rows).
         defs = session.signature_defs
-        complete = [(name, next(r.inputs for r in warmup if set(r.inputs) == set(defs[name].inputs)), ())
-                    for name in sorted(servable)]
-        for name, tensors, output_filter in [*((r.model_spec.signature_name, r.inputs, r.output_filter)
-                                                for r in warmup), *complete]:
-            inputs = {k: tf.make_ndarray(v) for k, v in tensors.items()}
+        first = {k: tf.make_ndarray(v) for k, v in warmup[0].inputs.items()}
+        complete = [(name, inputs_like(first, defs[name].inputs), ()) for name in sorted(servable)]
+        for name, inputs, output_filter in [*((r.model_spec.signature_name, {k: tf.make_ndarray(v) for k, v in
+                                                                             r.inputs.items()}, r.output_filter)
+                                               for r in warmup), *complete]:
             served = session.run_signature(name, inputs, output_filter)
             expected = tf2.signatures[name](**{k: tf.constant(v) for k, v in inputs.items()})
             assert set(served) == set(output_filter or expected)
@@ -71,11 +78,10 @@ def test_tf_serving_loader_runs_every_signature_like_the_tf2_path(request, load,
                 largest = max(largest, assert_same(f"{name}.{alias}", value, expected[alias].numpy()))
             replayed.add(name)
     assert replayed == servable
-    # The warm-up builds what our callers use by default: not the aliases (they run another signature's
-    # tensors) nor feature_maps (a debug view).
-    aliases_and_debug = {n for n in servable if n.endswith("_compact") or n == "serving_default"
-                         or n.startswith("feature_maps")}
-    assert {r.model_spec.signature_name for r in warmup} == servable - aliases_and_debug
+    # The warm-up builds what our callers use by default: explain_bytes, and the _bytes signature of each
+    # variant (the fused maps) that explain does not take.
+    assert {r.model_spec.signature_name for r in warmup} == {"explain_bytes"} | {
+        n for n in servable if n.endswith("_fused_bytes")}
     print(f"{model}: {len(replayed)} signatures, largest difference from the TF2 path {largest}")
 
 
@@ -89,13 +95,18 @@ def test_output_filter_is_the_fetch_list(shapes_export, load):
     assert served["class_label"].tolist() == expected["class_label"].numpy().tolist()
 
 
-def test_a_model_saved_the_old_way_is_refused_and_not_published(shapes_model, tmp_path, monkeypatch):
-    """Saving the explainer itself (its Keras layers, without the captured variables tracked), the TF2
-    path runs the model, TF Serving cannot: the exporter's check must catch it and leave no version behind."""
-    import camserve.export.savedmodel as savedmodel
+def test_a_model_tf_servings_loader_cannot_restore_is_refused_and_not_published(shapes_model, tmp_path, monkeypatch):
+    """A SavedModel whose variables the saver does not restore (saved without its restore op here; as when
+    the explainer itself was saved, its Keras layers held by a tf.Module, untracked by the saver) runs in
+    TF2's loader, which restores from the object graph, and not in TF Serving's: the exporter's check must
+    catch it and leave no version behind."""
+    import functools
+
     from camserve.export.verify import VerificationError
 
-    monkeypatch.setattr(savedmodel, "servable", lambda explainer, signatures: explainer)
+    without_saver = functools.partial(tf.saved_model.save,
+                                      options=tf.saved_model.SaveOptions(experimental_skip_saver=True))
+    monkeypatch.setattr(tf.saved_model, "save", without_saver)
     with pytest.raises(VerificationError, match="Could not find variable") as caught:
         synthetic.export_model(shapes_model, ["gradcam"], "old", tmp_path, warmup_batch_sizes=(1,))
     assert "TensorFlow Serving's loader cannot run signature" in str(caught.value)
@@ -107,9 +118,8 @@ def test_the_exporter_prints_the_verification_line(shapes_model, tmp_path):
     lines = []
     synthetic.export_model(shapes_model, ["gradcam"], "m", tmp_path, warmup_batch_sizes=(1, 2), log=lines.append)
     (line,) = [line for line in lines if "verified with TensorFlow Serving's loader" in line]
-    # predict, gradcam and their _bytes at batch 1; predict_bytes and gradcam_bytes at batch 2. Nine signatures:
-    # those four, feature_maps(_bytes), predict_compact, gradcam_compact and serving_default.
-    assert "(LoadSavedModel + Session::Run): 6 warm-up requests and every output of 9 signatures" in line
+    # explain_bytes with a row of gradcam and a prediction, then at batch 1 and 2; explain_compact runs its tensors.
+    assert "(LoadSavedModel + Session::Run): 3 warm-up requests and every output of 1 aliases" in line
 
 
 # --- the input contract, enforced by the graph under Session::Run ----------------------------
