@@ -15,16 +15,18 @@ REST_PORT  ?= 8501
 # embedded server's RSS ~100 MB lower and flat under load (docs/OPERATIONS.md "Memory").
 MALLOC_ARENA_MAX ?= 2
 serve demo evaluate bench web: export MALLOC_ARENA_MAX := $(MALLOC_ARENA_MAX)
-# Server-side batching for the embedded server of serve, demo and bench: serving/batching.config
-# when TensorFlow sees a GPU (asked only where nvidia-smi exists: serving/gpu.py), else
-# serving/batching_cpu.config; BATCHING= turns batching off.
-BATCHING   ?= $(if $(shell command -v nvidia-smi >/dev/null 2>&1 && $(PY) -m serving.gpu >/dev/null 2>&1 && echo gpu),serving/batching.config,serving/batching_cpu.config)
+# The embedded server of serve, demo and bench runs serving/batching.config and session.config when
+# TensorFlow sees a GPU (asked only where nvidia-smi exists: serving/gpu.py), else batching_cpu.config
+# and session_cpu.config (the graph optimizer's settings); BATCHING= turns batching off.
+GPU        := $(shell command -v nvidia-smi >/dev/null 2>&1 && $(PY) -m serving.gpu >/dev/null 2>&1 && echo gpu)
+BATCHING   ?= serving/batching$(if $(GPU),,_cpu).config
+SESSION_CONFIG ?= serving/session$(if $(GPU),,_cpu).config
 HOST       ?= 127.0.0.1
 # The embedded server in the background of a recipe's shell, stopped when that shell ends or is interrupted.
 WITH_EMBEDDED = $(EMBEDDED) & server=$$!; trap 'kill $$server 2>/dev/null; wait $$server' EXIT INT TERM;
 EMBEDDED    = $(PY) -m serving --port $(PORT) --rest_api_port $(REST_PORT) --host $(HOST) --model_name $(MODEL) \
 	--model_base_path $(BASE_PATH)/$(MODEL) --monitoring_config_file serving/monitoring.config \
-	--tensorflow_session_config_file serving/session.config \
+	--tensorflow_session_config_file $(SESSION_CONFIG) \
 	$(if $(BATCHING),--enable_batching --batching_parameters_file $(BATCHING))
 
 .PHONY: venv test test-quick lint certs export explain demo evaluate bench cold-start web gpu-check clean

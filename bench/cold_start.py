@@ -5,10 +5,11 @@
 2. Time to ready on TF Serving's path, side by side: in a fresh process each time, LoadSavedModel, then
    the warm-up replayed record by record in file order (TF Serving's default: one warm-up thread), for
    the plain export and ours in turn, round after round, under TensorFlow's default session settings
-   and under serving/session.config. A record whose (signature, outputs) was not run before builds an
-   executor (TF Serving's session builds one per distinct set of feeds and fetches, Grappler over the
-   graph), the others only run. Medians of the rounds, and the ratio ours / plain.
-3. A fresh embedded server (a subprocess, `python -m serving` with serving/session.config): start -> the
+   and under each of serving/'s (session.config: GPU servers; session_cpu.config: CPU servers). A
+   record whose (signature, outputs) was not run before builds an executor (TF Serving's session builds
+   one per distinct set of feeds and fetches, Grappler over the graph), the others only run. Medians of
+   the rounds, and the ratio ours / plain.
+3. A fresh embedded server (a subprocess, `python -m serving` with this machine's session config): start -> the
    model answers, then the first call of each call our client makes by default (every method, file
    and array, predict, and the REST compact answer) vs the median of the next calls. A first call much
    slower than the next ones means the warm-up missed it.
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -32,8 +34,9 @@ import numpy as np
 from .__main__ import SAMPLE, latest_version, machine
 
 CALLS = 6  # after the first
-SESSION_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "serving" / "session.config"
-CONFIGS = {"TensorFlow's defaults": "", "serving/session.config": str(SESSION_CONFIG)}
+SERVING = pathlib.Path(__file__).resolve().parent.parent / "serving"
+CONFIGS = {"TensorFlow's defaults": "", "serving/session.config": str(SERVING / "session.config"),
+           "serving/session_cpu.config": str(SERVING / "session_cpu.config")}
 
 
 def replay_breakdown(version_dir: pathlib.Path, session_config: str = "") -> dict:
@@ -67,13 +70,20 @@ def replay_breakdown(version_dir: pathlib.Path, session_config: str = "") -> dic
 
 def ready_in_child(version_dir: pathlib.Path, session_config: str) -> dict:
     """replay_breakdown in a fresh process: nothing cached from an earlier load (TensorFlow's kernels,
-    oneDNN's primitives) makes a later one look faster."""
+    oneDNN's primitives) makes a later one look faster. With TF Serving's own time to ready:
+    LoadSavedModel as TensorFlow's loader logs it, which the C API's load (`load_s`) exceeds by an import
+    of the whole graph into the caller's TF_Graph that TF Serving does not make, then the same replay."""
     done = subprocess.run([sys.executable, "-m", "camserve.bench.cold_start", "--ready-of", str(version_dir),
                            "--session-config", session_config], capture_output=True, text=True,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"})
     if done.returncode:
         raise RuntimeError(f"timing the load of {version_dir} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    breakdown = json.loads(done.stdout.strip().splitlines()[-1])
+    [took] = re.findall(r"SavedModel load for tags \{ serve \}; Status: success: OK\. Took (\d+) microseconds",
+                        done.stderr)
+    breakdown["loader_s"] = int(took) / 1e6
+    breakdown["tf_serving_ready_s"] = breakdown["loader_s"] + breakdown["replay_s"]
+    return breakdown
 
 
 def time_to_ready(models: dict[str, pathlib.Path], rounds: int) -> dict:
@@ -109,11 +119,12 @@ def timed_plain_export(folder: pathlib.Path, backbone: str, weights: str) -> flo
 def server_cold_start(model_dir: pathlib.Path, model: str, batching: str, timeout: float) -> dict:
     """Start an embedded server, wait until the model answers, then time first vs next calls."""
     from camserve.client.api import CamClient
+    from camserve.client.outputs import explained_methods
 
     port = free_port()
     command = [sys.executable, "-m", "camserve.serving", "--port", str(port), "--model_name", model,
                "--model_base_path", str(model_dir.resolve()), "--file_system_poll_wait_seconds", "0",
-               "--tensorflow_session_config_file", str(SESSION_CONFIG)]
+               "--tensorflow_session_config_file", machine_session_config()]
     if batching:
         command += ["--enable_batching", "--batching_parameters_file", batching]
     log = tempfile.TemporaryFile()
@@ -129,11 +140,13 @@ def server_cold_start(model_dir: pathlib.Path, model: str, batching: str, timeou
             for method in client.explain_methods():
                 calls[method] = lambda m=method: client.explain(encoded, method=m)
                 calls[f"{method} (array)"] = lambda m=method: client.explain(array, method=m)
-            for name, signature in client._signature_defs().items():  # every output: what REST asks
-                if name.endswith("_compact") and "method" in signature.inputs:
+            defs = client._signature_defs()
+            for signature, row in explained_methods(defs).values():  # each family's compact answer, as REST asks it
+                compact = signature.replace("_bytes", "_compact")
+                if row and f"{compact} (REST, every output)" not in calls:
                     inputs = {"image_bytes": np.array([encoded], dtype=object), "class_index": np.array([-1], np.int32),
-                              "method": np.array([client.explain_methods()[0]], dtype=object)}
-                    calls[f"{name} (REST, every output)"] = lambda n=name, i=inputs: client.call(n, i)
+                              "method": np.array([row], dtype=object)}
+                    calls[f"{compact} (REST, every output)"] = lambda n=compact, i=inputs: client.call(n, i)
             first = {}
             for name, call in calls.items():
                 t = time.perf_counter()
@@ -153,6 +166,13 @@ def server_cold_start(model_dir: pathlib.Path, model: str, batching: str, timeou
     log.seek(0)
     loaded = [line for line in log.read().decode(errors="replace").splitlines() if "loaded model" in line]
     return {"ready_s": ready_s, "server_log": loaded, "first_calls": first}
+
+
+def machine_session_config() -> str:
+    """The session config a server on this machine runs (the Makefile's choice: serving/gpu.py)."""
+    from camserve.serving.gpu import tensorflow_gpus
+
+    return CONFIGS["serving/session.config" if tensorflow_gpus() else "serving/session_cpu.config"]
 
 
 def signature_count(version_dir: pathlib.Path) -> int:
@@ -175,16 +195,19 @@ def _sample() -> np.ndarray:
 
 
 def print_ready(results: dict, names: list[str]) -> dict:
-    """The time-to-ready table; returns {config: ratio of each model to the first (the plain one)}."""
+    """The time-to-ready table; returns {config: {server: ratio of each model to the first (the plain one)}}."""
     ratios = {}
-    print(f"{'time to ready, median of rounds':<34s} " + " ".join(f"{n:>22s}" for n in names))
+    servers = {"TF Serving": ("tf_serving_ready_s", "loader_s"), "embedded": ("ready_s", "load_s")}
+    print(f"{'time to ready (load), median of rounds':<50s} " + " ".join(f"{n:>22s}" for n in names))
     for config, by_model in results.items():
-        ready = {n: float(np.median([r["ready_s"] for r in by_model[n]])) for n in names}
-        load = {n: float(np.median([r["load_s"] for r in by_model[n]])) for n in names}
-        print(f"  {config:<32s} " + " ".join(f"{ready[n]:6.2f} s (load {load[n]:4.2f})".rjust(22) for n in names))
-        ratios[config] = {n: ready[n] / ready[names[0]] for n in names[1:]}
-        print(f"  {'  ratio to ' + names[0]:<32s} " + " ".join(" " * 22 if n == names[0] else
-                                                            f"{ratios[config][n]:.2f}x".rjust(22) for n in names))
+        ratios[config] = {}
+        for server, (ready_key, load_key) in servers.items():
+            ready = {n: float(np.median([r[ready_key] for r in by_model[n]])) for n in names}
+            load = {n: float(np.median([r[load_key] for r in by_model[n]])) for n in names}
+            ratios[config][server] = {n: ready[n] / ready[names[0]] for n in names[1:]}
+            print(f"  {config + ', ' + server:<48s} " + " ".join(
+                (f"{ready[n]:5.2f} s ({load[n]:4.2f})" + (f" {ratios[config][server][n]:4.2f}x" if n != names[0]
+                                                         else "")).rjust(22) for n in names))
     for n in names:
         example = results[list(CONFIGS)[-1]][n][-1]
         print(f"  {n}: {len(example['records'])} warm-up records, {example['executors']} executors "
@@ -240,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         ready = time_to_ready(models, args.rounds)
         ratios = print_ready(ready, list(models))
         breakdown = ready[list(CONFIGS)[-1]]["ours"][-1]
-        print(f"ours, under serving/session.config, last round: LoadSavedModel {breakdown['load_s']:.2f} s, then")
+        print(f"ours, under {list(CONFIGS)[-1]}, last round: LoadSavedModel {breakdown['load_s']:.2f} s, then")
         for r in breakdown["records"]:
             print(f"  {r['seconds'] * 1e3:8.0f} ms  {'new ' if r['new_executor'] else '    '} {r['signature']:<24s} "
                   f"b{r['batch']} {','.join(r['outputs'])}")

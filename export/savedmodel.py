@@ -72,5 +72,8 @@ def save(signatures: Mapping[str, tf.types.experimental.ConcreteFunction], varia
     for name, signature in signatures.items():
         if python_callback_ops(signature):
             raise RuntimeError(f"signature {name!r} calls back into Python: TF Serving cannot run it")
+    # Without the gradient functions of custom gradients (guided backpropagation's ReLUs: one per layer):
+    # nobody differentiates a served model, and every function of the library costs the load.
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     with graph_safe_variable_names(variables):
-        tf.saved_model.save(servable(variables), str(folder), signatures=dict(signatures))
+        tf.saved_model.save(servable(variables), str(folder), signatures=dict(signatures), options=options)

@@ -29,6 +29,7 @@ from camserve.client.outputs import EXPLAIN_SIGNATURE, METHOD_INPUT, PREDICT, VA
 
 COMPACT = "_compact"  # <name>_compact: <name>_bytes with only the compact outputs (client/outputs.py)
 DEFAULT_SIGNATURE = "serving_default"
+INIT_SIGNATURE = "__saved_model_init_op"  # in the SignatureDef map of TF2 SavedModels; not servable
 KINDS = ("", "_bytes")  # the images input, the image_bytes input
 GUIDED = ("guided", "guided_png_bytes")  # Guided Grad-CAM's picture: in the signatures of that method only
 FEATURE_MAPS = ("feature_maps", "feature_channels")
@@ -133,6 +134,39 @@ def _add(meta_graph, view: View) -> None:
         own.outputs[key].name = f"{copy.name}:{target.outputs[key].name.split(':')[1]}"
 
 
+def read(meta_graph) -> list[View]:
+    """The views a saved graph holds (`write`'s, read back from its nodes), each with the signature it runs."""
+    defs, nodes = meta_graph.signature_def, {node.name: node for node in meta_graph.graph_def.node}
+
+    def node_of(name: str) -> str:
+        [node] = {info.name.split(":")[0] for info in defs[name].outputs.values()}
+        return node
+
+    families = {}  # call node -> the family signature: of those naming its tensors, the one with every output
+    for name in sorted((n for n in defs if n != INIT_SIGNATURE and not node_of(n).startswith("view/")),
+                       key=lambda n: len(defs[n].outputs)):
+        families[node_of(name)] = name
+    views = []
+    for name in defs:
+        if name == INIT_SIGNATURE or node_of(name) in families and families[node_of(name)] == name:
+            continue
+        node = node_of(name)
+        if node != f"view/{name}":  # an alias: another signature's tensors
+            target = families.get(node) or node.removeprefix("view/")
+            views.append(View(name, target, {}, tuple(defs[name].outputs)))
+            continue
+        call = nodes[node]
+        [target] = [family for call_name, family in families.items() if nodes[call_name].attr["f"] == call.attr["f"]
+                    and defs[family].inputs.keys() - {METHOD_INPUT, "class_index"} == defs[name].inputs.keys()
+                    - {METHOD_INPUT, "class_index"}]
+        fixed = {}
+        for key in defs[target].inputs.keys() - defs[name].inputs.keys():
+            value = tf.make_ndarray(nodes[f"{node}/{key}/value"].attr["value"].tensor)
+            fixed[key] = value.item().decode() if value.dtype == object else int(value)
+        views.append(View(name, target, fixed, tuple(defs[name].outputs)))
+    return views
+
+
 def _tensor(name: str) -> str:
     """A node input or tensor name as "node:index"."""
     return name if ":" in name else f"{name}:0"
@@ -143,7 +177,7 @@ def _fill(graph, scope: str, images, value: str | int) -> str:
     to `graph`; returns the name of their output."""
     with tf.Graph().as_default() as scratch:
         x = tf.compat.v1.placeholder(tf.as_dtype(images.dtype), name="images")
-        tf.fill(tf.shape(x)[:1], value, name="fill")
+        tf.fill(tf.shape(x)[:1], tf.constant(value, name="value"), name="fill")
     for node in scratch.as_graph_def().node:
         if node.name == "images":
             continue

@@ -103,7 +103,8 @@ def build_command(args: argparse.Namespace, runtime: str) -> list[str]:
     model_config = config_dir / "models.config"
     batching = config_dir / "batching.config" if args.batching else None
     monitoring = config_dir / "monitoring.config"
-    session = config_dir / "session.config"
+    # The GPU image runs the GPU's session settings; the binary, like --xla below, a CPU's.
+    session = config_dir / ("session.config" if runtime == "docker" else "session_cpu.config")
     base_path = pathlib.Path(args.base_path)
     config = check_configs(model_config, batching, monitoring, args.rest_port, session)
     needing = models_needing_xla(config, base_path)
@@ -149,7 +150,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--config-dir", default=str(HERE),
-        help="directory with models.config, batching.config, monitoring.config, session.config"
+        help="directory with models.config, batching.config, monitoring.config, session.config and session_cpu.config"
     )
     p.add_argument(
         "--base-path", default="models", help="local directory that holds <model>/<version>/ (mounted at /models)"

@@ -161,28 +161,27 @@ def tiny_gradcam_model(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def tiny_gradcam_reference(tiny_gradcam_model):
-    """In-process calls of rel's signatures: what every served answer must equal."""
-    import tensorflow as tf
+    """In-process calls of rel's signatures through TF2's loader: what every served answer must equal."""
+    from tf2 import TF2
 
-    loaded = tf.saved_model.load(str(tiny_gradcam_model / "1"))
+    loaded = TF2(tiny_gradcam_model / "1")
 
     def call(signature: str, **inputs):
-        out = loaded.signatures[signature](**{k: tf.constant(v) for k, v in inputs.items()})
-        return {k: v.numpy() for k, v in out.items()}
+        return {k: v.numpy() for k, v in loaded.signatures[signature](**inputs).items()}
 
     return call
 
 
 @pytest.fixture(scope="session")
 def load():
-    """Load a SavedModel once per path."""
-    import tensorflow as tf
+    """Load a SavedModel once per path through TF2's loader, every signature callable by name (tests/tf2.py)."""
+    from tf2 import TF2
 
     cache = {}
 
     def loader(path):
         if path not in cache:
-            cache[path] = tf.saved_model.load(str(path))
+            cache[path] = TF2(path)
         return cache[path]
 
     return loader

@@ -34,7 +34,7 @@ def test_application_exports_and_explains(tmp_path, load, name, target):
     model_dir, notes = _export(name, tmp_path)
     assert any(f"target layer '{target}" in note for note in notes), notes
     signature = load(model_dir).signatures["gradcam"]
-    size = signature.structured_input_signature[1]["images"].shape[1]
+    size = load(model_dir).loaded.signatures["explain"].structured_input_signature[1]["images"].shape[1]
     images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     out = signature(images=images, class_index=np.array([-1, 7], np.int32))
     heat = out["heatmap"].numpy()

@@ -193,13 +193,13 @@ def test_cold_start_times_every_warmup_record_and_first_call(fused_export, tmp_p
         [breakdown] = rounds["ours"]
         records = breakdown["records"]
         keys = {(r["signature"], tuple(r["outputs"])) for r in records}
-        assert len(records) > breakdown["executors"] == len(keys) == 3  # explain_bytes and the two fused
+        assert len(records) > breakdown["executors"] == len(keys) == 2  # explain_bytes, explain_fused_bytes
         assert breakdown["ready_s"] == breakdown["load_s"] + sum(r["seconds"] for r in records)
     [run] = result["runs"]
     assert run["ready_s"] > 0 and any("warm-up requests" in line for line in run["server_log"])
     expected = {"predict", "predict (array)", *(f"{m}{kind}" for m in ("gradcam", "layercam", "gradcam_fused",
                                                                        "layercam_fused") for kind in ("", " (array)")),
-                "explain_compact (REST, every output)"}
+                "explain_compact (REST, every output)", "explain_fused_compact (REST, every output)"}
     assert set(run["first_calls"]) == expected
     for name, call in run["first_calls"].items():
         assert call["first_ms"] > 0 and call["next_median_ms"] > 0, name

@@ -143,7 +143,7 @@ def test_normalise_keeps_zero_maps_zero_and_scales_to_one():
 
 def test_gradient_does_not_flow_through_the_backbone(resnet50, load):
     """The explain graph of ResNet50 (head: GAP + dense) has no convolution gradient at all."""
-    graph = load(resnet50[1]).signatures["gradcam"].graph.as_graph_def()
+    graph = load(resnet50[1]).loaded.signatures["explain"].graph.as_graph_def()
     ops = [n.op for n in graph.node] + [n.op for f in graph.library.function for n in f.node_def]
     assert "Conv2D" in ops and "MatMul" in ops
     assert not [op for op in ops if op.startswith("Conv2DBackprop")]
@@ -169,33 +169,43 @@ def test_batch_equals_single_calls_and_class_index_per_image(shapes_export, load
 
 
 def test_signature_contract(resnet50, load):
-    model = load(resnet50[1])
+    """The SignatureDefs TF Serving serves: every name, input and output with its dtype and shape."""
+    from camserve.serving.servables.session import SavedModelSession
+
+    with SavedModelSession(resnet50[1]) as session:
+        defs = dict(session.signature_defs)
     names = {"explain", "explain_bytes", "predict", "predict_bytes", "gradcam", "gradcam_bytes", "cam", "cam_bytes",
              "serving_default"}
-    assert set(model.signatures) == names | {"feature_maps", "feature_maps_bytes", "explain_compact",
-                                             "predict_compact", "gradcam_compact", "cam_compact"}
+    assert set(defs) - {"__saved_model_init_op"} == names | {"feature_maps", "feature_maps_bytes", "explain_compact",
+                                                              "predict_compact", "gradcam_compact", "cam_compact"}
+
+    def spec(info) -> tuple[tf.DType, list[int]]:
+        return tf.as_dtype(info.dtype), [d.size for d in info.tensor_shape.dim]
+
     for name in names:
-        inputs = model.signatures[name].structured_input_signature[1]
-        outputs = model.signatures[name].structured_outputs
+        inputs, outputs = defs[name].inputs, defs[name].outputs
         image_key = "image_bytes" if name.endswith("_bytes") or name == "serving_default" else "images"
         expected_inputs = {image_key} | (set() if name.startswith("predict") else {"class_index"})
         expected_inputs |= {"method"} if name.startswith("explain") else set()
         assert set(inputs) == expected_inputs, name
         if image_key == "images":
-            assert inputs["images"].dtype == tf.uint8 and inputs["images"].shape.as_list() == [None, 224, 224, 3]
+            assert spec(inputs["images"]) == (tf.uint8, [-1, 224, 224, 3])
         else:
-            assert inputs["image_bytes"].dtype == tf.string and inputs["image_bytes"].shape.as_list() == [None]
+            assert spec(inputs["image_bytes"]) == (tf.string, [-1])
         if "class_index" in inputs:
-            assert inputs["class_index"].dtype == tf.int32 and inputs["class_index"].shape.as_list() == [None]
+            assert spec(inputs["class_index"]) == (tf.int32, [-1])
         if "method" in inputs:
-            assert inputs["method"].dtype == tf.string and inputs["method"].shape.as_list() == [None]
+            assert spec(inputs["method"]) == (tf.string, [-1])
         expected_outputs = PREDICT_OUTPUTS if name.startswith("predict") else EXPLAIN_OUTPUTS
+        if name.startswith("explain"):
+            expected_outputs = {**expected_outputs, "feature_maps": (tf.float32, 4), "feature_channels": (tf.int32, 2)}
         assert set(outputs) == set(expected_outputs), name
         for key, (dtype, rank) in expected_outputs.items():
-            assert outputs[key].dtype == dtype, (name, key)
-            assert outputs[key].shape.rank == rank and outputs[key].shape[0] is None, (name, key)
+            assert spec(outputs[key])[0] == dtype, (name, key)
+            assert len(spec(outputs[key])[1]) == rank and spec(outputs[key])[1][0] == -1, (name, key)
     # serving_default is the first listed method's bytes signature
-    assert set(model.signatures["serving_default"].structured_input_signature[1]) == {"image_bytes", "class_index"}
+    assert set(defs["serving_default"].inputs) == {"image_bytes", "class_index"}
+    model = load(resnet50[1])
     out = model.signatures["gradcam"](images=random_images(1, 224, 0), class_index=np.array([-1], np.int32))
     assert out["heatmap"].shape == (1, 224, 224) and out["heatmap_lowres"].shape == (1, 7, 7)
     assert out["top_k_labels"].shape == (1, 5)
@@ -261,9 +271,9 @@ def test_no_python_callback_ops_in_any_signature(resnet50):
 
 def test_warmup_records_build_the_executors_our_callers_use_and_run(resnet50, load):
     """One executor, that of every call the client, CLI and page make by default: explain_bytes with its
-    one output set, first with a row of each method and a prediction (so that every method has run
-    before a real call), then at every batch size; none for the signatures by method name, predict, the
-    images inputs, aliases (serving_default, *_compact) nor for feature_maps, which nobody calls by default."""
+    one output set, first with a row of each method and a prediction, then a prediction alone (so that
+    every branch has run before a real call), then at every batch size; none for the views (a method's
+    own signatures, predict, feature_maps, serving_default, *_compact) nor the images inputs."""
     from tensorflow_serving.apis import prediction_log_pb2
 
     from camserve.serving.servables.warmup import WARMUP_FILE
@@ -280,7 +290,7 @@ def test_warmup_records_build_the_executors_our_callers_use_and_run(resnet50, lo
         methods = tuple(m.decode() for m in tf.make_ndarray(request.inputs["method"])) if "method" in request.inputs \
             else ()
         seen.append((request.model_spec.signature_name, methods, frozenset(request.output_filter)))
-    assert seen == [("explain_bytes", ("gradcam", "cam", "predict"), explain),
+    assert seen == [("explain_bytes", ("gradcam", "cam", "predict"), explain), ("explain_bytes", ("predict",), explain),
                     ("explain_bytes", ("gradcam",), explain), ("explain_bytes", ("gradcam",) * 2, explain)]
     model = load(resnet50[1])
     for log in logs:

@@ -203,7 +203,7 @@ def test_the_drift_check_does_not_depend_on_the_signatures_being_built(tmp_path)
     explainer = Explainer(split, [get_method("gradcam")])
     images = probe_images(split.image_size)
     before = measure(explainer, images, "bfloat16")
-    build_signatures(explainer, [f"class_{i}" for i in range(synthetic.TINY_CLASSES)], default_method="gradcam",
-                     max_batch_size=8, max_image_pixels=10**6)
+    build_signatures(explainer, [f"class_{i}" for i in range(synthetic.TINY_CLASSES)], max_batch_size=8,
+                     max_image_pixels=10**6)
     assert measure(explainer, images, "bfloat16") == before
     assert before[0].heatmap_max > 0  # bfloat16 does move the maps: the two runs were traced apart

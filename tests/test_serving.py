@@ -49,6 +49,7 @@ from camserve.serving.server import EmbeddedServer, ServerOptions, default_grpc_
 from camserve.serving.tensors import encode_tensor
 from images import png, random_images
 from servers import ServerProcess, from_flags
+from tf2 import TF2
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REMOTE = os.environ.get("TFSERVING_ADDRESS")
@@ -184,9 +185,8 @@ def reference():
 
     def call(path: pathlib.Path, signature: str, **inputs):
         if path not in cache:
-            cache[path] = tf.saved_model.load(str(path))
-        outputs = cache[path].signatures[signature](**{k: tf.constant(v) for k, v in inputs.items()})
-        return {k: v.numpy() for k, v in outputs.items()}
+            cache[path] = TF2(path)
+        return {k: v.numpy() for k, v in cache[path].signatures[signature](**inputs).items()}
 
     return call
 

@@ -52,17 +52,20 @@ def test_batching_config_matches_the_warmup_records():
     assert options.allowed_batch_sizes == tuple(warmup_sizes) and options.max_batch_size == max(warmup_sizes)
 
 
-def test_session_config_keeps_the_passes_that_make_the_served_graph_fast():
-    """serving/session.config turns off Grappler passes that only cost executor builds here; the ones the
-    served graph's speed depends on stay as TensorFlow has them: function inlining, constant folding,
-    arithmetic simplification, op fusion (remapper) and, on GPUs, the layout optimizer and the
-    implementation selector (cuDNN's RNN kernels)."""
+@pytest.mark.parametrize("name, gpu_only_passes", [("session.config", "on"), ("session_cpu.config", "off")])
+def test_session_configs_keep_the_passes_that_make_the_served_graph_fast(name, gpu_only_passes):
+    """The session configs turn off Grappler passes that only cost executor builds here; the ones the
+    served graph's speed or numbers depend on stay as TensorFlow has them: function inlining, constant
+    folding, arithmetic simplification, the implementation selector (cuDNN's RNN kernels), op fusion
+    (remapper: with bfloat16, a convolution's bias and activation in float32 before one rounding); and in
+    the GPU's, the layout optimizer (NCHW for cuDNN), which the CPU's leaves out."""
     from tensorflow.core.protobuf import rewriter_config_pb2
 
-    options = read_session_config().graph_options.rewrite_options
-    for name in ("function_optimization", "constant_folding", "arithmetic_optimization", "remapping",
-                 "layout_optimizer", "dependency_optimization", "implementation_selector"):
-        assert getattr(options, name) != rewriter_config_pb2.RewriterConfig.OFF, name
+    options = read_session_config(SERVING / name).graph_options.rewrite_options
+    for field in ("function_optimization", "constant_folding", "arithmetic_optimization", "dependency_optimization",
+                  "implementation_selector", "remapping"):
+        assert getattr(options, field) != rewriter_config_pb2.RewriterConfig.OFF, field
+    assert (options.layout_optimizer == rewriter_config_pb2.RewriterConfig.OFF) == (gpu_only_passes == "off")
     assert not options.disable_meta_optimizer and options.disable_tfg_optimizer
     assert options.meta_optimizer_iterations == rewriter_config_pb2.RewriterConfig.ONE
 
@@ -104,7 +107,7 @@ def _dry_run(capsys, *args: str) -> list[str]:
 
 REQUIRED = {"port", "rest_api_port", "model_config_file", "enable_batching", "batching_parameters_file",
             "monitoring_config_file", "tensorflow_session_config_file", "enable_model_warmup"}
-CONFIG_FILES = ("models.config", "batching.config", "monitoring.config", "session.config")
+CONFIG_FILES = ("models.config", "batching.config", "monitoring.config", "session.config", "session_cpu.config")
 
 
 def test_binary_command(capsys, tmp_path):
@@ -121,7 +124,7 @@ def test_binary_command(capsys, tmp_path):
     assert local.model_config_list.config[0].base_path == str(tmp_path.resolve() / "efficientnet_lite0_cam")
     configs.read_batching_parameters(flags["batching_parameters_file"])
     configs.read_text_proto(flags["monitoring_config_file"], configs.MonitoringConfig)
-    assert read_session_config(flags["tensorflow_session_config_file"]) == read_session_config()
+    assert flags["tensorflow_session_config_file"] == str(SERVING / "session_cpu.config")  # the binary: a CPU's
 
 
 def test_docker_command(capsys, tmp_path):
@@ -176,18 +179,19 @@ def test_make_serve_targets_dry_run(tmp_path):
     assert command[0] in ("tensorflow_model_server", "docker")
     assert "--port=8600" in command
     if shutil.which("tensorflow_model_server") is None:
+        gpu = shutil.which("nvidia-smi") is not None and bool(tensorflow_gpus())  # what TensorFlow sees decides
         unbatched = shlex.split(make("serve", "MODEL=tiny", "PORT=8601", "BATCHING="))
         assert unbatched[1:] == ["-m", "serving", "--port", "8601", "--rest_api_port", "8501", "--host", "127.0.0.1",
                                  "--model_name", "tiny", "--model_base_path", f"{tmp_path}/tiny",
                                  "--monitoring_config_file", "serving/monitoring.config",
-                                 "--tensorflow_session_config_file", "serving/session.config"]
+                                 "--tensorflow_session_config_file", f"serving/session{'' if gpu else '_cpu'}.config"]
         batched = shlex.split(make("serve", "MODEL=tiny", "PORT=8601"))
         assert batched[:len(unbatched)] == unbatched
         p = embedded_parser()
         _, options = options_from_args(p.parse_args(batched[3:]), p)
         assert options.rest_api_port == 8501 and options.monitoring.prometheus_config.enable
-        assert options.session_config == read_session_config().SerializeToString()
-        gpu = shutil.which("nvidia-smi") is not None and bool(tensorflow_gpus())  # what TensorFlow sees decides
+        assert options.session_config == read_session_config(SERVING / f"session{'' if gpu else '_cpu'}.config"
+                                                             ).SerializeToString()
         expected = configs.read_batching_parameters(SERVING / ("batching.config" if gpu else "batching_cpu.config"))
         assert options.batching == expected
 
