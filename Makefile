@@ -49,10 +49,10 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4;
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not load" tests
 
-# The edit loop: every test that exports no real backbone (the `real` marker: tests/conftest.py), ~11 min
-# on two cores. CI runs `make test`.
+# The edit loop: every test that exports no real backbone (the `real` marker: tests/conftest.py) and does
+# not run the benchmark scripts end to end (`scripts`). CI runs `make test`.
 test-quick: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 -m "not load and not real" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 -m "not load and not real and not scripts" tests
 
 # ruff (pinned in requirements.txt, configured in pyproject.toml): pyflakes, import order, 120 columns.
 lint: venv

@@ -75,3 +75,14 @@ def fake_server(servicer: prediction_service_pb2_grpc.PredictionServiceServicer,
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, port
+
+
+def run_method(session, method: str, inputs: dict, outputs=()) -> dict[str, np.ndarray]:
+    """`method`'s outputs under TF Serving's loader (a SavedModelSession) through its family, `explain` or
+    `explain_bytes` with the method in every row: the numbers of `<method>`/`<method>_bytes`, and one
+    executor for every method a test runs instead of one each (tests/test_tfserving_loader.py runs each
+    of those signatures alone)."""
+    kind = "image_bytes" if "image_bytes" in inputs else "images"
+    rows = len(inputs[kind])
+    family = "explain_bytes" if kind == "image_bytes" else "explain"
+    return session.run_signature(family, {**inputs, "method": np.array([method] * rows, dtype=object)}, outputs)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 import camserve.bench.__main__ as bench
 from camserve.bench import gpu_check
 from camserve.serving import configs
 from camserve.serving.server import EmbeddedServer, ServerOptions
 from servers import free_port
+
+pytestmark = pytest.mark.scripts  # make test runs them, make test-quick does not
 
 
 def test_bench_runs_every_configuration(fused_export, tmp_path):

@@ -18,6 +18,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 
 import synthetic
+from calls import run_method
 from camserve.export.methods import METHODS
 from camserve.export.precision import TOLERANCES, PrecisionWarning
 from camserve.serving.servables.session import SavedModelSession
@@ -48,9 +49,8 @@ def precision_exports(shapes_model, build_once):
 
 
 def _heatmaps(session: SavedModelSession, method: str, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    return session.run_signature(
-        method, {"images": images, "class_index": labels.astype(np.int32)}, ["heatmap", "logits", "probabilities"]
-    )
+    return run_method(session, method, {"images": images, "class_index": labels.astype(np.int32)},
+                      ["heatmap", "logits", "probabilities"])
 
 
 HELD_OUT = synthetic.dataset(100, seed=99)  # images, labels, boxes

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import synthetic
+from calls import run_method
 from camserve.client.outputs import EXPLAIN, HEATMAP_PNG
 from camserve.export.methods import METHODS
 from camserve.export.precision import TOLERANCES, PrecisionWarning
@@ -91,8 +92,8 @@ def _peak_in_original(heatmap: np.ndarray, sample: str) -> tuple[float, float]:
 def test_the_peak_lies_on_the_object(lite0, method, sample):
     if (method, sample) in KNOWN_MISSES:
         pytest.xfail(KNOWN_MISSES[method, sample])
-    out = lite0.run_signature(f"{method}_bytes", {"image_bytes": _bytes(sample), "class_index": _explained(sample)},
-                              ["heatmap", "class_index"])
+    out = run_method(lite0, method, {"image_bytes": _bytes(sample), "class_index": _explained(sample)},
+                     ["heatmap", "class_index"])
     assert out["class_index"][0] == _explained(sample)[0]
     y, x = _peak_in_original(out["heatmap"][0], sample)
     top, left, bottom, right = OBJECTS[sample]["box"]
@@ -102,8 +103,8 @@ def test_the_peak_lies_on_the_object(lite0, method, sample):
 def test_known_misses_are_real(lite0):
     """The exception above is a miss, not a broken map: the peak is on the photo, the map not empty."""
     for method, sample in KNOWN_MISSES:
-        out = lite0.run_signature(f"{method}_bytes", {"image_bytes": _bytes(sample), "class_index": _explained(sample)},
-                                  ["heatmap", "heatmap_lowres"])
+        out = run_method(lite0, method, {"image_bytes": _bytes(sample), "class_index": _explained(sample)},
+                         ["heatmap", "heatmap_lowres"])
         top, left, bottom, right = OBJECTS[sample]["box"]
         y, x = _peak_in_original(out["heatmap"][0], sample)
         assert not (top <= y < bottom and left <= x < right)
@@ -115,7 +116,7 @@ def test_cam_equals_gradcam_on_a_gap_dense_head(lite0, sample):
     """Global average pooling + dense: dy_c/dA_k = w_k,c / (h*w) everywhere, so Grad-CAM's alpha is CAM's
     w up to a constant and the normalised maps are the same (Grad-CAM paper, section 3.1)."""
     inputs = {"image_bytes": _bytes(sample), "class_index": np.array([-1], np.int32)}
-    maps = {m: lite0.run_signature(f"{m}_bytes", inputs, ["heatmap", "heatmap_lowres"]) for m in ("cam", "gradcam")}
+    maps = {m: run_method(lite0, m, inputs, ["heatmap", "heatmap_lowres"]) for m in ("cam", "gradcam")}
     assert maps["cam"]["heatmap_lowres"].max() == pytest.approx(1.0)
     for output in ("heatmap_lowres", "heatmap"):
         np.testing.assert_allclose(maps["gradcam"][output], maps["cam"][output], atol=1e-4)
@@ -160,7 +161,7 @@ def test_reduced_precision_drift_on_real_weights(lite0, lite0_reduced, precision
             for sample in OBJECTS:
                 inputs = {"image_bytes": _bytes(sample), "class_index": np.array([-1], np.int32)}
                 wanted = ["heatmap", "top_k_indices"]
-                expected, got = (s.run_signature(f"{method}_bytes", inputs, wanted) for s in (lite0, reduced))
+                expected, got = (run_method(s, method, inputs, wanted) for s in (lite0, reduced))
                 assert got["top_k_indices"][0][0] == expected["top_k_indices"][0][0], (sample, method)
                 differences.append(np.abs(got["heatmap"].astype(np.float64) - expected["heatmap"]))
             diff = np.stack(differences)

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import synthetic
 from camserve.serving.servables.session import SavedModelSession, SessionError
+from camserve.serving.servables.session_config import session_config
 from camserve.serving.servables.warmup import read_warmup_requests
 
 # Session::Run and the TF2 function runtime run the same kernels after the same graph rewrites:
@@ -59,7 +60,7 @@ def test_tf_serving_loader_runs_every_signature_like_the_tf2_path(request, load,
     path = EXPORTS[model](request)
     tf2 = load(path)
     replayed, largest = set(), 0.0
-    with SavedModelSession(path) as session:
+    with SavedModelSession(path, config=session_config()) as session:  # the settings of a server on this machine
         servable = set(session.signature_defs) - {"__saved_model_init_op"}
         assert servable == set(tf2.signatures)
         warmup = list(read_warmup_requests(path))  # what TF Serving replays before it serves the version

@@ -9,6 +9,7 @@ import pytest
 
 import eager
 import synthetic
+from calls import run_method
 from camserve.export.methods import METHODS
 from camserve.serving.servables.session import SavedModelSession
 from test_methods import REFERENCES
@@ -81,8 +82,8 @@ def test_every_method_matches_its_formula_on_the_token_grid(vits, head):
     methods = [m for m in REFERENCES if m not in ("cam", "hirescam")] if head == "class" else ["gradcam", "cam"]
     with SavedModelSession(export) as session:
         for method in methods:
-            out = session.run_signature(method, {"images": images, "class_index": class_index},
-                                        ["heatmap_lowres", "class_index"])
+            out = run_method(session, method, {"images": images, "class_index": class_index},
+                             ["heatmap_lowres", "class_index"])
             np.testing.assert_array_equal(out["class_index"], targets)
             expected, tolerance = eager.reference(_formula(method, layer, prefix, images, class_index), keras_file)
             eager.assert_within(out["heatmap_lowres"], expected, tolerance, method)
@@ -95,8 +96,8 @@ def test_pointing_game_through_tf_servings_loader(vits):
     scores = {}
     with SavedModelSession(export) as session:
         for method in CLASS_HEAD_METHODS:
-            out = session.run_signature(method, {"images": images, "class_index": labels.astype(np.int32)},
-                                        ["heatmap"])
+            out = run_method(session, method, {"images": images, "class_index": labels.astype(np.int32)},
+                             ["heatmap"])
             assert out["heatmap"].shape == (100, synthetic.SIZE, synthetic.SIZE)
             scores[method] = float(synthetic.pointing_hits(out["heatmap"], boxes).mean())
     print("pointing game, class-token ViT: " + ", ".join(f"{m} {s:.0%}" for m, s in scores.items()))
