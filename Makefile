@@ -50,9 +50,9 @@ test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not load" tests
 
 # The edit loop: every test that exports no real backbone (the `real` marker: tests/conftest.py) and does
-# not run the benchmark scripts end to end (`scripts`). CI runs `make test`.
+# run neither the benchmark scripts end to end nor every signature alone (`slow`). CI runs `make test`.
 test-quick: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 -m "not load and not real and not scripts" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 -m "not load and not real and not slow" tests
 
 # ruff (pinned in requirements.txt, configured in pyproject.toml): pyflakes, import order, 120 columns.
 lint: venv

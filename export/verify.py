@@ -9,7 +9,7 @@ each alias of a warmed signature (signature_defs.py) for all its outputs, which 
 executor, and compares every output with the TF2 function that was saved. So the check builds the
 executors the server builds at start, and no more. Any failure raises VerificationError, and the
 version directory never appears. The signatures that nobody calls by default are run through the
-same loader by the tests (tests/test_tfserving_loader.py).
+same loader by the tests (tests/test_every_signature.py).
 """
 
 from __future__ import annotations

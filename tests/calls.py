@@ -80,7 +80,7 @@ def fake_server(servicer: prediction_service_pb2_grpc.PredictionServiceServicer,
 def run_method(session, method: str, inputs: dict, outputs=()) -> dict[str, np.ndarray]:
     """`method`'s outputs under TF Serving's loader (a SavedModelSession) through its family, `explain` or
     `explain_bytes` with the method in every row: the numbers of `<method>`/`<method>_bytes`, and one
-    executor for every method a test runs instead of one each (tests/test_tfserving_loader.py runs each
+    executor for every method a test runs instead of one each (tests/test_every_signature.py runs each
     of those signatures alone)."""
     kind = "image_bytes" if "image_bytes" in inputs else "images"
     rows = len(inputs[kind])

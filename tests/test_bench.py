@@ -18,7 +18,7 @@ from camserve.serving import configs
 from camserve.serving.server import EmbeddedServer, ServerOptions
 from servers import free_port
 
-pytestmark = pytest.mark.scripts  # make test runs them, make test-quick does not
+pytestmark = pytest.mark.slow  # make test runs them, make test-quick does not
 
 
 def test_bench_runs_every_configuration(fused_export, tmp_path):

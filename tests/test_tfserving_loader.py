@@ -2,9 +2,9 @@
 
 What TF Serving does with a model (serving/servables/session.py): load the MetaGraph tagged `serve`,
 restore variables with the saver, replay the warm-up file, and answer a request with one
-Session::Run on the SignatureDef's tensor names. These tests run every model the suite exports
-that way and compare with the TF2 object path (`tf.saved_model.load`) that the numeric tests use,
-and they check the input contract the graph enforces itself (TF Serving checks no shapes).
+Session::Run on the SignatureDef's tensor names. These tests check the exporter's proof of that path,
+the fetch list, and the input contract the graph enforces itself (TF Serving checks no shapes); every
+signature of every export is run that way in tests/test_every_signature.py.
 """
 
 from __future__ import annotations
@@ -15,75 +15,12 @@ import tensorflow as tf
 
 import synthetic
 from camserve.serving.servables.session import SavedModelSession, SessionError
-from camserve.serving.servables.session_config import session_config
-from camserve.serving.servables.warmup import read_warmup_requests
 
 # Session::Run and the TF2 function runtime run the same kernels after the same graph rewrites:
 # measured differences are 0 on every model here. Floats may move in the last bits where a
 # rewrite (op fusion) changes a summation order; a rounded uint8 heatmap by one level then.
 FLOAT_ATOL = 1e-5
 INVALID_ARGUMENT, FAILED_PRECONDITION = 3, 9
-
-EXPORTS = {
-    "resnet50": lambda request: request.getfixturevalue("resnet50")[1],
-    "vgg16": lambda request: request.getfixturevalue("vgg16")[1],
-    "nested_mobilenet_v2": lambda request: request.getfixturevalue("transfer_export")("functional")[1],
-    "shapes_all_methods": lambda request: request.getfixturevalue("shapes_export"),
-    "shapes_jit_compile": lambda request: request.getfixturevalue("jit_export"),
-    "shapes_fused_layers": lambda request: request.getfixturevalue("fused_export"),
-}
-
-
-def assert_same(name: str, served: np.ndarray, expected: np.ndarray) -> float:
-    """Assert one output agrees; returns its largest absolute difference (0 for strings)."""
-    assert served.shape == expected.shape and served.dtype == expected.dtype, name
-    if served.dtype == object:
-        if not name.endswith("_png_bytes"):  # PNG bytes follow heatmap_uint8, compared by value
-            assert served.tolist() == expected.tolist(), name
-        return 0.0
-    diff = float(np.max(np.abs(served.astype(np.float64) - expected.astype(np.float64)), initial=0.0))
-    limit = FLOAT_ATOL if served.dtype.kind == "f" else (1 if served.dtype == np.uint8 else 0)
-    assert diff <= limit, f"{name}: differs by {diff}"
-    return diff
-
-
-def inputs_like(record: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
-    """A signature's inputs made from a warm-up record's (image_bytes, class_index, method): its images
-    decoded where it takes `images`, its first method where it takes one."""
-    given = {**record, "images": np.stack([tf.io.decode_image(b, channels=3).numpy() for b in record["image_bytes"]])}
-    return {name: given[name] for name in names}
-
-
-@pytest.mark.parametrize("model", [pytest.param(name, marks=[pytest.mark.real] if not name.startswith("shapes") else [])
-                                   for name in EXPORTS])
-def test_tf_serving_loader_runs_every_signature_like_the_tf2_path(request, load, model):
-    path = EXPORTS[model](request)
-    tf2 = load(path)
-    replayed, largest = set(), 0.0
-    with SavedModelSession(path, config=session_config()) as session:  # the settings of a server on this machine
-        servable = set(session.signature_defs) - {"__saved_model_init_op"}
-        assert servable == set(tf2.signatures)
-        warmup = list(read_warmup_requests(path))  # what TF Serving replays before it serves the version
-        # Then every signature, aliases and feature_maps included, for every output, on the inputs of the
-        # first warm-up record (every method and a prediction in its rows).
-        defs = session.signature_defs
-        first = {k: tf.make_ndarray(v) for k, v in warmup[0].inputs.items()}
-        complete = [(name, inputs_like(first, defs[name].inputs), ()) for name in sorted(servable)]
-        for name, inputs, output_filter in [*((r.model_spec.signature_name, {k: tf.make_ndarray(v) for k, v in
-                                                                             r.inputs.items()}, r.output_filter)
-                                               for r in warmup), *complete]:
-            served = session.run_signature(name, inputs, output_filter)
-            expected = tf2.signatures[name](**{k: tf.constant(v) for k, v in inputs.items()})
-            assert set(served) == set(output_filter or expected)
-            for alias, value in served.items():
-                largest = max(largest, assert_same(f"{name}.{alias}", value, expected[alias].numpy()))
-            replayed.add(name)
-    assert replayed == servable
-    # The warm-up builds what our callers use by default: explain_bytes, and explain_fused_bytes for the
-    # fused maps.
-    assert {r.model_spec.signature_name for r in warmup} == {"explain_bytes"} | (
-        {"explain_fused_bytes"} if "explain_fused_bytes" in servable else set())
-    print(f"{model}: {len(replayed)} signatures, largest difference from the TF2 path {largest}")
 
 
 def test_output_filter_is_the_fetch_list(shapes_export, load):
