@@ -247,8 +247,10 @@ class Run:
         self.model = None
         if not args.skip_inprocess:
             from camserve.serving.servables.session import SavedModelSession
+            from camserve.serving.servables.session_config import session_config
 
-            self.model = SavedModelSession(self.version_dir)  # once, while the server loads too
+            # Once, while the server loads too, with the session settings a server on this machine runs.
+            self.model = SavedModelSession(self.version_dir, config=session_config())
         if args.server:
             progress(0, 1, f"waiting for {args.model} at {args.server}")
             with CamClient(args.server, args.model) as client:
@@ -319,6 +321,7 @@ def floor_phase(run: Run) -> tuple[list[dict], dict]:
     """Our predict and explain signatures against the minimal models of bench/floor.py, interleaved round by
     round at batch 1 and 8: the rows, and the summary written to results.json as "floor"."""
     from camserve.serving.servables.session import SavedModelSession
+    from camserve.serving.servables.session_config import session_config
 
     from .floor import FORWARD, GRADCAM, floor_calls, floor_methods, heatmap_difference, minimal_models
 
@@ -327,7 +330,7 @@ def floor_phase(run: Run) -> tuple[list[dict], dict]:
     methods = floor_methods(run.available, [m for m in args.methods.split(",") if m])
     run.step("floor: building the minimal models")
     with contextlib.ExitStack() as stack:
-        ours = run.model or stack.enter_context(SavedModelSession(run.version_dir))
+        ours = run.model or stack.enter_context(SavedModelSession(run.version_dir, config=session_config()))
         minimal = stack.enter_context(minimal_models(args.backbone, args.weights, args.target_layer,
                                                      run.image.shape[:2]))
         summary = {"rounds": args.floor_rounds, "methods": methods, "backbone": args.backbone, "weights": args.weights,

@@ -88,12 +88,14 @@ def minimal_models(backbone: str, weights: str, target_layer: str | None,
                    image_size: tuple[int, int]) -> Iterator[MinimalModels]:
     """Both minimal models in a temporary folder, loaded with TF Serving's loader; closed on exit."""
     from camserve.serving.servables.session import SavedModelSession
+    from camserve.serving.servables.session_config import session_config
 
     started = time.perf_counter()
+    config = session_config()  # as ours: the settings of a server on this machine
     with tempfile.TemporaryDirectory(prefix="floor-") as folder:
         target = save_minimal_models(pathlib.Path(folder), backbone, weights, target_layer, image_size)
-        with SavedModelSession(pathlib.Path(folder, "forward")) as forward, \
-                SavedModelSession(pathlib.Path(folder, "gradcam")) as gradcam:
+        with SavedModelSession(pathlib.Path(folder, "forward"), config=config) as forward, \
+                SavedModelSession(pathlib.Path(folder, "gradcam"), config=config) as gradcam:
             yield MinimalModels(forward, gradcam, target, time.perf_counter() - started)
 
 

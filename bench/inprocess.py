@@ -30,14 +30,14 @@ def round_robin(calls: dict[str, Callable[[], object]], repeats: int, warmup: in
     return times
 
 
-def signature_calls(session, signatures: list[str], batch: int, images: np.ndarray, jpegs: list[bytes]):
+def signature_calls(session, signatures: list[str], batch: int, images: np.ndarray | None, jpegs: list[bytes]):
     """Zero-argument callables running each signature of a SavedModelSession on one batch, by name:
     `<signature>`, or `<signature>:<method>` for one with a method input (explain, explain_bytes)."""
     calls = {}
     for name in signatures:
         signature, _, method = name.partition(":")
         arrays = {
-            "images": images[:batch],
+            "images": None if images is None else images[:batch],
             "image_bytes": np.array((jpegs * batch)[:batch], dtype=object),
             "class_index": np.full(batch, -1, np.int32),
             "method": np.array([method] * batch, dtype=object),

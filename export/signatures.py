@@ -8,10 +8,9 @@
 
 One function serves every method of a family, so TF Serving builds one executor for all of them, and
 the SavedModel's function library stays small: every function in it costs the load and each executor
-build (~30 ms a signature for EfficientNet-Lite0: docs/BENCHMARKS.md "Start-up and export"). Every
-other signature (a method's own, predict, feature_maps, the compact answers, serving_default) runs a
-family's function with inputs fixed, written into the saved graph without a function of its own
-(signature_defs.py).
+build (docs/BENCHMARKS.md "Start-up and export"). Every other signature (a method's own, predict,
+feature_maps, the compact answers, serving_default) runs a family's function with inputs fixed, written
+into the saved graph without a function of its own (signature_defs.py).
 
 Every part that the families have in common is one function: the backbone, the head with and without
 its backward pass, the request checks, the decoder and the string outputs. So the signatures run an

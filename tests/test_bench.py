@@ -207,3 +207,13 @@ def test_cold_start_times_every_warmup_record_and_first_call(fused_export, tmp_p
     assert set(run["first_calls"]) == expected
     for name, call in run["first_calls"].items():
         assert call["first_ms"] > 0 and call["next_median_ms"] > 0, name
+
+
+def test_session_settings_times_each_default_call_under_both_settings(fused_export, capsys):
+    from camserve.bench import session_settings
+
+    assert session_settings.main([str(fused_export.parent), "--methods", "gradcam,layercam", "--rounds", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        [f"b{batch}", f"explain_bytes:{method}"] for batch in (1, 8) for method in ("predict", "gradcam", "layercam")]
+    assert all(float(line.split("ratio ")[1].split()[0]) > 0 for line in lines)
