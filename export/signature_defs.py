@@ -1,8 +1,9 @@
 """Signatures written into the saved graph that run a family's function with some inputs fixed.
 
 Every function in a SavedModel's library costs TF Serving's load and each executor build
-(docs/BENCHMARKS.md "Start-up and export"), and `tf.saved_model.save` makes two functions for each signature it is given. So the exporter saves only the families
-(signatures.py) and writes every other signature as a view of one, after saving:
+(docs/BENCHMARKS.md "Start-up and export"), and `tf.saved_model.save` makes two functions for each
+signature it is given. So the exporter saves only the families (signatures.py) and writes every other
+signature as a view of one, after saving:
 
 - a method's own signatures (`gradcam`, `gradcam_bytes`, `gradcam_smooth`, ...): the family's call node
   copied, its `method` input fed `tf.fill([N], name)` made from the images' batch size;
