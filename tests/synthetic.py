@@ -92,9 +92,11 @@ def export_tiny(base: pathlib.Path, version: int = 1, methods=("gradcam", "cam")
 
 def transfer_model(kind: str):
     """A keras.applications base (MobileNetV2) nested in a new model with a new head, as users build
-    them: `sequential` or `functional` (with rescaling and dropout around the base)."""
+    them: `sequential` or `functional` (with rescaling and dropout around the base); seeded, so that every
+    run and machine starts from the same weights."""
     import keras
 
+    keras.utils.set_random_seed(11)
     base = keras.applications.MobileNetV2(weights=None, include_top=False, input_shape=(64, 64, 3))
     if kind == "sequential":
         return keras.Sequential(
