@@ -387,7 +387,7 @@ def load_backbone(
     if layout and _orthogonal(tokens, gradient):
         notes.append(f"the patch tokens of {target!r} reach the score only through layer normalisation, which "
                      "makes Σ_k ∂y/∂A_k A_k zero at every token: HiResCAM's map is rounding noise there and "
-                     "Grad-CAM's channel weights are weak; LayerCAM localises (README: Transformers)")
+                     "Grad-CAM's channel weights are weak; LayerCAM localises (docs/DEPLOYING.md: Transformers)")
     fusion_layers, fusion_segments = fusion_chain(flat, produced, list(target_layers)) if target_layers else ((), ())
     if preprocess == "auto":
         preprocess_fn = own_preprocess or _identity

@@ -50,7 +50,7 @@ class ExportOptions:
     base_path: str = option("models", "the folder of the models' folders")
     version: int | None = option(None, "version number (default: the next one)", type=int)
     target_layer: str | None = option(
-        None, "layer to explain (default: found automatically, the last 4-D layer or transformer block: README)")
+        None, "layer to explain (default: found automatically, the last 4-D layer or transformer block: DEPLOYING)")
     token_grid: str | None = option(None, "HxW: the patch grid of a token target layer [N, T, C] (default: found)")
     prefix_tokens: int | None = option(
         None, "tokens before the patch grid in a token target layer: class, distillation, registers (default: found)",
