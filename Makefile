@@ -49,8 +49,9 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4;
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not load" tests
 
-# The edit loop: every test that exports no real backbone (the `real` marker: tests/conftest.py) and does
-# run neither the benchmark scripts end to end nor every signature alone (`slow`). CI runs `make test`.
+# The edit loop: the suite without the tests that export a real backbone (the `real` marker:
+# tests/conftest.py) and without those marked `slow` (the benchmark scripts end to end, every signature
+# alone). CI runs `make test`.
 test-quick: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 -m "not load and not real and not slow" tests
 
