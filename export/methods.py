@@ -51,6 +51,9 @@ class Method:
     guided: bool = False  # also returns guided backpropagation times the map (Guided Grad-CAM)
     fusable: bool = True  # uses A and dy_c/dA only, so it can be fused over several layers
     channel_limit: ChannelLimit | None = None  # scores channels one by one: Evidence.channels comes from it
+    # In the warm-up's rows (export/warmup.py). Score-CAM's row is a whole call, one forward pass per
+    # channel (0.7 s of a 3.7 s start on EfficientNet-Lite0); its first call without one costs ~1.2x the next.
+    warmed: bool = True
 
 
 def weighted_activations(activations: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
@@ -215,7 +218,7 @@ METHODS: dict[str, Method] = {
         # Guided Grad-CAM (arXiv 1610.02391, section 3): the Grad-CAM map, upsampled, times guided
         # backpropagation at input resolution (export/guided.py); the explainer adds the product.
         Method("guided_gradcam", gradcam, guided=True, fusable=False),
-        Method("scorecam", scorecam, needs_gradient=False, fusable=False, channel_limit=ChannelLimit(
+        Method("scorecam", scorecam, needs_gradient=False, fusable=False, warmed=False, channel_limit=ChannelLimit(
             64, "scores the N most activated channels, one forward pass each (0: all)")),
         Method("ablationcam", ablationcam, needs_gradient=False, fusable=False, channel_limit=ChannelLimit(
             64, "ablates the N most activated channels, one pass through the head each (0: all)")),

@@ -92,7 +92,8 @@ def build(o: ExportOptions, log: Callable[[str], None]) -> Built:
     names = [m.name for m in methods]
     views = plan({name: list(f.structured_outputs) for name, f in families.items()}, names,
                  explainer.fused_methods, [m.name for m in methods if m.guided], default_method=names[0])
-    warmup = warmup_requests(families, names, explainer.fused_methods, backbone.image_size, o.warmup_batch_sizes)
+    warmup = warmup_requests(families, [m.name for m in methods if m.warmed], explainer.fused_methods,
+                             backbone.image_size, o.warmup_batch_sizes)
     return Built(families, views, warmup, captured_variables(families))
 
 

@@ -8,7 +8,8 @@ predictions included (method `predict`), and those of --smooth and --target-laye
 `explain_smooth_bytes` and `explain_fused_bytes`. So the warm-up sends each of these families:
 - a row of each of its methods (and a prediction), then a prediction alone (explain_bytes), so that
   every branch of the graph has run once before a real call: the first run of a kernel sets it up
-  (oneDNN's primitives, cuDNN's algorithm choice);
+  (oneDNN's primitives, cuDNN's algorithm choice). All but those whose row is a whole call's worth of
+  forward passes (`Method.warmed`: Score-CAM), where that set-up is a small part of the first call;
 - then each batch size of `batch_sizes`, every row the first method (shape-dependent work: XLA's
   compilations).
 Nothing else: the views (a method's own signatures, predict, feature_maps), the `images` inputs and
@@ -64,14 +65,14 @@ def request_maker(image_size: tuple[int, int]) -> Callable[..., "predict_pb2.Pre
 def warmup_requests(families: Mapping[str, tf.types.experimental.ConcreteFunction], methods: Sequence[str],
                     fused: Sequence[str], image_size: tuple[int, int], batch_sizes: Sequence[int],
                     ) -> list["predict_pb2.PredictRequest"]:
-    """The requests of the module docstring; `methods` in the explain family's order, the default first;
-    `fused`: the fused family's."""
+    """The requests of the module docstring; `methods`: the warmed ones in the explain family's order,
+    the default first; `fused`: the fused family's."""
     make = request_maker(image_size)
     warmed = {EXPLAIN_BYTES: [*methods, PREDICT]}
     for suffix in VARIANT_SUFFIXES:
         name = f"{EXPLAIN_SIGNATURE}{suffix}_bytes"
         if name in families:
-            warmed[name] = list(fused if suffix == "_fused" else methods)
+            warmed[name] = list(fused if suffix == "_fused" else methods) or [PREDICT]
 
     def request(name: str, rows: Sequence[str]) -> predict_pb2.PredictRequest:
         return make(name, families[name], rows, default_outputs(families[name].structured_outputs) or ())

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from camserve.client.outputs import EXPLAIN_SIGNATURE, METHOD_INPUT, PREDICT, VARIANT_SUFFIXES, explained_methods
 from camserve.serving.servables.session import SavedModelSession
 from camserve.serving.servables.session_config import session_config
 from camserve.serving.servables.warmup import read_warmup_requests
@@ -43,9 +44,16 @@ def assert_same(name: str, served: np.ndarray, expected: np.ndarray) -> float:
     return diff
 
 
-def inputs_like(record: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
-    """A signature's inputs made from a warm-up record's (image_bytes, class_index, method): its images
-    decoded where it takes `images`, its first method where it takes one."""
+def inputs_like(record: dict[str, np.ndarray], name: str, names, defs) -> dict[str, np.ndarray]:
+    """A signature's inputs made from a warm-up record's (image_bytes, class_index, method): its first
+    image decoded where it takes `images`; one row per method of its family where it takes a method
+    (the warm-up leaves Score-CAM out), else the record's rows."""
+    if METHOD_INPUT in names:
+        variant = next((s for s in VARIANT_SUFFIXES if name.startswith(EXPLAIN_SIGNATURE + s)), "")
+        family = f"{EXPLAIN_SIGNATURE}{variant}_bytes"
+        rows = [row for signature, row in explained_methods(defs).values() if signature == family] + [PREDICT]
+        record = {"image_bytes": record["image_bytes"][:1].repeat(len(rows)),
+                  "class_index": np.full(len(rows), -1, np.int32), METHOD_INPUT: np.array(rows, dtype=object)}
     given = {**record, "images": np.stack([tf.io.decode_image(b, channels=3).numpy() for b in record["image_bytes"]])}
     return {name: given[name] for name in names}
 
@@ -60,11 +68,11 @@ def test_tf_serving_loader_runs_every_signature_like_the_tf2_path(request, load,
         servable = set(session.signature_defs) - {"__saved_model_init_op"}
         assert servable == set(tf2.signatures)
         warmup = list(read_warmup_requests(path))  # what TF Serving replays before it serves the version
-        # Then every signature, aliases and feature_maps included, for every output, on the inputs of the
-        # first warm-up record (every method and a prediction in its rows).
+        # Then every signature, aliases and feature_maps included, for every output, on the image of the
+        # first warm-up record (each family with every method and a prediction in its rows).
         defs = session.signature_defs
         first = {k: tf.make_ndarray(v) for k, v in warmup[0].inputs.items()}
-        complete = [(name, inputs_like(first, defs[name].inputs), ()) for name in sorted(servable)]
+        complete = [(name, inputs_like(first, name, defs[name].inputs, defs), ()) for name in sorted(servable)]
         for name, inputs, output_filter in [*((r.model_spec.signature_name, {k: tf.make_ndarray(v) for k, v in
                                                                              r.inputs.items()}, r.output_filter)
                                                for r in warmup), *complete]:

@@ -299,6 +299,17 @@ def test_warmup_records_build_the_executors_our_callers_use_and_run(resnet50, lo
         model.signatures[request.model_spec.signature_name](**inputs)
 
 
+def test_warmup_leaves_out_the_methods_whose_row_is_a_whole_call(shapes_export):
+    """Score-CAM's row is one forward pass per channel, as long as a call: no warm-up record has one; every
+    other method has its row in the first."""
+    from camserve.export.methods import METHODS
+    from camserve.serving.servables.warmup import read_warmup_requests
+
+    rows = [[m.decode() for m in tf.make_ndarray(r.inputs["method"])] for r in read_warmup_requests(shapes_export)]
+    assert rows[0] == [name for name, method in METHODS.items() if method.warmed] + ["predict"]
+    assert not METHODS["scorecam"].warmed and all("scorecam" not in r for r in rows)
+
+
 def test_aliases_run_their_targets_tensors_under_tf_servings_loader(resnet50, load):
     """serving_default and <name>_compact name the tensors of the signature they copy, so TF Serving
     builds no executor of theirs; their answers are those of their own TF2 functions."""
