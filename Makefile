@@ -50,8 +50,7 @@ test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not load" tests
 
 # The edit loop: the suite without the tests that export a real backbone (the `real` marker:
-# tests/conftest.py) and without those marked `slow` (the benchmark scripts end to end, every signature
-# alone). CI runs `make test`.
+# tests/conftest.py) and without those marked `slow` (pytest.ini says which). CI runs `make test`.
 test-quick: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 -m "not load and not real and not slow" tests
 

@@ -317,6 +317,7 @@ def test_feature_maps_are_the_most_activated_channels(shapes_export, shapes_evid
         np.testing.assert_allclose(out["feature_maps"].numpy()[i][0], fmap / fmap.max(), atol=1e-5)
 
 
+@pytest.mark.slow  # the XLA export and its compilations
 def test_xla_compiled_signatures_give_the_same_maps(jit_export, shapes_export, load):
     """--jit-compile: the numeric core runs under XLA, strings and PNG outside; same results."""
     jit = jit_export

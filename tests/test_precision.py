@@ -23,6 +23,8 @@ from camserve.export.methods import METHODS
 from camserve.export.precision import TOLERANCES, PrecisionWarning
 from camserve.serving.servables.session import SavedModelSession
 
+pytestmark = pytest.mark.slow  # two exports of every method, at bfloat16 and float16
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PRECISIONS = ("bfloat16", "float16")
 TYPES = {"bfloat16": types_pb2.DT_BFLOAT16, "float16": types_pb2.DT_HALF}

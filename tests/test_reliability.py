@@ -521,7 +521,7 @@ def test_a_call_past_its_deadline_is_not_run_by_the_server(tiny_gradcam_model):
 
 def test_a_call_that_times_out_in_the_batch_queue_is_dropped(tiny_gradcam_model):
     batching = configs.BatchingOptions(
-        max_batch_size=MAX_BATCH, batch_timeout_micros=4_000_000, num_batch_threads=1, allowed_batch_sizes=(MAX_BATCH,)
+        max_batch_size=MAX_BATCH, batch_timeout_micros=2_500_000, num_batch_threads=1, allowed_batch_sizes=(MAX_BATCH,)
     )
     server = _in_process(tiny_gradcam_model, batching=batching)
     try:
@@ -530,7 +530,7 @@ def test_a_call_that_times_out_in_the_batch_queue_is_dropped(tiny_gradcam_model)
         ran = sum(server.batcher.batch_sizes.values())
         with pytest.raises(grpc.RpcError) as late:
             stub.Predict(
-                explain_request("rel", random_images(1, SIZE, 5)), timeout=1.5
+                explain_request("rel", random_images(1, SIZE, 5)), timeout=1.0
             )  # reaches the queue, expires before the batch
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert wait_for(lambda: server.batcher.abandoned == 1)
