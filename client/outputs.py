@@ -1,8 +1,8 @@
 """The signatures and outputs the client calls by default: one place for the client, the CLI, the page
 and the export.
 
-TF Serving's session builds an executor (Grappler over the whole graph, ~0.5-1 s for EfficientNet-Lite0
-on a CPU) for each distinct set of fed and fetched tensors, at the first call that uses it. So every
+TF Serving's session builds an executor (Grappler over the whole graph: docs/BENCHMARKS.md "Start-up and
+export") for each distinct set of fed and fetched tensors, at the first call that uses it. So every
 call our callers make by default runs on one: `explain_bytes`, each row naming its method (`predict`
 for the prediction alone; arrays go as BMP files: client/bmp.py), fetching the one output set named
 here; `explain_smooth_bytes` and `explain_fused_bytes` for the variants of --smooth and --target-layers.

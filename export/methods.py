@@ -51,9 +51,7 @@ class Method:
     guided: bool = False  # also returns guided backpropagation times the map (Guided Grad-CAM)
     fusable: bool = True  # uses A and dy_c/dA only, so it can be fused over several layers
     channel_limit: ChannelLimit | None = None  # scores channels one by one: Evidence.channels comes from it
-    # In the warm-up's rows (export/warmup.py). Score-CAM's row is a whole call, one forward pass per
-    # channel (0.7 s of a 3.7 s start on EfficientNet-Lite0); its first call without one costs ~1.2x the next.
-    warmed: bool = True
+    warmed: bool = True  # has a row in the warm-up; export/warmup.py says why Score-CAM has none
 
 
 def weighted_activations(activations: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:

@@ -2,9 +2,9 @@
 says it is ready (TF Serving replays `assets.extra/tf_serving_warmup_requests`: serving/servables/warmup.py).
 
 TF Serving's session builds one executor per set of fed and fetched tensors, with Grappler over the
-graph (~1-2 s for EfficientNet-Lite0 on a CPU: docs/BENCHMARKS.md "Start-up and export"). The client,
-the CLI and the page make every call on `explain_bytes` with one output set (client/outputs.py), the
-predictions included (method `predict`), and those of --smooth and --target-layers on
+graph (about a second each on a CPU: docs/BENCHMARKS.md "Start-up and export"). The client, the CLI and
+the page make every call on `explain_bytes` with one output set (client/outputs.py), the predictions
+included (method `predict`), and those of --smooth and --target-layers on
 `explain_smooth_bytes` and `explain_fused_bytes`. So the warm-up sends each of these families:
 - a row of each of its methods (and a prediction), then a prediction alone (explain_bytes), so that
   every branch of the graph has run once before a real call: the first run of a kernel sets it up
